@@ -1,0 +1,27 @@
+# Quick start: `make demo` (the main job) and `make test` (what CI runs).
+# Both create .venv with python3 and install what they need; no other setup.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The CPU build of torch; a looser requirement pulls a multi-GB CUDA build on Linux.
+TORCH  ?= torch==2.13.0
+
+.PHONY: test demo lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" -e '.[torch,mlx,dev]'
+	touch $@
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check lrpt tests examples benchmarks
+
+test: lint
+	$(VENV)/bin/pytest
+
+demo: $(VENV)/.installed
+	$(PY) examples/demo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

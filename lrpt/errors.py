@@ -1,0 +1,39 @@
+"""The library's exception types.
+
+Every error lrpt raises on purpose is an :class:`LrptError`, so callers (and the CLI) can
+catch one type. Messages are one line: what is wrong, then what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class LrptError(Exception):
+    """Base class of every error lrpt raises deliberately."""
+
+
+class SpecError(LrptError, ValueError):
+    """A prompt specification is impossible or unknown (bad method, rank, activation...)."""
+
+
+class AdapterFormatError(LrptError):
+    """An adapter directory or file is missing, corrupt, or not format v1."""
+
+
+class BaseModelMismatchError(LrptError):
+    """An adapter was made for a different base model than the one it is used with."""
+
+
+class BackendUnavailableError(LrptError, ImportError):
+    """A backend's framework is not installed (the message names the extra to install)."""
+
+
+class DataError(LrptError):
+    """A data set, data file or task definition cannot be used."""
+
+
+class TrainingError(LrptError):
+    """Training cannot go on (non-finite loss, unusable checkpoint...)."""
+
+
+class ConversionError(LrptError):
+    """An adapter or base model cannot be converted as asked."""

@@ -1,0 +1,184 @@
+"""PromptSpec: what a soft prompt is, independent of any framework and of any base model.
+
+A spec is small, hashable and JSON-serialisable. It does not hold the model width ``dim``
+(d): the same spec can be instantiated on models of different widths, and an adapter file
+recovers ``dim`` from its tensors. Methods (see ``../shared/DESIGN.md``):
+
+- ``prompt``: X = P, a free n×d matrix (Lester et al. 2021).
+- ``lopt1``:  X = U V with U (n, r), V (r, d) (LoPT-1, Guo et al. 2024).
+- ``lopt2``:  X = σ(X0 U) V with X0 (n, d) fixed, U (d, r), V (r, d) (LoPT-2).
+- ``lopa``:   Z = Z_S ∘ g(u(x) v(x)ᵀ), instance dependent (LoPA, Jain et al. 2024).
+
+Initialisation (done by :func:`lrpt.reference.init_params`, in NumPy, from a seed; σ is the
+standard deviation of the model's input-embedding matrix, 0.02 when none is given):
+
+- ``init="normal"`` (default): P and Z_S ~ N(0, σ²); lopt1 U ~ N(0, 1/r), V ~ N(0, σ²), so X
+  has the embedding scale; lopt2 X0 ~ N(0, σ²), U ~ N(0, 1/(dσ²)) (unit-variance
+  pre-activations), V ~ N(0, σ²/r).
+- ``init="vocab"``: rows of the embedding matrix drawn at random (Lester et al.'s
+  sampled-vocabulary init). ``init="text"``: the embeddings of ``init_text``'s tokens,
+  repeated or cut to n. For ``lopt1`` the target matrix is compressed to rank r by truncated
+  SVD; for ``lopt2`` it becomes X0; for ``lopa`` it becomes Z_S.
+- LoPA heads: first layers as PyTorch's ``nn.Linear`` default (U(±1/√h)), second layers
+  N(0, 0.02²) with zero bias, so at init u vᵀ ≈ 0 and Z ≈ 0.5·Z_S with the sigmoid gate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import SpecError
+
+METHODS = ("prompt", "lopt1", "lopt2", "lopa")
+ACTIVATIONS = ("elu", "relu", "gelu")
+GATES = ("sigmoid", "add", "max")
+ENCODERS = ("base", "embed")
+POOLINGS = ("mean", "last")
+INITS = ("normal", "vocab", "text")
+STATIC_METHODS = ("prompt", "lopt1", "lopt2")
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """The backend-agnostic description of a soft prompt.
+
+    Fields that do not apply to ``method`` keep their defaults and are ignored.
+    """
+
+    method: str
+    n_tokens: int = 20
+    rank: int | None = None  # required for lopt1, lopt2, lopa
+    activation: str = "elu"  # lopt2 σ; the LoPT paper found ELU best
+    gate: str = "sigmoid"  # lopa g
+    encoder: str = "base"  # lopa encoder: frozen model ("base") or token-embedding mean
+    pooling: str = "mean"  # lopa pooling over real tokens: "mean" or "last"
+    head_hidden: int = 256  # lopa h′
+    dropout: float = 0.1  # lopa head dropout (training only)
+    init: str = "normal"
+    init_text: str | None = None
+
+    # -- validation -------------------------------------------------------------------------
+
+    def validate(self, dim: int | None = None) -> PromptSpec:
+        """Reject impossible specs with one clear error; returns ``self`` for chaining.
+
+        ``dim`` (the model width d) is optional: without it only the checks that do not
+        depend on the model run.
+        """
+        if self.method not in METHODS:
+            raise SpecError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        _check_int("n_tokens", self.n_tokens, low=1)
+        if dim is not None:
+            _check_int("dim", dim, low=1)
+        if self.method != "prompt":
+            if self.rank is None:
+                raise SpecError(f"method {self.method!r} needs a rank: pass rank=R (R >= 1)")
+            _check_int("rank", self.rank, low=1)
+            if dim is not None:
+                limit = min(self.n_tokens, dim) if self.method == "lopt1" else dim
+                what = "min(n_tokens, dim)" if self.method == "lopt1" else "dim"
+                if self.rank > limit:
+                    raise SpecError(
+                        f"rank {self.rank} is larger than {what} = {limit} for {self.method}:"
+                        f" choose a rank between 1 and {limit}"
+                    )
+        if self.activation not in ACTIVATIONS:
+            raise SpecError(f"unknown activation {self.activation!r}: use one of {', '.join(ACTIVATIONS)}")
+        if self.gate not in GATES:
+            raise SpecError(f"unknown gate {self.gate!r}: use one of {', '.join(GATES)}")
+        if self.encoder not in ENCODERS:
+            raise SpecError(f"unknown encoder {self.encoder!r}: use one of {', '.join(ENCODERS)}")
+        if self.pooling not in POOLINGS:
+            raise SpecError(f"unknown pooling {self.pooling!r}: use one of {', '.join(POOLINGS)}")
+        _check_int("head_hidden", self.head_hidden, low=1)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise SpecError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise SpecError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in INITS:
+            raise SpecError(f"unknown init {self.init!r}: use one of {', '.join(INITS)}")
+        if self.init == "text" and not self.init_text:
+            raise SpecError('init="text" needs init_text: pass the text to start from')
+        return self
+
+    # -- shapes -----------------------------------------------------------------------------
+
+    @property
+    def is_static(self) -> bool:
+        """True when the prompt does not depend on the input (its KV cache can be reused)."""
+        return self.method in STATIC_METHODS
+
+    def param_shapes(self, dim: int) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the adapter file by canonical name, with its shape."""
+        self.validate(dim)
+        n, r, d, h2 = self.n_tokens, self.rank, dim, self.head_hidden
+        if self.method == "prompt":
+            return {"prompt_embeddings": (n, d)}
+        if self.method == "lopt1":
+            return {"lopt.U": (n, r), "lopt.V": (r, d)}
+        if self.method == "lopt2":
+            return {"lopt.X0": (n, d), "lopt.U": (d, r), "lopt.V": (r, d)}
+        # lopa: the encoder output width h equals the model width d for both encoders.
+        shapes: dict[str, tuple[int, ...]] = {"lopa.Z_S": (n, d)}
+        for head, k in (("u", n * r), ("v", d * r)):
+            shapes[f"lopa.{head}.0.weight"] = (h2, d)
+            shapes[f"lopa.{head}.0.bias"] = (h2,)
+            shapes[f"lopa.{head}.1.weight"] = (k, h2)
+            shapes[f"lopa.{head}.1.bias"] = (k,)
+        return shapes
+
+    def trainable_names(self) -> tuple[str, ...]:
+        """Names of the trained tensors, in file order (``lopt.X0`` is stored but fixed)."""
+        dim = max(self.rank or 1, self.n_tokens)  # any valid width gives the same names
+        return tuple(k for k in self.param_shapes(dim) if k != "lopt.X0")
+
+    def param_count(self, dim: int) -> int:
+        """Number of trainable parameters, as in DESIGN.md's table."""
+        shapes = self.param_shapes(dim)
+        return sum(math.prod(shapes[name]) for name in self.trainable_names())
+
+    # -- serialisation ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> PromptSpec:
+        """Build and validate a spec from a dict; unknown or mistyped keys are errors."""
+        if not isinstance(data, dict):
+            raise SpecError(f"spec must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError(f"unknown spec field(s) {', '.join(unknown)}: this lrpt knows {', '.join(sorted(known))}")
+        if "method" not in data:
+            raise SpecError("spec has no 'method': it must name one of " + ", ".join(METHODS))
+        for key in ("method", "activation", "gate", "encoder", "pooling", "init"):
+            if key in data and not isinstance(data[key], str):
+                raise SpecError(f"spec field {key!r} must be a string, got {data[key]!r}")
+        if data.get("init_text") is not None and not isinstance(data["init_text"], str):
+            raise SpecError(f"spec field 'init_text' must be a string or null, got {data['init_text']!r}")
+        spec = cls(**data)
+        return spec.validate()
+
+    @classmethod
+    def from_json(cls, text: str) -> PromptSpec:
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise SpecError(f"spec is not valid JSON ({exc})") from None
+        return cls.from_dict(data)
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        raise SpecError(f"{name} must be >= {low}, got {value}")
