@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check lrpt tests examples benchmarks
+	$(VENV)/bin/ruff check .
 
 test: lint
 	$(VENV)/bin/pytest
