@@ -1,0 +1,262 @@
+"""Load an HF causal LM, put a prompt in front of each sequence, and run it with correct positions.
+
+How a prompt enters (DESIGN.md, "Positions and padding"): each row's content is
+``[prompt][tokens]`` with position ids 0..n+ℓ−1, and the batch is padded on the left
+(``[pads][prompt][tokens]``) or the right (``[prompt][tokens][pads]``). The layout is built
+once on the CPU as a gather index (:class:`Batch`), so the step itself is one embedding
+lookup, one gather and the frozen model: no host synchronisation, no per-row Python.
+Rows may carry different prompts, even of different lengths (mixed adapters).
+
+Only the hidden states of the backbone (``model.base_model``) are computed for every
+position; the LM head runs only where logits are needed (:func:`logits_at`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...basemodel import BaseModelInfo, fingerprint_from_rows, fingerprint_rows
+from ...errors import LrptError
+from ...reference import init_params
+from ...spec import PromptSpec
+from .prompts import PromptModule
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None):
+    """Load a frozen causal LM and its tokenizer from an HF folder (or hub name).
+
+    dtype defaults to bfloat16 on CUDA and float32 elsewhere. All base weights are frozen.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError) as exc:
+        raise LrptError(f"cannot load model {path}: {str(exc).splitlines()[0]}") from None
+    model.to(device).eval().requires_grad_(False)
+    model.name_or_path = str(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def hidden_size(model) -> int:
+    return int(model.get_input_embeddings().weight.shape[1])
+
+
+def embed(model, ids: torch.Tensor) -> torch.Tensor:
+    """Token embeddings in prompt space: the output of ``get_input_embeddings()``."""
+    return model.get_input_embeddings()(ids)
+
+
+def embedding_matrix(model) -> np.ndarray:
+    """The whole input-embedding table in prompt space (Gemma's √d scale included), float32."""
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        rows = [embed(model, torch.arange(i, min(i + 8192, weight.shape[0]), device=weight.device)).float().cpu()
+                for i in range(0, weight.shape[0], 8192)]
+    return torch.cat(rows).numpy()
+
+
+def base_model_info(model) -> BaseModelInfo:
+    """What an adapter records about ``model`` (sizes and an embedding fingerprint)."""
+    weight = model.get_input_embeddings().weight
+    ids = torch.tensor(fingerprint_rows(weight.shape[0]), device=weight.device)
+    with torch.no_grad():
+        rows = embed(model, ids).float().cpu().numpy()
+    return BaseModelInfo(
+        name_or_path=getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None),
+        model_type=model.config.model_type,
+        hidden_size=int(weight.shape[1]),
+        vocab_size=int(weight.shape[0]),
+        embedding_fingerprint=fingerprint_from_rows(rows),
+    )
+
+
+def init_prompt(spec: PromptSpec, model, tokenizer=None, seed: int = 0) -> PromptModule:
+    """A new prompt for ``model`` initialised by the core (same seed, same prompt on MLX)."""
+    dim = hidden_size(model)
+    spec.validate(dim)
+    emb = embedding_matrix(model)  # its std sets the init scale
+    ids = None
+    if spec.init == "text":
+        ids = tokenizer(spec.init_text, add_special_tokens=False)["input_ids"]
+    params = init_params(spec, dim, seed, emb, ids)
+    return PromptModule(spec, params).to(model.device)
+
+
+# -- batches ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """A padded batch of prompted sequences, laid out on the CPU once.
+
+    Row b's packed sequence reads the concatenation ``[prompt rows (n_max)] + [tokens (T)]``
+    through ``src``; ``token_pos[b, t]`` is where its token t landed.
+    """
+
+    token_ids: torch.Tensor  # (B, T) right-padded real tokens
+    src: torch.Tensor  # (B, W) gather index into [prompt (n_max); tokens (T)]
+    attention_mask: torch.Tensor  # (B, W)
+    position_ids: torch.Tensor  # (B, W)
+    token_pos: torch.Tensor  # (B, T) packed index of each token
+    lengths: torch.Tensor  # (B,) real tokens per row
+    n_prompt: torch.Tensor  # (B,) prompt length per row
+
+    def to(self, device) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+    @property
+    def last_pos(self) -> torch.Tensor:
+        """(B,) packed index of each row's last real token."""
+        return self.token_pos.gather(1, (self.lengths - 1).clamp(min=0)[:, None])[:, 0]
+
+
+def make_batch(
+    tokens: Sequence[Sequence[int]],
+    n_prompt: int | Sequence[int],
+    padding_side: str = "left",
+    pad_id: int = 0,
+    pad_to_multiple: int = 1,
+) -> Batch:
+    """Lay out rows of token ids behind prompts of ``n_prompt`` tokens (per row or shared)."""
+    if padding_side not in ("left", "right"):
+        raise ValueError("padding_side must be 'left' or 'right'")
+    b = len(tokens)
+    n = [int(n_prompt)] * b if isinstance(n_prompt, (int, np.integer)) else [int(x) for x in n_prompt]
+    lengths = [len(t) for t in tokens]
+    if min(lengths, default=1) < 1:
+        raise LrptError("a row has no tokens: every input needs at least one token")
+    n_max, t_max = max(n), max(lengths)
+    content = [ni + li for ni, li in zip(n, lengths)]
+    width = max(content)
+    width = int(math.ceil(width / pad_to_multiple) * pad_to_multiple)
+    token_ids = torch.full((b, t_max), pad_id, dtype=torch.long)
+    src = torch.full((b, width), n_max, dtype=torch.long)  # pads read token 0: masked anyway
+    mask = torch.zeros((b, width), dtype=torch.long)
+    pos = torch.zeros((b, width), dtype=torch.long)
+    token_pos = torch.zeros((b, t_max), dtype=torch.long)
+    for i, (row, ni, li, ci) in enumerate(zip(tokens, n, lengths, content)):
+        token_ids[i, :li] = torch.as_tensor(list(row), dtype=torch.long)
+        start = width - ci if padding_side == "left" else 0
+        src[i, start : start + ni] = torch.arange(ni)
+        src[i, start + ni : start + ci] = n_max + torch.arange(li)
+        mask[i, start : start + ci] = 1
+        pos[i, start : start + ci] = torch.arange(ci)
+        token_pos[i, :li] = start + ni + torch.arange(li)
+    return Batch(token_ids, src, mask, pos, token_pos, torch.tensor(lengths), torch.tensor(n))
+
+
+# -- prompts for a batch ----------------------------------------------------------------------
+
+
+def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool (B, T, d) right-padded states over each row's real tokens, in float32."""
+    hidden = hidden.float()
+    if pooling == "last":
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
+    valid = (torch.arange(hidden.shape[1], device=hidden.device)[None] < lengths[:, None]).float()
+    return (hidden * valid[..., None]).sum(1) / lengths[:, None].float()
+
+
+def encode(model, batch: Batch, kind: str = "base", pooling: str = "mean") -> torch.Tensor:
+    """LoPA's x′: the frozen model on the input alone (``base``) or the token embeddings (``embed``)."""
+    with torch.no_grad():
+        if kind == "embed":
+            states = embed(model, batch.token_ids)
+        else:
+            valid = (torch.arange(batch.token_ids.shape[1], device=batch.token_ids.device)[None]
+                     < batch.lengths[:, None]).long()
+            states = model.base_model(input_ids=batch.token_ids, attention_mask=valid, use_cache=False).last_hidden_state
+        return pool(states, batch.lengths, pooling)
+
+
+def prompt_rows(
+    model, prompt: PromptModule | Sequence[PromptModule], batch: Batch, which: Sequence[int] | None = None
+) -> torch.Tensor:
+    """(B, n_max, d) float32 prompt rows for the batch: one prompt for all, or ``prompt[which[b]]``."""
+    prompts = [prompt] if isinstance(prompt, PromptModule) else list(prompt)
+    if which is None:
+        which = [0] * batch.token_ids.shape[0]
+    n_max = int(batch.n_prompt.max())
+    rows = []
+    encodings: dict[tuple[str, str], torch.Tensor] = {}
+    for k, p in enumerate(prompts):
+        idx = [b for b, w in enumerate(which) if w == k]
+        if not idx:
+            continue
+        if p.spec.is_static:
+            x = p().unsqueeze(0).expand(len(idx), -1, -1)
+        else:
+            key = (p.spec.encoder, p.spec.pooling)
+            if key not in encodings:
+                encodings[key] = encode(model, batch, *key)
+            x = p(encodings[key][idx])
+        rows.append((idx, torch.nn.functional.pad(x, (0, 0, 0, n_max - x.shape[1]))))
+    if len(rows) == 1 and len(rows[0][0]) == len(which):
+        return rows[0][1]
+    out = torch.empty(len(which), n_max, rows[0][1].shape[-1], device=rows[0][1].device, dtype=rows[0][1].dtype)
+    for idx, x in rows:
+        out[torch.tensor(idx, device=out.device)] = x
+    return out
+
+
+def forward_hidden(model, prompt_embeds: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Last hidden states (B, W, d) of the backbone on the prompted batch."""
+    tok = embed(model, batch.token_ids)
+    both = torch.cat([prompt_embeds.to(tok.dtype), tok], dim=1)
+    src = batch.src.unsqueeze(-1).expand(-1, -1, both.shape[-1])
+    inputs = both.gather(1, src)
+    out = model.base_model(
+        inputs_embeds=inputs, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+    )
+    return out.last_hidden_state
+
+
+def logits_at(model, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Float32 logits (B, K, V) at packed positions ``index`` (B, K) only."""
+    picked = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return head(model, picked)
+
+
+def head(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on some hidden states, with the model's final soft-capping/scaling if any."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    scale = getattr(cfg, "logits_scaling", None)
+    if scale:
+        logits = logits / scale
+    return logits
+
+
+def forward_logits(
+    model, prompt: PromptModule | Sequence[PromptModule], batch: Batch, which: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Float32 logits (B, T, V) at every real token of every row (for tests and tools).
+
+    Row b's logits[t] predict its token t+1; padded token slots repeat the last real one.
+    """
+    hidden = forward_hidden(model, prompt_rows(model, prompt, batch, which), batch)
+    index = torch.minimum(batch.token_pos, batch.last_pos[:, None])
+    return logits_at(model, hidden, index)

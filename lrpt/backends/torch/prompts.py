@@ -1,0 +1,115 @@
+"""PyTorch modules for the four methods, with parameters under their canonical names.
+
+Submodules spell the names: ``self.lopt.U`` is the state-dict key ``lopt.U`` and
+``self.lopa.u[0].weight`` is ``lopa.u.0.weight``, so conversion to and from an
+:class:`~lrpt.adapter.Adapter` is a plain name-for-name copy. Parameters are float32; the
+prompt is cast to the model's dtype where it enters the model (``model.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...adapter import Adapter
+from ...basemodel import BaseModelInfo
+from ...spec import PromptSpec
+from ...tasks import Task
+
+_ACTIVATIONS = {"elu": F.elu, "relu": F.relu, "gelu": F.gelu}
+
+
+class _Namespace(nn.Module):
+    """An empty module that only gives its children a name prefix (``lopt.``, ``lopa.``)."""
+
+
+class _Head(nn.ModuleList):
+    """LoPA head: Dropout → Linear(h, h′) → tanh → Linear(h′, k); indices 0 and 1 as in the file."""
+
+    def __init__(self, h: int, hidden: int, k: int, dropout: float):
+        super().__init__([nn.Linear(h, hidden), nn.Linear(hidden, k)])
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.dropout(x, self.dropout, self.training)
+        return self[1](torch.tanh(self[0](x)))
+
+
+class PromptModule(nn.Module):
+    """A soft prompt. ``forward()`` gives (n, d) for static methods; ``forward(enc)`` (B, n, d) for lopa."""
+
+    def __init__(self, spec: PromptSpec, params: dict[str, np.ndarray]):
+        super().__init__()
+        self.spec = spec
+        dim = params[{"prompt": "prompt_embeddings", "lopa": "lopa.Z_S"}.get(spec.method, "lopt.V")].shape[1]
+        self.dim = int(dim)
+        shapes = spec.param_shapes(self.dim)
+        if spec.method == "prompt":
+            self.prompt_embeddings = nn.Parameter(torch.empty(shapes["prompt_embeddings"]))
+        elif spec.method in ("lopt1", "lopt2"):
+            self.lopt = _Namespace()
+            if spec.method == "lopt2":
+                self.lopt.register_buffer("X0", torch.empty(shapes["lopt.X0"]))
+            self.lopt.U = nn.Parameter(torch.empty(shapes["lopt.U"]))
+            self.lopt.V = nn.Parameter(torch.empty(shapes["lopt.V"]))
+        else:
+            self.lopa = _Namespace()
+            self.lopa.Z_S = nn.Parameter(torch.empty(shapes["lopa.Z_S"]))
+            n, r, h2 = spec.n_tokens, spec.rank, spec.head_hidden
+            self.lopa.u = _Head(self.dim, h2, n * r, spec.dropout)
+            self.lopa.v = _Head(self.dim, h2, self.dim * r, spec.dropout)
+        self.load_params(params)
+
+    def load_params(self, params: dict[str, np.ndarray]) -> None:
+        """Copy canonical-named NumPy arrays in (strict: every tensor, exact shapes)."""
+        state = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in params.items()}
+        self.load_state_dict(state, strict=True)
+
+    def to_params(self) -> dict[str, np.ndarray]:
+        """Canonical-named float32 NumPy copies of every tensor (X0 included)."""
+        return {k: v.detach().float().cpu().numpy().copy() for k, v in self.state_dict().items()}
+
+    def forward(self, encoding: torch.Tensor | None = None) -> torch.Tensor:
+        spec = self.spec
+        if spec.method == "prompt":
+            return self.prompt_embeddings
+        if spec.method == "lopt1":
+            return self.lopt.U @ self.lopt.V
+        if spec.method == "lopt2":
+            return _ACTIVATIONS[spec.activation](self.lopt.X0 @ self.lopt.U) @ self.lopt.V
+        if encoding is None:
+            raise ValueError("lopa needs the pooled encodings of the inputs")
+        encoding = encoding.float()
+        b = encoding.shape[0]
+        u = self.lopa.u(encoding).view(b, spec.n_tokens, spec.rank)
+        v = self.lopa.v(encoding).view(b, self.dim, spec.rank)
+        z_i = u @ v.transpose(1, 2)
+        z_s = self.lopa.Z_S.unsqueeze(0)
+        if spec.gate == "sigmoid":
+            return z_s * torch.sigmoid(z_i)
+        if spec.gate == "add":
+            return z_s + z_i
+        return torch.maximum(z_s, z_i)
+
+
+def prompt_from_adapter(adapter: Adapter, device: torch.device | str | None = None) -> PromptModule:
+    """A trainable module holding the adapter's tensors (float32, on ``device``)."""
+    module = PromptModule(adapter.spec, adapter.params)
+    return module.to(device) if device is not None else module
+
+
+def prompt_to_adapter(
+    prompt: PromptModule, task: Task | None = None, base_model: BaseModelInfo | None = None
+) -> Adapter:
+    """Snapshot a module as an :class:`Adapter` (validated; tensors copied to NumPy)."""
+    adapter = Adapter(prompt.spec, prompt.to_params(), task, base_model,
+                      {"backend": "torch", "lrpt_version": _version()})
+    return adapter.validate()
+
+
+def _version() -> str:
+    from ... import __version__
+
+    return __version__

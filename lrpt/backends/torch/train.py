@@ -1,0 +1,215 @@
+"""Training on PyTorch: the step, the evaluation and the optimizer state for :mod:`lrpt.trainer`.
+
+The step is plain AdamW (fused on CUDA) on the prompt's float32 parameters, bf16 autocast on
+CUDA, gradient accumulation and clipping. Nothing in it reads a value back to the host: the
+loss stays on the device until the shared loop asks for it at a log point.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...adapter import Adapter
+from ...data import Encoded, encode_examples, metric
+from ...tasks import Task
+from ...trainer import TrainConfig, TrainResult, run_training
+from .generate import _autocast, label_token_ids, score_rows
+from .model import base_model_info, forward_hidden, logits_at, make_batch, prompt_rows
+from .prompts import PromptModule, prompt_to_adapter
+
+
+def tokenize_fn(tokenizer):
+    """Text → ids with the model's special tokens (BOS), as every backend does."""
+    return lambda text: list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def target_tokenize_fn(tokenizer):
+    """Completion text → ids without special tokens, plus EOS so the model learns to stop."""
+    eos = tokenizer.eos_token_id
+
+    def run(text: str) -> list[int]:
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ids + ([eos] if eos is not None else [])
+
+    return run
+
+
+def completion_nll(model, prompt: PromptModule, rows: Sequence[Encoded], pad_id: int = 0,
+                   pad_to_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed negative log-likelihood of the completion tokens and their count (targets only)."""
+    seqs = [list(r.ids) + list(r.target) for r in rows]
+    batch = make_batch(seqs, prompt.spec.n_tokens, "left", pad_id, pad_to_multiple).to(model.device)
+    # LoPA encodes the input alone: build its prompts from an input-only batch.
+    if prompt.spec.is_static:
+        prompts = prompt_rows(model, prompt, batch)
+    else:
+        inputs = make_batch([r.ids for r in rows], prompt.spec.n_tokens, "left", pad_id).to(model.device)
+        prompts = prompt_rows(model, prompt, inputs)
+    hidden = forward_hidden(model, prompts, batch)
+    width = max(len(r.target) for r in rows)
+    index = np.zeros((len(rows), width), np.int64)
+    target = np.zeros((len(rows), width), np.int64)
+    weight = np.zeros((len(rows), width), np.float32)
+    for i, r in enumerate(rows):
+        t = len(r.target)
+        index[i, :t] = np.arange(len(r.ids) - 1, len(r.ids) - 1 + t)
+        target[i, :t] = r.target
+        weight[i, :t] = 1.0
+    dev = batch.src.device
+    packed = batch.token_pos.gather(1, torch.from_numpy(index).to(dev))
+    logp = torch.log_softmax(logits_at(model, hidden, packed), dim=-1)
+    picked = logp.gather(2, torch.from_numpy(target).to(dev)[..., None])[..., 0]
+    w = torch.from_numpy(weight).to(dev)
+    return -(picked * w).sum(), w.sum()
+
+
+class TorchOps:
+    """:class:`lrpt.trainer.TrainOps` for a PyTorch model and prompt."""
+
+    def __init__(self, model, tokenizer, prompt: PromptModule, task: Task, train_data: list[Encoded],
+                 eval_data: list[Encoded] | None, config: TrainConfig):
+        self.model, self.tokenizer, self.prompt, self.task = model, tokenizer, prompt, task
+        self.train_data, self.eval_data, self.config = train_data, eval_data or [], config
+        self.lengths = [len(e.ids) + (len(e.target) if isinstance(e.target, list) else 0) for e in train_data]
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.label_ids = label_token_ids(tokenizer, task.label_words) if task.kind == "classification" else None
+        self.params = [p for p in prompt.parameters() if p.requires_grad]
+        fused = model.device.type == "cuda"
+        self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+        self.base = base_model_info(model)
+        if config.compile:
+            self.model.base_model.forward = torch.compile(self.model.base_model.forward, dynamic=None)
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def loss(self, rows: list[Encoded]) -> torch.Tensor:
+        if self.task.kind == "classification":
+            scores = score_rows(self.model, self.prompt, [r.ids for r in rows], self.label_ids,
+                                pad_id=self.pad_id, pad_to_multiple=self.config.pad_to_multiple)
+            labels = torch.tensor([r.target for r in rows], device=scores.device)
+            return torch.nn.functional.cross_entropy(scores, labels)
+        nll, count = completion_nll(self.model, self.prompt, rows, self.pad_id, self.config.pad_to_multiple)
+        return nll / count.clamp(min=1)
+
+    def step(self, micro_batches: list[list[int]], lr: float) -> torch.Tensor:
+        self.prompt.train()
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.model.device)
+        for idx in micro_batches:
+            with _autocast(self.model):
+                loss = self.loss([self.train_data[i] for i in idx]) / len(micro_batches)
+            loss.backward()
+            total = total + loss.detach()
+        if self.config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm, foreach=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return total
+
+    def loss_value(self, handles: list[torch.Tensor]) -> float:
+        return float(torch.stack(handles).mean().item())
+
+    def finite(self) -> bool:
+        return bool(all(torch.isfinite(p).all() for p in self.params))
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.eval_data:
+            return {}
+        return evaluate(self.model, self.tokenizer, self.prompt, self.task, self.eval_data,
+                        self.config.eval_batch_size)[0]
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def adapter(self) -> Adapter:
+        return prompt_to_adapter(self.prompt, self.task, self.base)
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        names = {id(p): n for n, p in self.prompt.named_parameters()}
+        tensors, steps = {}, {}
+        for p in self.params:
+            st = self.opt.state.get(p, {})
+            name = names[id(p)]
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:
+                    tensors[f"{name}.{key}"] = st[key].detach().float().cpu().numpy()
+            if "step" in st:
+                steps[name] = float(st["step"])
+        # Dropout (LoPA) is the only consumer of randomness; data order comes from seeded generators.
+        rng = {"torch": _b64(torch.get_rng_state().numpy().tobytes())}
+        if torch.cuda.is_available():
+            rng["cuda"] = [_b64(s.numpy().tobytes()) for s in torch.cuda.get_rng_state_all()]
+        return tensors, {"adam_steps": steps, "rng": rng}
+
+    def load_state(self, adapter: Adapter, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        self.prompt.load_params(adapter.params)
+        names = {n: p for n, p in self.prompt.named_parameters()}
+        self.opt.state.clear()
+        for name, step in meta["adam_steps"].items():
+            p = names[name]
+            self.opt.state[p] = {
+                "step": torch.tensor(step, dtype=torch.float32, device=p.device if self.opt.defaults.get("fused") else "cpu"),
+                "exp_avg": torch.from_numpy(tensors[f"{name}.exp_avg"]).to(p.device),
+                "exp_avg_sq": torch.from_numpy(tensors[f"{name}.exp_avg_sq"]).to(p.device),
+            }
+        rng = meta["rng"]
+        torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(rng["torch"]), np.uint8).copy()))
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([torch.from_numpy(np.frombuffer(base64.b64decode(s), np.uint8).copy())
+                                          for s in rng["cuda"]])
+
+
+def evaluate(model, tokenizer, prompt: PromptModule, task: Task, data: list[Encoded],
+             batch_size: int = 32) -> tuple[dict[str, float], np.ndarray | None]:
+    """Metrics on encoded examples, and the (N, K) label scores for classification."""
+    was = prompt.training
+    prompt.eval()
+    pad = tokenizer.pad_token_id or 0
+    try:
+        with torch.no_grad(), _autocast(model):
+            if task.kind == "classification":
+                label_ids = label_token_ids(tokenizer, task.label_words)
+                scores = torch.cat([
+                    score_rows(model, prompt, [r.ids for r in data[i : i + batch_size]], label_ids, pad_id=pad).float().cpu()
+                    for i in range(0, len(data), batch_size)
+                ]).numpy()
+                preds = scores.argmax(-1)
+                labels = [r.target for r in data]
+                out = {"metric": metric(task.metric, labels, preds, len(task.label_words)),
+                       "accuracy": metric("accuracy", labels, preds, len(task.label_words))}
+                return out, scores
+            nll, count = 0.0, 0.0
+            for i in range(0, len(data), batch_size):
+                a, b = completion_nll(model, prompt, data[i : i + batch_size], pad)
+                nll, count = nll + float(a), count + float(b)
+            return {"metric": nll / max(count, 1.0), "loss": nll / max(count, 1.0)}, None
+    finally:
+        prompt.train(was)
+
+
+def train(model, tokenizer, prompt: PromptModule, task: Task, train_examples: list[dict], eval_examples: list[dict] | None = None,
+          config: TrainConfig | None = None, out_dir: str | Path | None = None, resume: bool = False) -> TrainResult:
+    """Train ``prompt`` on ``task`` with a frozen ``model``; see :func:`lrpt.trainer.run_training`.
+
+    ``prompt`` may come from :func:`~.model.init_prompt` or from any saved adapter
+    (:func:`~.prompts.prompt_from_adapter`): training continues from its tensors.
+    """
+    config = config or TrainConfig()
+    torch.manual_seed(config.seed)
+    tok, tgt = tokenize_fn(tokenizer), target_tokenize_fn(tokenizer)
+    train_data = encode_examples(task, tok, train_examples, tgt)
+    eval_data = encode_examples(task, tok, eval_examples, tgt) if eval_examples else None
+    ops = TorchOps(model, tokenizer, prompt, task, train_data, eval_data, config)
+    return run_training(ops, config, out_dir, resume, higher_is_better=task.kind == "classification", backend="torch")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()

@@ -1,0 +1,133 @@
+"""Framework-free data handling shared by both backends: reading, encoding, batching, metrics.
+
+Both backends draw their batches from :func:`epoch_batches`, so for one seed they see the
+same examples in the same order, and a resumed run finds its place from a single counter.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DataError
+from .tasks import Task
+
+Tokenize = Callable[[str], list[int]]  # text -> ids; special tokens (BOS) as the model wants
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSON-lines file; a malformed line is an error naming the file and line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: each line must be a JSON object")
+            rows.append(row)
+    return rows
+
+
+@dataclass
+class Encoded:
+    """One example as token ids: ``ids`` is the templated input; ``target`` the label index
+    (classification) or the completion's token ids (completion)."""
+
+    ids: list[int]
+    target: int | list[int]
+    idx: Any = None
+
+
+def encode_examples(task: Task, tokenize: Tokenize, examples: Sequence[dict[str, Any]],
+                    tokenize_target: Tokenize | None = None, max_length: int | None = None) -> list[Encoded]:
+    """Template and tokenise examples; check labels and fields with clear errors."""
+    out = []
+    k = len(task.label_words)
+    for i, ex in enumerate(examples):
+        ids = tokenize(task.format(ex))
+        if not ids:
+            raise DataError(f"example {i} tokenizes to nothing")
+        if max_length and len(ids) > max_length:
+            ids = ids[-max_length:]  # keep the end: the answer position follows it
+        if task.kind == "classification":
+            if task.label_field not in ex:
+                raise DataError(f"example {i} has no label field {task.label_field!r} (fields: {', '.join(sorted(ex))})")
+            label = ex[task.label_field]
+            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < k:
+                raise DataError(f"example {i}: label {label!r} is not an integer in [0, {k})")
+            target: int | list[int] = label
+        else:
+            if task.completion_field not in ex:
+                raise DataError(f"example {i} has no field {task.completion_field!r}")
+            target = (tokenize_target or tokenize)(str(ex[task.completion_field]))
+            if not target:
+                raise DataError(f"example {i}: the completion tokenizes to nothing")
+        out.append(Encoded(ids, target, ex.get("idx", i)))
+    return out
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, bucket: bool = True) -> list[list[int]]:
+    """The batches of one epoch, as lists of example indices; a pure function of its arguments.
+
+    With ``bucket``, examples are shuffled, cut into chunks of 64 batches, sorted by length
+    inside a chunk, split into batches and the batches shuffled: similar lengths share a
+    batch (little padding) while the order stays random.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    if not bucket:
+        return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    chunk = batch_size * 64
+    batches = []
+    for start in range(0, len(order), chunk):
+        group = sorted(order[start : start + chunk].tolist(), key=lambda j: (lengths[j], j))
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def metric(name: str, labels: Sequence[int], preds: Sequence[int], num_labels: int) -> float:
+    """accuracy, f1 (binary, positive class 1) or macro_f1, in [0, 1]."""
+    y, p = np.asarray(labels), np.asarray(preds)
+    if len(y) == 0:
+        return float("nan")
+    if name == "accuracy":
+        return float((y == p).mean())
+
+    def f1(c: int) -> float:
+        tp = float(((p == c) & (y == c)).sum())
+        fp = float(((p == c) & (y != c)).sum())
+        fn = float(((p != c) & (y == c)).sum())
+        return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+    if name == "f1":
+        return f1(1)
+    if name == "macro_f1":
+        return float(np.mean([f1(c) for c in range(num_labels)]))
+    raise DataError(f"unknown metric {name!r}")
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Learning-rate multiplier at ``step`` (0-based): linear warmup, then the schedule."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + np.cos(np.pi * progress))
+    raise DataError(f"unknown schedule {schedule!r}: use cosine, linear or constant")

@@ -1,0 +1,314 @@
+"""The training loop both backends share: schedule, evaluation, checkpoints, exact resume.
+
+A backend supplies the framework work through :class:`TrainOps` (one optimizer step, an
+evaluation, its state as arrays); everything else lives here once: which batches come
+next, when to log, evaluate, checkpoint or stop, how a run directory looks, and how a run
+resumes. A run directory holds::
+
+    adapter/                 the adapter to use (best evaluation if keep_best, else last)
+    checkpoints/step-NNNNNN/ adapter files + optimizer.safetensors + trainer_state.json
+    metrics.jsonl            one JSON object per log or evaluation
+    train_config.json        the TrainConfig of the run
+
+Checkpoints are complete directories built aside and renamed into place, so a crash
+never leaves a half-written one; resuming from one continues bit for bit (on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .adapter import Adapter
+from .data import epoch_batches
+from .errors import TrainingError
+from .fileio import atomic_write, atomic_write_json, encode_safetensors, read_safetensors
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters and bookkeeping of a run (the same on both backends)."""
+
+    steps: int | None = None  # optimizer steps; None: derived from epochs
+    epochs: float = 1.0
+    lr: float = 3e-2
+    batch_size: int = 16
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    warmup: float = 0.06  # fraction of the steps if < 1, else a number of steps
+    schedule: str = "cosine"
+    max_grad_norm: float | None = 1.0
+    eval_every: int = 0  # steps between evaluations; 0: only at the end
+    eval_batch_size: int = 32
+    save_every: int = 0  # steps between checkpoints; 0: at each evaluation and at the end
+    keep_checkpoints: int = 2
+    keep_best: bool = True
+    early_stopping: int = 0  # evaluations without improvement before stopping; 0: never
+    log_every: int = 10
+    seed: int = 0
+    bucket: bool = True  # length-bucketed batches
+    pad_to_multiple: int = 8
+    compile: bool = False  # torch.compile / mx.compile the step
+    grad_checkpoint: bool = False  # MLX only: recompute activations in the backward pass
+    progress: bool = True
+
+    def validate(self) -> TrainConfig:
+        if self.schedule not in SCHEDULES:
+            raise TrainingError(f"unknown schedule {self.schedule!r}: use {', '.join(SCHEDULES)}")
+        for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"{name} must be >= 1")
+        if self.steps is not None and self.steps < 1:
+            raise TrainingError("steps must be >= 1")
+        if self.lr <= 0:
+            raise TrainingError("lr must be > 0")
+        return self
+
+
+@dataclass
+class TrainResult:
+    step: int
+    final_loss: float
+    best_metric: float | None
+    best_step: int | None
+    stopped_early: bool
+    adapter_dir: str | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class TrainOps(Protocol):
+    """What a backend provides to :func:`run_training`."""
+
+    lengths: list[int]  # token count of each training example (for bucketing)
+
+    def step(self, micro_batches: list[list[int]], lr: float) -> Any:
+        """One optimizer step over ``grad_accum`` micro-batches; returns a lazy loss handle."""
+
+    def loss_value(self, handles: list[Any]) -> float:
+        """Mean loss over handles (the only host synchronisation of the loop)."""
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics; the key ``metric`` is the one keep-best and early stopping use."""
+
+    def finite(self) -> bool:
+        """True when every trainable tensor is finite."""
+
+    def adapter(self) -> Adapter:
+        """The current prompt as an adapter."""
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Optimizer tensors (float32 arrays) and JSON-able state (optimizer scalars, RNG)."""
+
+    def load_state(self, adapter: Adapter, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`state` and :meth:`adapter` captured."""
+
+
+def plan(config: TrainConfig, n_examples: int) -> tuple[int, int]:
+    """(total optimizer steps, warmup steps) for a run."""
+    per_epoch = math.ceil(n_examples / config.batch_size)
+    total = config.steps or max(1, math.ceil(config.epochs * per_epoch / config.grad_accum))
+    warmup = int(config.warmup * total) if config.warmup < 1 else int(config.warmup)
+    return total, min(warmup, total)
+
+
+def run_training(ops: TrainOps, config: TrainConfig, out_dir: str | Path | None, resume: bool = False,
+                 higher_is_better: bool = True, backend: str = "?") -> TrainResult:
+    """Drive a run to its end (or early stop); write checkpoints, metrics and the final adapter."""
+    from .data import lr_factor
+
+    config.validate()
+    n = len(ops.lengths)
+    if n == 0:
+        raise TrainingError("no training examples")
+    total, warmup = plan(config, n)
+    run = RunDir(Path(out_dir)) if out_dir is not None else None
+    step, micro = 0, 0
+    best, best_step, bad_evals = None, None, 0
+    history: list[dict[str, Any]] = []
+    if run:
+        run.root.mkdir(parents=True, exist_ok=True)
+        if resume:
+            ckpt = run.latest_checkpoint()
+            if ckpt is None:
+                raise TrainingError(f"--resume: no checkpoint in {run.root / 'checkpoints'}")
+            meta = run.load_checkpoint(ckpt, ops)
+            step, micro = meta["step"], meta["micro"]
+            best, best_step, bad_evals = meta["best"], meta["best_step"], meta["bad_evals"]
+            history = run.truncate_metrics(step)
+        elif run.latest_checkpoint() is not None:
+            raise TrainingError(f"{run.root} already holds a run: pass --resume to continue it or choose another --out")
+        atomic_write_json(run.root / "train_config.json", {"backend": backend, **asdict(config)})
+
+    epoch_cache: dict[int, list[list[int]]] = {}
+
+    def next_micro_batches(start: int) -> list[list[int]]:
+        out = []
+        for m in range(start, start + config.grad_accum):
+            e_batches = _batches_for(m, epoch_cache, ops.lengths, config)
+            out.append(e_batches)
+        return out
+
+    bar = _progress(total, step, config.progress)
+    pending: list[Any] = []
+    last_loss = float("nan")
+    stopped_early = False
+    started = time.perf_counter()
+    try:
+        while step < total:
+            lr = config.lr * lr_factor(step, total, warmup, config.schedule)
+            pending.append(ops.step(next_micro_batches(micro), lr))
+            micro += config.grad_accum
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            is_last = step == total
+            do_eval = is_last or (config.eval_every and step % config.eval_every == 0)
+            do_save = run is not None and (is_last or do_eval and not config.save_every
+                                           or config.save_every and step % config.save_every == 0)
+            if step % config.log_every == 0 or do_eval or do_save:
+                last_loss = ops.loss_value(pending)
+                pending = []
+                if not math.isfinite(last_loss) or not ops.finite():
+                    where = run.latest_checkpoint() if run else None
+                    keep = f"; the last good checkpoint is {where}" if where else ""
+                    raise TrainingError(f"loss became {last_loss} by step {step}: lower --lr{keep}")
+                rec = {"step": step, "epoch": round(micro * config.batch_size / n, 4), "loss": last_loss,
+                       "lr": lr, "elapsed_s": round(time.perf_counter() - started, 3)}
+                history.append(rec)
+                if run:
+                    run.log(rec)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last_loss:.4f}")
+            if do_eval:
+                metrics = ops.evaluate()
+                if metrics:
+                    value = metrics["metric"]
+                    improved = best is None or (value > best if higher_is_better else value < best)
+                    if improved:
+                        best, best_step, bad_evals = value, step, 0
+                        if run and config.keep_best:
+                            ops.adapter().save(run.root / "adapter")
+                    else:
+                        bad_evals += 1
+                    rec = {"step": step, **{f"eval_{k}": v for k, v in metrics.items()}}
+                    history.append(rec)
+                    if run:
+                        run.log(rec)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last_loss:.4f}", eval=f"{value:.4f}")
+                    if config.early_stopping and bad_evals >= config.early_stopping:
+                        stopped_early = True
+            if do_save or (stopped_early and run):
+                run.save_checkpoint(step, ops, {"step": step, "micro": micro, "best": best,
+                                                "best_step": best_step, "bad_evals": bad_evals},
+                                    config.keep_checkpoints)
+            if stopped_early:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    if pending:
+        last_loss = ops.loss_value(pending)
+    adapter_dir = None
+    if run:
+        adapter_dir = str(run.root / "adapter")
+        if not (config.keep_best and best_step is not None):
+            ops.adapter().save(run.root / "adapter")
+    return TrainResult(step, last_loss, best, best_step, stopped_early, adapter_dir, history)
+
+
+def _batches_for(m: int, cache: dict[int, list[list[int]]], lengths: list[int], config: TrainConfig) -> list[int]:
+    """Micro-batch number ``m`` of the whole run (epochs follow one another)."""
+    per_epoch = math.ceil(len(lengths) / config.batch_size)
+    epoch, index = divmod(m, per_epoch)
+    if epoch not in cache:
+        cache.clear()
+        cache[epoch] = epoch_batches(lengths, config.batch_size, config.seed, epoch, config.bucket)
+    return cache[epoch][index]
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+class RunDir:
+    """Files of one run directory (see the module docstring)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    def log(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_metrics(self, step: int) -> list[dict[str, Any]]:
+        """Keep the records up to ``step`` (a resumed run rewrites what came after)."""
+        kept = []
+        if self.metrics_path.exists():
+            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash
+                if rec.get("step", 0) <= step:
+                    kept.append(rec)
+        atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        return kept
+
+    def checkpoints(self) -> list[Path]:
+        d = self.root / "checkpoints"
+        return sorted(p for p in d.glob("step-*") if p.is_dir()) if d.is_dir() else []
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def save_checkpoint(self, step: int, ops: TrainOps, meta: dict[str, Any], keep: int) -> Path:
+        final = self.root / "checkpoints" / f"step-{step:06d}"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+        try:
+            ops.adapter().save(tmp / "adapter")
+            tensors, state = ops.state()
+            atomic_write(tmp / "optimizer.safetensors", encode_safetensors(tensors))
+            atomic_write_json(tmp / "trainer_state.json", {**meta, "backend_state": state})
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in self.checkpoints()[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, path: Path, ops: TrainOps) -> dict[str, Any]:
+        try:
+            meta = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise TrainingError(f"checkpoint {path} is unreadable ({exc}): delete it to resume from an earlier one") from None
+        adapter = Adapter.load(path / "adapter")
+        tensors, _, _ = read_safetensors(path / "optimizer.safetensors")
+        ops.load_state(adapter, tensors, meta["backend_state"])
+        return meta

@@ -1,0 +1,97 @@
+"""Tiny random HF model folders for tests: five architectures, one byte-level BPE tokenizer.
+
+Everything is built here from configs (no hub, no network), saved as an HF folder that both
+transformers and mlx-lm load. Models are float32 and a few thousand parameters wide.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from functools import lru_cache
+from pathlib import Path
+
+ARCHS = ("llama", "qwen2", "gemma3", "gpt2", "phi3")
+VOCAB = 320
+WORDS = (
+    "the a movie film was is great good bad awful fine dull plot actor review sentiment positive negative "
+    "yes no question answer story fun boring loved hated it this very not really"
+).split()
+
+
+def sentences(n: int, seed: int = 0, length: tuple[int, int] = (3, 12)) -> list[str]:
+    r = random.Random(seed)
+    return [" ".join(r.choice(WORDS) for _ in range(r.randint(*length))) for _ in range(n)]
+
+
+@lru_cache(maxsize=1)
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(sentences(400, seed=1), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def config(arch: str):
+    import transformers as tf
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    if arch == "llama":
+        return tf.LlamaConfig(**common, tie_word_embeddings=False)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**common, tie_word_embeddings=True)
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(**common, head_dim=8, sliding_window=6, tie_word_embeddings=True,
+                                   layer_types=["sliding_attention", "full_attention"])
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256, n_ctx=256,
+                             bos_token_id=1, eos_token_id=2)
+    if arch == "phi3":
+        return tf.Phi3Config(**common, tie_word_embeddings=False)
+    raise ValueError(arch)
+
+
+def save_tiny(arch: str, path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random ``arch`` model and the tokenizer to ``path``; returns the path."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config(arch), dtype=torch.float32)
+    with torch.no_grad():  # random init is tiny; make activations non-trivial
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    if arch == "gpt2":
+        # Write the checkpoint as the hub's gpt2 is stored (no "transformer." prefix), which is
+        # what mlx-lm's gpt2 expects; transformers reads both.
+        sd = {k.removeprefix("transformer."): v.contiguous() for k, v in model.state_dict().items()
+              if not k.startswith("lm_head") and not k.endswith(".attn.bias")}
+        save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    tokenizer().save_pretrained(path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["torch_dtype"] = "float32"
+    # Hub configs (and mlx-lm) use flat rope keys; transformers 5 writes nested rope_parameters.
+    rope = cfg.get("rope_parameters") or {}
+    if "full_attention" in rope:
+        cfg["rope_theta"] = rope["full_attention"]["rope_theta"]
+        cfg["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+    elif "rope_theta" in rope:
+        cfg["rope_theta"] = rope["rope_theta"]
+    if arch == "gemma3":
+        cfg["sliding_window_pattern"] = 2
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    return path
