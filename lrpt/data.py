@@ -50,8 +50,13 @@ class Encoded:
     idx: Any = None
 
 
-def encode_examples(task: Task, tokenize: Tokenize, examples: Sequence[dict[str, Any]],
-                    tokenize_target: Tokenize | None = None, max_length: int | None = None) -> list[Encoded]:
+def encode_examples(
+    task: Task,
+    tokenize: Tokenize,
+    examples: Sequence[dict[str, Any]],
+    tokenize_target: Tokenize | None = None,
+    max_length: int | None = None,
+) -> list[Encoded]:
     """Template and tokenise examples; check labels and fields with clear errors."""
     out = []
     k = len(task.label_words)
@@ -63,7 +68,9 @@ def encode_examples(task: Task, tokenize: Tokenize, examples: Sequence[dict[str,
             ids = ids[-max_length:]  # keep the end: the answer position follows it
         if task.kind == "classification":
             if task.label_field not in ex:
-                raise DataError(f"example {i} has no label field {task.label_field!r} (fields: {', '.join(sorted(ex))})")
+                raise DataError(
+                    f"example {i} has no label field {task.label_field!r} (fields: {', '.join(sorted(ex))})"
+                )
             label = ex[task.label_field]
             if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < k:
                 raise DataError(f"example {i}: label {label!r} is not an integer in [0, {k})")
@@ -78,7 +85,9 @@ def encode_examples(task: Task, tokenize: Tokenize, examples: Sequence[dict[str,
     return out
 
 
-def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, bucket: bool = True) -> list[list[int]]:
+def epoch_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, bucket: bool = True
+) -> list[list[int]]:
     """The batches of one epoch, as lists of example indices; a pure function of its arguments.
 
     With ``bucket``, examples are shuffled, cut into chunks of 64 batches, sorted by length

@@ -122,8 +122,14 @@ def plan(config: TrainConfig, n_examples: int) -> tuple[int, int]:
     return total, min(warmup, total)
 
 
-def run_training(ops: TrainOps, config: TrainConfig, out_dir: str | Path | None, resume: bool = False,
-                 higher_is_better: bool = True, backend: str = "?") -> TrainResult:
+def run_training(
+    ops: TrainOps,
+    config: TrainConfig,
+    out_dir: str | Path | None,
+    resume: bool = False,
+    higher_is_better: bool = True,
+    backend: str = "?",
+) -> TrainResult:
     """Drive a run to its end (or early stop); write checkpoints, metrics and the final adapter."""
     from .data import lr_factor
 
@@ -174,8 +180,9 @@ def run_training(ops: TrainOps, config: TrainConfig, out_dir: str | Path | None,
                 bar.update(1)
             is_last = step == total
             do_eval = is_last or (config.eval_every and step % config.eval_every == 0)
-            do_save = run is not None and (is_last or do_eval and not config.save_every
-                                           or config.save_every and step % config.save_every == 0)
+            do_save = run is not None and (
+                is_last or do_eval and not config.save_every or config.save_every and step % config.save_every == 0
+            )
             if step % config.log_every == 0 or do_eval or do_save:
                 last_loss = ops.loss_value(pending)
                 pending = []
@@ -183,8 +190,13 @@ def run_training(ops: TrainOps, config: TrainConfig, out_dir: str | Path | None,
                     where = run.latest_checkpoint() if run else None
                     keep = f"; the last good checkpoint is {where}" if where else ""
                     raise TrainingError(f"loss became {last_loss} by step {step}: lower --lr{keep}")
-                rec = {"step": step, "epoch": round(micro * config.batch_size / n, 4), "loss": last_loss,
-                       "lr": lr, "elapsed_s": round(time.perf_counter() - started, 3)}
+                rec = {
+                    "step": step,
+                    "epoch": round(micro * config.batch_size / n, 4),
+                    "loss": last_loss,
+                    "lr": lr,
+                    "elapsed_s": round(time.perf_counter() - started, 3),
+                }
                 history.append(rec)
                 if run:
                     run.log(rec)
@@ -210,9 +222,12 @@ def run_training(ops: TrainOps, config: TrainConfig, out_dir: str | Path | None,
                     if config.early_stopping and bad_evals >= config.early_stopping:
                         stopped_early = True
             if do_save or (stopped_early and run):
-                run.save_checkpoint(step, ops, {"step": step, "micro": micro, "best": best,
-                                                "best_step": best_step, "bad_evals": bad_evals},
-                                    config.keep_checkpoints)
+                run.save_checkpoint(
+                    step,
+                    ops,
+                    {"step": step, "micro": micro, "best": best, "best_step": best_step, "bad_evals": bad_evals},
+                    config.keep_checkpoints,
+                )
             if stopped_early:
                 break
     finally:
@@ -307,7 +322,9 @@ class RunDir:
         try:
             meta = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
-            raise TrainingError(f"checkpoint {path} is unreadable ({exc}): delete it to resume from an earlier one") from None
+            raise TrainingError(
+                f"checkpoint {path} is unreadable ({exc}): delete it to resume from an earlier one"
+            ) from None
         adapter = Adapter.load(path / "adapter")
         tensors, _, _ = read_safetensors(path / "optimizer.safetensors")
         ops.load_state(adapter, tensors, meta["backend_state"])

@@ -43,19 +43,33 @@ def config(arch: str):
     import transformers as tf
 
     common = dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     if arch == "llama":
         return tf.LlamaConfig(**common, tie_word_embeddings=False)
     if arch == "qwen2":
         return tf.Qwen2Config(**common, tie_word_embeddings=True)
     if arch == "gemma3":
-        return tf.Gemma3TextConfig(**common, head_dim=8, sliding_window=6, tie_word_embeddings=True,
-                                   layer_types=["sliding_attention", "full_attention"])
+        return tf.Gemma3TextConfig(
+            **common,
+            head_dim=8,
+            sliding_window=6,
+            tie_word_embeddings=True,
+            layer_types=["sliding_attention", "full_attention"],
+        )
     if arch == "gpt2":
-        return tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256, n_ctx=256,
-                             bos_token_id=1, eos_token_id=2)
+        return tf.GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256, n_ctx=256, bos_token_id=1, eos_token_id=2
+        )
     if arch == "phi3":
         return tf.Phi3Config(**common, tie_word_embeddings=False)
     raise ValueError(arch)
@@ -78,8 +92,11 @@ def save_tiny(arch: str, path: str | Path, seed: int = 0) -> Path:
     if arch == "gpt2":
         # Write the checkpoint as the hub's gpt2 is stored (no "transformer." prefix), which is
         # what mlx-lm's gpt2 expects; transformers reads both.
-        sd = {k.removeprefix("transformer."): v.contiguous() for k, v in model.state_dict().items()
-              if not k.startswith("lm_head") and not k.endswith(".attn.bias")}
+        sd = {
+            k.removeprefix("transformer."): v.contiguous()
+            for k, v in model.state_dict().items()
+            if not k.startswith("lm_head") and not k.endswith(".attn.bias")
+        }
         save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
     tokenizer().save_pretrained(path)
     cfg = json.loads((path / "config.json").read_text())

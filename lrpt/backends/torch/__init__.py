@@ -8,6 +8,19 @@ from .train import TrainConfig, train
 NAME = "torch"
 
 __all__ = [
-    "NAME", "Batch", "PromptModule", "TrainConfig", "base_model_info", "classify", "forward_logits", "generate",
-    "init_prompt", "load_model", "make_batch", "prompt_from_adapter", "prompt_to_adapter", "score_labels", "train",
+    "NAME",
+    "Batch",
+    "PromptModule",
+    "TrainConfig",
+    "base_model_info",
+    "classify",
+    "forward_logits",
+    "generate",
+    "init_prompt",
+    "load_model",
+    "make_batch",
+    "prompt_from_adapter",
+    "prompt_to_adapter",
+    "score_labels",
+    "train",
 ]

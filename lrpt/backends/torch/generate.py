@@ -101,8 +101,11 @@ def score_labels(
     with torch.no_grad(), _autocast(model):
         for i in range(0, len(rows), batch_size):
             sub_which = None if which is None else which[i : i + batch_size]
-            out.append(score_rows(model, prompt, rows[i : i + batch_size], label_ids, sub_which,
-                                  tokenizer.pad_token_id or 0).float().cpu())
+            out.append(
+                score_rows(model, prompt, rows[i : i + batch_size], label_ids, sub_which, tokenizer.pad_token_id or 0)
+                .float()
+                .cpu()
+            )
     _restore(prompt, was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, len(label_words)), np.float32)
 
@@ -128,8 +131,13 @@ def prefix_cache(model, prompt: PromptModule):
         x = prompt().unsqueeze(0).to(model.dtype)
         n = x.shape[1]
         cache = DynamicCache(config=model.config)
-        model(inputs_embeds=x, position_ids=torch.arange(n, device=model.device)[None], past_key_values=cache,
-              use_cache=True, logits_to_keep=1)
+        model(
+            inputs_embeds=x,
+            position_ids=torch.arange(n, device=model.device)[None],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
     object.__setattr__(prompt, "_prefix_cache", (key, cache))
     return cache
 
@@ -192,8 +200,13 @@ def generate(
                 break
             done = torch.tensor(finished, device=dev)
             mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=dev)], dim=1)
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                        past_key_values=cache, use_cache=True)
+            out = model(
+                input_ids=nxt[:, None],
+                attention_mask=mask,
+                position_ids=next_pos[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
             logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
     if was_training is not None:
@@ -217,8 +230,9 @@ def _prefill_cached(model, prompt: PromptModule, rows, pad_id):
         mask[i, n + t - len(r) :] = 1
         pos[i, t - len(r) :] = n + torch.arange(len(r))
     ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1
+    )
     next_pos = torch.tensor([n + len(r) for r in rows], device=dev)
     return out.logits[:, -1].float(), cache, mask, next_pos
 
@@ -240,8 +254,14 @@ def _prefill_full(model, prompt, rows, which, pad_id):
     both = torch.cat([prompt_list.to(tok.dtype), tok], dim=1)
     inputs = both.gather(1, batch.src.unsqueeze(-1).expand(-1, -1, both.shape[-1]))
     cache = DynamicCache(config=model.config)
-    out = model(inputs_embeds=inputs, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(
+        inputs_embeds=inputs,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     next_pos = batch.n_prompt.to(model.device) + batch.lengths.to(model.device)
     return out.logits[:, -1].float(), cache, batch.attention_mask, next_pos
 

@@ -43,8 +43,14 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        dtype = {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+        }[dtype]
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
@@ -70,8 +76,10 @@ def embedding_matrix(model) -> np.ndarray:
     """The whole input-embedding table in prompt space (Gemma's √d scale included), float32."""
     weight = model.get_input_embeddings().weight
     with torch.no_grad():
-        rows = [embed(model, torch.arange(i, min(i + 8192, weight.shape[0]), device=weight.device)).float().cpu()
-                for i in range(0, weight.shape[0], 8192)]
+        rows = [
+            embed(model, torch.arange(i, min(i + 8192, weight.shape[0]), device=weight.device)).float().cpu()
+            for i in range(0, weight.shape[0], 8192)
+        ]
     return torch.cat(rows).numpy()
 
 
@@ -183,9 +191,12 @@ def encode(model, batch: Batch, kind: str = "base", pooling: str = "mean") -> to
         if kind == "embed":
             states = embed(model, batch.token_ids)
         else:
-            valid = (torch.arange(batch.token_ids.shape[1], device=batch.token_ids.device)[None]
-                     < batch.lengths[:, None]).long()
-            states = model.base_model(input_ids=batch.token_ids, attention_mask=valid, use_cache=False).last_hidden_state
+            valid = (
+                torch.arange(batch.token_ids.shape[1], device=batch.token_ids.device)[None] < batch.lengths[:, None]
+            ).long()
+            states = model.base_model(
+                input_ids=batch.token_ids, attention_mask=valid, use_cache=False
+            ).last_hidden_state
         return pool(states, batch.lengths, pooling)
 
 

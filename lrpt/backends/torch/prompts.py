@@ -104,8 +104,9 @@ def prompt_to_adapter(
     prompt: PromptModule, task: Task | None = None, base_model: BaseModelInfo | None = None
 ) -> Adapter:
     """Snapshot a module as an :class:`Adapter` (validated; tensors copied to NumPy)."""
-    adapter = Adapter(prompt.spec, prompt.to_params(), task, base_model,
-                      {"backend": "torch", "lrpt_version": _version()})
+    adapter = Adapter(
+        prompt.spec, prompt.to_params(), task, base_model, {"backend": "torch", "lrpt_version": _version()}
+    )
     return adapter.validate()
 
 

@@ -40,8 +40,9 @@ def target_tokenize_fn(tokenizer):
     return run
 
 
-def completion_nll(model, prompt: PromptModule, rows: Sequence[Encoded], pad_id: int = 0,
-                   pad_to_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_nll(
+    model, prompt: PromptModule, rows: Sequence[Encoded], pad_id: int = 0, pad_to_multiple: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed negative log-likelihood of the completion tokens and their count (targets only)."""
     seqs = [list(r.ids) + list(r.target) for r in rows]
     batch = make_batch(seqs, prompt.spec.n_tokens, "left", pad_id, pad_to_multiple).to(model.device)
@@ -72,8 +73,16 @@ def completion_nll(model, prompt: PromptModule, rows: Sequence[Encoded], pad_id:
 class TorchOps:
     """:class:`lrpt.trainer.TrainOps` for a PyTorch model and prompt."""
 
-    def __init__(self, model, tokenizer, prompt: PromptModule, task: Task, train_data: list[Encoded],
-                 eval_data: list[Encoded] | None, config: TrainConfig):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        prompt: PromptModule,
+        task: Task,
+        train_data: list[Encoded],
+        eval_data: list[Encoded] | None,
+        config: TrainConfig,
+    ):
         self.model, self.tokenizer, self.prompt, self.task = model, tokenizer, prompt, task
         self.train_data, self.eval_data, self.config = train_data, eval_data or [], config
         self.lengths = [len(e.ids) + (len(e.target) if isinstance(e.target, list) else 0) for e in train_data]
@@ -90,8 +99,14 @@ class TorchOps:
 
     def loss(self, rows: list[Encoded]) -> torch.Tensor:
         if self.task.kind == "classification":
-            scores = score_rows(self.model, self.prompt, [r.ids for r in rows], self.label_ids,
-                                pad_id=self.pad_id, pad_to_multiple=self.config.pad_to_multiple)
+            scores = score_rows(
+                self.model,
+                self.prompt,
+                [r.ids for r in rows],
+                self.label_ids,
+                pad_id=self.pad_id,
+                pad_to_multiple=self.config.pad_to_multiple,
+            )
             labels = torch.tensor([r.target for r in rows], device=scores.device)
             return torch.nn.functional.cross_entropy(scores, labels)
         nll, count = completion_nll(self.model, self.prompt, rows, self.pad_id, self.config.pad_to_multiple)
@@ -124,8 +139,9 @@ class TorchOps:
     def evaluate(self) -> dict[str, float]:
         if not self.eval_data:
             return {}
-        return evaluate(self.model, self.tokenizer, self.prompt, self.task, self.eval_data,
-                        self.config.eval_batch_size)[0]
+        return evaluate(
+            self.model, self.tokenizer, self.prompt, self.task, self.eval_data, self.config.eval_batch_size
+        )[0]
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -156,19 +172,23 @@ class TorchOps:
         for name, step in meta["adam_steps"].items():
             p = names[name]
             self.opt.state[p] = {
-                "step": torch.tensor(step, dtype=torch.float32, device=p.device if self.opt.defaults.get("fused") else "cpu"),
+                "step": torch.tensor(
+                    step, dtype=torch.float32, device=p.device if self.opt.defaults.get("fused") else "cpu"
+                ),
                 "exp_avg": torch.from_numpy(tensors[f"{name}.exp_avg"]).to(p.device),
                 "exp_avg_sq": torch.from_numpy(tensors[f"{name}.exp_avg_sq"]).to(p.device),
             }
         rng = meta["rng"]
         torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(rng["torch"]), np.uint8).copy()))
         if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([torch.from_numpy(np.frombuffer(base64.b64decode(s), np.uint8).copy())
-                                          for s in rng["cuda"]])
+            torch.cuda.set_rng_state_all(
+                [torch.from_numpy(np.frombuffer(base64.b64decode(s), np.uint8).copy()) for s in rng["cuda"]]
+            )
 
 
-def evaluate(model, tokenizer, prompt: PromptModule, task: Task, data: list[Encoded],
-             batch_size: int = 32) -> tuple[dict[str, float], np.ndarray | None]:
+def evaluate(
+    model, tokenizer, prompt: PromptModule, task: Task, data: list[Encoded], batch_size: int = 32
+) -> tuple[dict[str, float], np.ndarray | None]:
     """Metrics on encoded examples, and the (N, K) label scores for classification."""
     was = prompt.training
     prompt.eval()
@@ -177,14 +197,20 @@ def evaluate(model, tokenizer, prompt: PromptModule, task: Task, data: list[Enco
         with torch.no_grad(), _autocast(model):
             if task.kind == "classification":
                 label_ids = label_token_ids(tokenizer, task.label_words)
-                scores = torch.cat([
-                    score_rows(model, prompt, [r.ids for r in data[i : i + batch_size]], label_ids, pad_id=pad).float().cpu()
-                    for i in range(0, len(data), batch_size)
-                ]).numpy()
+                scores = torch.cat(
+                    [
+                        score_rows(model, prompt, [r.ids for r in data[i : i + batch_size]], label_ids, pad_id=pad)
+                        .float()
+                        .cpu()
+                        for i in range(0, len(data), batch_size)
+                    ]
+                ).numpy()
                 preds = scores.argmax(-1)
                 labels = [r.target for r in data]
-                out = {"metric": metric(task.metric, labels, preds, len(task.label_words)),
-                       "accuracy": metric("accuracy", labels, preds, len(task.label_words))}
+                out = {
+                    "metric": metric(task.metric, labels, preds, len(task.label_words)),
+                    "accuracy": metric("accuracy", labels, preds, len(task.label_words)),
+                }
                 return out, scores
             nll, count = 0.0, 0.0
             for i in range(0, len(data), batch_size):
@@ -195,8 +221,17 @@ def evaluate(model, tokenizer, prompt: PromptModule, task: Task, data: list[Enco
         prompt.train(was)
 
 
-def train(model, tokenizer, prompt: PromptModule, task: Task, train_examples: list[dict], eval_examples: list[dict] | None = None,
-          config: TrainConfig | None = None, out_dir: str | Path | None = None, resume: bool = False) -> TrainResult:
+def train(
+    model,
+    tokenizer,
+    prompt: PromptModule,
+    task: Task,
+    train_examples: list[dict],
+    eval_examples: list[dict] | None = None,
+    config: TrainConfig | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+) -> TrainResult:
     """Train ``prompt`` on ``task`` with a frozen ``model``; see :func:`lrpt.trainer.run_training`.
 
     ``prompt`` may come from :func:`~.model.init_prompt` or from any saved adapter
