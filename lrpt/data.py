@@ -140,3 +140,22 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     if schedule == "cosine":
         return 0.5 * (1.0 + np.cos(np.pi * progress))
     raise DataError(f"unknown schedule {schedule!r}: use cosine, linear or constant")
+
+
+def target_positions(seqs: Sequence[Sequence[int]], n_targets: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where to read log-probabilities of the last ``n_targets[i]`` tokens of each sequence.
+
+    Returns (token index of the predicting position, target id, weight 1/0), each (B, Kmax):
+    the logits at token t predict token t+1, so target j of row i is read at
+    ``len(seq) - n + j - 1``. Both backends score label words and completions this way.
+    """
+    width = max(n_targets)
+    index = np.zeros((len(seqs), width), np.int64)
+    target = np.zeros((len(seqs), width), np.int64)
+    weight = np.zeros((len(seqs), width), np.float32)
+    for i, (seq, k) in enumerate(zip(seqs, n_targets)):
+        start = len(seq) - k - 1
+        index[i, :k] = np.arange(start, start + k)
+        target[i, :k] = seq[len(seq) - k :]
+        weight[i, :k] = 1.0
+    return index, target, weight

@@ -20,6 +20,7 @@ from lrpt.backends.torch import model as M  # noqa: E402
 from lrpt.backends.torch.prompts import PromptModule, prompt_from_adapter, prompt_to_adapter  # noqa: E402
 from lrpt.backends.torch.train import evaluate, train  # noqa: E402
 from lrpt.reference import materialize  # noqa: E402
+from lrpt.tokens import label_token_ids  # noqa: E402
 from lrpt.trainer import TrainConfig  # noqa: E402
 
 METHODS = ("prompt", "lopt1", "lopt2", "lopa")
@@ -191,7 +192,7 @@ def test_multi_token_label_words_sum_logprobs(llama):
     model, tok = llama
     prompt = M.init_prompt(spec_for("lopt2"), model, tok).eval()
     words = [" good", " really bad film"]
-    ids = G.label_token_ids(tok, words)
+    ids = label_token_ids(tok, words)
     assert max(len(i) for i in ids) > 1
     got = G.score_labels(model, tok, prompt, TEXTS, words)
     for i, t in enumerate(TEXTS):
@@ -209,7 +210,7 @@ def test_label_word_that_tokenizes_to_nothing(llama):
     from lrpt import DataError
 
     with pytest.raises(DataError, match="tokenizes to nothing"):
-        G.label_token_ids(llama[1], ["", " good"])
+        label_token_ids(llama[1], ["", " good"])
 
 
 # -- generation ------------------------------------------------------------------------------------
@@ -355,8 +356,8 @@ def test_continue_training_a_saved_adapter(llama, tmp_path):
 
 
 def _enc(tok, data):
-    from lrpt.backends.torch.train import target_tokenize_fn, tokenize_fn
     from lrpt.data import encode_examples
+    from lrpt.tokens import target_tokenize_fn, tokenize_fn
 
     return encode_examples(TASK, tokenize_fn(tok), data, target_tokenize_fn(tok))
 

@@ -20,28 +20,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ...errors import DataError
+from ...data import target_positions
+from ...tokens import encode_texts, label_token_ids
 from .model import Batch, embed, forward_hidden, head, logits_at, make_batch, prompt_rows
 from .prompts import PromptModule
-
-
-def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[list[int]]:
-    """Token ids of each label word (no special tokens); an empty tokenisation is an error."""
-    out = []
-    for word in label_words:
-        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise DataError(f"label word {word!r} tokenizes to nothing: choose another label word")
-        out.append(list(ids))
-    return out
-
-
-def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    rows = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-    for text, row in zip(texts, rows):
-        if not row:
-            raise DataError(f"input {text[:40]!r} tokenizes to nothing")
-    return [list(r) for r in rows]
 
 
 def score_rows(
@@ -67,16 +49,7 @@ def score_rows(
     n_long = [x for x in n for _ in range(k)]
     long = make_batch(long_rows, n_long, "left", pad_id, pad_to_multiple).to(model.device)
     hidden = forward_hidden(model, prompts.repeat_interleave(k, 0), long)
-    width = max(len(ids) for ids in label_ids)
-    index = np.zeros((len(long_rows), width), np.int64)
-    target = np.zeros((len(long_rows), width), np.int64)
-    weight = np.zeros((len(long_rows), width), np.float32)
-    for j, row in enumerate(long_rows):
-        ids = label_ids[j % k]
-        start = len(row) - len(ids) - 1  # position whose logits predict the word's first token
-        index[j, : len(ids)] = np.arange(start, start + len(ids))
-        target[j, : len(ids)] = ids
-        weight[j, : len(ids)] = 1.0
+    index, target, weight = target_positions(long_rows, [len(label_ids[j % k]) for j in range(len(long_rows))])
     dev = model.device
     packed = long.token_pos.gather(1, torch.from_numpy(index).to(dev))
     logp = torch.log_softmax(logits_at(model, hidden, packed), dim=-1)

@@ -16,28 +16,13 @@ import numpy as np
 import torch
 
 from ...adapter import Adapter
-from ...data import Encoded, encode_examples, metric
+from ...data import Encoded, encode_examples, metric, target_positions
 from ...tasks import Task
+from ...tokens import label_token_ids, target_tokenize_fn, tokenize_fn
 from ...trainer import TrainConfig, TrainResult, run_training
-from .generate import _autocast, label_token_ids, score_rows
+from .generate import _autocast, score_rows
 from .model import base_model_info, forward_hidden, logits_at, make_batch, prompt_rows
 from .prompts import PromptModule, prompt_to_adapter
-
-
-def tokenize_fn(tokenizer):
-    """Text → ids with the model's special tokens (BOS), as every backend does."""
-    return lambda text: list(tokenizer(text, add_special_tokens=True)["input_ids"])
-
-
-def target_tokenize_fn(tokenizer):
-    """Completion text → ids without special tokens, plus EOS so the model learns to stop."""
-    eos = tokenizer.eos_token_id
-
-    def run(text: str) -> list[int]:
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        return ids + ([eos] if eos is not None else [])
-
-    return run
 
 
 def completion_nll(
@@ -53,15 +38,7 @@ def completion_nll(
         inputs = make_batch([r.ids for r in rows], prompt.spec.n_tokens, "left", pad_id).to(model.device)
         prompts = prompt_rows(model, prompt, inputs)
     hidden = forward_hidden(model, prompts, batch)
-    width = max(len(r.target) for r in rows)
-    index = np.zeros((len(rows), width), np.int64)
-    target = np.zeros((len(rows), width), np.int64)
-    weight = np.zeros((len(rows), width), np.float32)
-    for i, r in enumerate(rows):
-        t = len(r.target)
-        index[i, :t] = np.arange(len(r.ids) - 1, len(r.ids) - 1 + t)
-        target[i, :t] = r.target
-        weight[i, :t] = 1.0
+    index, target, weight = target_positions(seqs, [len(r.target) for r in rows])
     dev = batch.src.device
     packed = batch.token_pos.gather(1, torch.from_numpy(index).to(dev))
     logp = torch.log_softmax(logits_at(model, hidden, packed), dim=-1)

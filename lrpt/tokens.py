@@ -1,0 +1,47 @@
+"""Tokenisation rules both backends share (they hold the same HF tokenizer).
+
+Inputs get the model's special tokens (BOS) and the prompt goes before them; label words
+and completions get none, and completions end with EOS so the model learns to stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .errors import DataError
+
+
+def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[list[int]]:
+    """Token ids of each label word (no special tokens); an empty tokenisation is an error."""
+    out = []
+    for word in label_words:
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise DataError(f"label word {word!r} tokenizes to nothing: choose another label word")
+        out.append(list(ids))
+    return out
+
+
+def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of model inputs, with the model's special tokens."""
+    rows = tokenizer(list(texts), add_special_tokens=True)["input_ids"] if texts else []
+    for text, row in zip(texts, rows):
+        if not row:
+            raise DataError(f"input {text[:40]!r} tokenizes to nothing")
+    return [list(r) for r in rows]
+
+
+def tokenize_fn(tokenizer):
+    """Text → ids with the model's special tokens (BOS)."""
+    return lambda text: list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def target_tokenize_fn(tokenizer):
+    """Completion text → ids without special tokens, plus EOS."""
+    eos = tokenizer.eos_token_id
+
+    def run(text: str) -> list[int]:
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ids + ([eos] if eos is not None else [])
+
+    return run
