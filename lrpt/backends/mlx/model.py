@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import mlx.core as mx
@@ -239,14 +239,15 @@ class Batch:
     lengths: mx.array  # (B,) real tokens per row
     n_prompt: mx.array  # (B,) prompt length per row
     left_pad: mx.array  # (B,) pads before each row (all 0 with right padding)
+    left_padded: bool = False  # known on the host, so compiled code never reads it back
 
     @property
     def last_pos(self) -> mx.array:
         return mx.take_along_axis(self.token_pos, (self.lengths - 1)[:, None], axis=1)[:, 0]
 
-    @property
-    def is_left_padded(self) -> bool:
-        return bool(self.left_pad.max().item() > 0)
+    def arrays(self) -> dict[str, mx.array]:
+        """The array fields, for passing a batch through ``mx.compile``."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "left_padded"}
 
     def to(self, device=None) -> Batch:
         return self
@@ -284,7 +285,8 @@ def make_batch(
         token_ids[i, :li] = row
         token_pos[i, :li] = start + ni + np.arange(li)
     return Batch(*(mx.array(a) for a in (ids, src, is_prompt, token_ids, token_pos)),
-                 mx.array(np.array(lengths, np.int32)), mx.array(np.array(n, np.int32)), mx.array(left))
+                 mx.array(np.array(lengths, np.int32)), mx.array(np.array(n, np.int32)), mx.array(left),
+                 bool(left.max() > 0))
 
 
 class _LeftPadCache:
@@ -333,9 +335,9 @@ def prompt_rows(model, prompt: PromptModule | Sequence[PromptModule], batch: Bat
                 which: Sequence[int] | None = None) -> mx.array:
     """(B, n_max, d) float32 prompt rows for the batch: one prompt for all, or ``prompt[which[b]]``."""
     prompts = [prompt] if isinstance(prompt, PromptModule) else list(prompt)
-    b = batch.ids.shape[0]
+    b = batch.token_ids.shape[0]
     which = [0] * b if which is None else list(which)
-    n_max = int(batch.n_prompt.max().item())
+    n_max = max(prompts[w].spec.n_tokens for w in set(which))
     pieces = []
     encodings: dict[tuple[str, str], mx.array] = {}
     for k, p in enumerate(prompts):
@@ -363,7 +365,7 @@ def _call_backbone(model, prompt_embeds: mx.array, batch: Batch, gather: mx.arra
     state.gather, state.override = gather, None
     try:
         cache = None
-        if batch.is_left_padded:
+        if batch.left_padded:
             cache = [_LeftPadCache(batch.left_pad)] * len(model.layers)
         return backbone(model)(batch.ids, cache=cache) if cache else backbone(model)(batch.ids)
     finally:
