@@ -16,7 +16,11 @@ from typing import Any
 
 from . import __version__
 from .adapter import Adapter
-from .errors import LrptError
+from .data import load_examples
+from .errors import DataError, LrptError
+from .models import DEFAULT_MODEL
+from .spec import PromptSpec
+from .tasks import REGISTRY, Task, get_task
 
 EXIT_USAGE = 2
 
@@ -91,6 +95,244 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- shared helpers ----------------------------------------------------------------------------
+
+
+def _backend_and_model(args: argparse.Namespace):
+    from .backends import get_backend, resolve
+    from .models import resolve_model
+
+    backend = get_backend(args.backend)
+    if backend.NAME == "torch":  # keep the terminal for our own progress bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    path = resolve_model(args.model, log=lambda m: print(m, file=sys.stderr))
+    model, tokenizer = backend.load_model(path, dtype=args.dtype)
+    return backend, model, tokenizer, resolve(args.backend)
+
+
+def _task_from_args(args: argparse.Namespace, fallback: Task | None = None) -> Task:
+    """The task: --task, a custom task described by --data and its flags, or the adapter's."""
+    if getattr(args, "task", None):
+        task = get_task(args.task)
+    elif getattr(args, "labels", None) or getattr(args, "template", None) or getattr(args, "text_field", None):
+        text_field = args.text_field or "text"
+        if args.labels:
+            words = [w if w.startswith(" ") else " " + w for w in (x.strip() for x in args.labels.split(",")) if w]
+            task = Task("custom", template=args.template or "{" + text_field + "}", label_words=words,
+                        label_field=args.label_field or "label")
+        else:
+            task = Task("custom", kind="completion", template=args.template or "{" + (args.text_field or "prompt") + "}")
+    elif fallback is not None:
+        task = fallback
+    elif getattr(args, "data", None):
+        task = Task("custom", kind="completion", template="{prompt}")
+    else:
+        raise DataError("say what to train on: --task NAME, or --data DIR (with --labels for classification)")
+    if getattr(args, "label_field", None):
+        task.label_field = args.label_field
+    return task.validate()
+
+
+def _labels_to_int(task: Task, rows: list[dict]) -> list[dict]:
+    """Accept label names as well as indices in data files."""
+    if task.kind != "classification":
+        return rows
+    names = {w.strip().lower(): i for i, w in enumerate(task.label_words)}
+    out = []
+    for r in rows:
+        v = r.get(task.label_field)
+        if isinstance(v, str) and v.strip().lower() in names:
+            r = {**r, task.label_field: names[v.strip().lower()]}
+        out.append(r)
+    return out
+
+
+def _examples(args: argparse.Namespace, task: Task, split: str, limit: int | None) -> list[dict]:
+    rows = load_examples(task, split, getattr(args, "data", None), limit, seed=0)
+    return _labels_to_int(task, rows)
+
+
+def _check_base(adapter: Adapter, backend, model, force: bool) -> None:
+    if adapter.base_model is not None:
+        adapter.base_model.check_compatible(backend.base_model_info(model), force=force)
+
+
+# -- train / eval / generate ----------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import time
+
+    from .trainer import TrainConfig
+
+    out = Path(args.out)
+    start_from = Adapter.load(args.init_from) if args.init_from else None
+    task = _task_from_args(args, start_from.task if start_from else None)
+    train_rows = _examples(args, task, "train", args.train_limit)
+    eval_rows = _examples(args, task, "validation", args.eval_limit) if args.eval_limit != 0 else None
+    backend, model, tokenizer, name = _backend_and_model(args)
+    if start_from is not None:
+        _check_base(start_from, backend, model, args.force)
+        prompt = backend.prompt_from_adapter(start_from)
+    else:
+        rank = None if args.method == "prompt" else args.rank
+        spec = PromptSpec(args.method, n_tokens=args.tokens, rank=rank, activation=args.activation, gate=args.gate,
+                          encoder=args.encoder, init=args.init, init_text=args.init_text).validate()
+        prompt = backend.init_prompt(spec, model, tokenizer, seed=args.seed)
+    config = TrainConfig(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                         grad_accum=args.grad_accum, eval_every=args.eval_every, save_every=args.save_every,
+                         early_stopping=args.early_stopping, seed=args.seed, compile=args.compile,
+                         schedule=args.schedule, warmup=args.warmup)
+    began = time.perf_counter()
+    result = backend.train(model, tokenizer, prompt, task, train_rows, eval_rows, config, out, resume=args.resume)
+    seconds = time.perf_counter() - began
+    spec = prompt.spec
+    rows = [("backend", name), ("method", spec.method), ("prompt tokens", spec.n_tokens),
+            ("rank", spec.rank if spec.rank is not None else "-"),
+            ("trainable parameters", f"{spec.param_count(prompt.dim):,}"),
+            ("training examples", len(train_rows)), ("steps", result.step),
+            ("final train loss", f"{result.final_loss:.4f}")]
+    if result.best_metric is not None:
+        rows.append((f"best validation {task.metric}", f"{result.best_metric:.4f} (step {result.best_step})"))
+    rows += [("early stop", "yes" if result.stopped_early else "no"), ("time", f"{seconds:.1f} s"),
+             ("adapter", result.adapter_dir)]
+    plot = _plot(out)
+    if plot:
+        rows.append(("curves", str(plot)))
+    _table(rows)
+    return 0
+
+
+def _table(rows: list[tuple[str, Any]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    print("-" * (width + 40))
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    print("-" * (width + 40))
+
+
+def _plot(out: Path) -> Path | None:
+    """Loss and validation curves as a PNG, when matplotlib (the ``plot`` extra) is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_metric"]) for r in records if "eval_metric" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*train), label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*evals), "o-", color="tab:orange", label="validation")
+        ax2.set_ylabel("validation metric")
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import metric
+    from .fileio import atomic_write
+
+    adapter = Adapter.load(args.adapter)
+    task = _task_from_args(args, adapter.task)
+    if task.kind != "classification":
+        raise DataError("eval scores classification tasks; this adapter's task is a completion task")
+    rows = _examples(args, task, args.split, args.limit)
+    backend, model, tokenizer, _ = _backend_and_model(args)
+    _check_base(adapter, backend, model, args.force)
+    prompt = backend.prompt_from_adapter(adapter)
+    texts = [task.format(r) for r in rows]
+    scores = _score_with_progress(backend, model, tokenizer, prompt, texts, task.label_words, args.batch_size)
+    preds = scores.argmax(-1).tolist()
+    labels = [r[task.label_field] for r in rows]
+    k = len(task.label_words)
+    result = {"task": task.name, "split": args.split, "examples": len(rows),
+              "accuracy": metric("accuracy", labels, preds, k)}
+    if task.metric != "accuracy":
+        result[task.metric] = metric(task.metric, labels, preds, k)
+    if args.predictions:
+        lines = [json.dumps({"idx": r.get("idx", i), "label": labels[i], "pred": preds[i],
+                             "scores": [round(float(x), 6) for x in scores[i]]}) for i, r in enumerate(rows)]
+        atomic_write(args.predictions, ("\n".join(lines) + "\n").encode())
+        result["predictions"] = str(args.predictions)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _table([(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in result.items()])
+    return 0
+
+
+def _score_with_progress(backend, model, tokenizer, prompt, texts, words, batch_size):
+    import numpy as np
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress is a nicety
+        def tqdm(x, **_):
+            return x
+    chunk = batch_size * 8
+    parts = [backend.score_labels(model, tokenizer, prompt, texts[i : i + chunk], words, batch_size=batch_size)
+             for i in tqdm(range(0, len(texts), chunk), desc="eval", unit="chunk", file=sys.stderr)]
+    return np.concatenate(parts) if parts else np.zeros((0, len(words)))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise DataError("no input: pass TEXT arguments or lines on stdin")
+    adapter = Adapter.load(args.adapter) if args.adapter else None
+    backend, model, tokenizer, _ = _backend_and_model(args)
+    prompt = None
+    if adapter is not None:
+        _check_base(adapter, backend, model, args.force)
+        prompt = backend.prompt_from_adapter(adapter)
+        task = adapter.task
+        if task is not None and not args.raw and len(task.template_fields()) == 1:
+            texts = [task.template.format(**{task.template_fields()[0]: t}) for t in texts]
+    outs = backend.generate(model, tokenizer, prompt, texts, max_tokens=args.max_tokens,
+                            temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            stop=args.stop or None)
+    for out in outs:
+        print(out)
+    return 0
+
+
+def cmd_convert_model(args: argparse.Namespace) -> int:
+    from .conversions.models import gguf_to_hf
+
+    out = gguf_to_hf(args.gguf, args.out, overwrite=args.overwrite)
+    print(f"wrote {out} (loads with transformers and mlx-lm)")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"], help="framework (default: auto)")
+    if model:
+        p.add_argument("--model", default=DEFAULT_MODEL, help=f"HF folder or hub name (default: {DEFAULT_MODEL})")
+        p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="model dtype (default: bf16 on CUDA, float32 elsewhere)")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", help="registered task: " + ", ".join(sorted(REGISTRY)))
+    p.add_argument("--data", help="directory of train.jsonl / validation.jsonl")
+    p.add_argument("--text-field", help="field holding the input text (custom data)")
+    p.add_argument("--label-field", help="field holding the label (default: label)")
+    p.add_argument("--labels", help="comma-separated label words in label order, e.g. 'negative,positive'")
+    p.add_argument("--template", help="input template over the fields, e.g. 'Q: {text}\\nA:'")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lrpt", description="Low-rank soft prompts for frozen language models (PyTorch and MLX)."
@@ -102,6 +344,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="adapter directory")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train", help="train a soft prompt on a frozen model")
+    _common(p)
+    _data_args(p)
+    p.add_argument("--method", default="lopt1", choices=["prompt", "lopt1", "lopt2", "lopa"])
+    p.add_argument("--tokens", type=int, default=20, help="prompt length n (default 20)")
+    p.add_argument("--rank", type=int, default=4, help="rank r of lopt1/lopt2/lopa (default 4)")
+    p.add_argument("--activation", default="elu", help="lopt2 activation: elu, relu, gelu")
+    p.add_argument("--gate", default="sigmoid", help="lopa gate: sigmoid, add, max")
+    p.add_argument("--encoder", default="base", help="lopa encoder: base or embed")
+    p.add_argument("--init", default="normal", help="normal, vocab or text")
+    p.add_argument("--init-text", help="text whose embeddings start the prompt (with --init text)")
+    p.add_argument("--init-from", help="continue training this saved adapter")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=3e-2)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
+    p.add_argument("--warmup", type=float, default=0.06, help="warmup fraction (<1) or steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end)")
+    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at evaluations)")
+    p.add_argument("--early-stopping", type=int, default=0, help="evaluations without improvement before stopping")
+    p.add_argument("--train-limit", type=int, help="use N training rows (fixed-seed subset)")
+    p.add_argument("--eval-limit", type=int, help="use N validation rows (0: no evaluation)")
+    p.add_argument("--compile", action="store_true", help="torch.compile / mx.compile the step")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="with --init-from: accept a fingerprint mismatch")
+    p.add_argument("--out", required=True, help="run directory")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score an adapter on a classification task")
+    _common(p)
+    _data_args(p)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--split", default="validation")
+    p.add_argument("--limit", type=int, help="evaluate N rows (fixed-seed subset)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--predictions", help="write one JSON line per example: idx, label, pred, scores")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--force", action="store_true", help="accept an embedding-fingerprint mismatch")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate text with an adapter")
+    _common(p)
+    p.add_argument("text", nargs="*", help="inputs (default: lines of stdin)")
+    p.add_argument("--adapter", help="adapter directory (none: the plain model)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--raw", action="store_true", help="do not apply the adapter's task template")
+    p.add_argument("--force", action="store_true", help="accept an embedding-fingerprint mismatch")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert-model", help="convert a GGUF base model into an HF folder for both backends")
+    p.add_argument("gguf")
+    p.add_argument("out")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_convert_model)
     return parser
 
 

@@ -159,3 +159,62 @@ def target_positions(seqs: Sequence[Sequence[int]], n_targets: Sequence[int]) ->
         target[i, :k] = seq[len(seq) - k :]
         weight[i, :k] = 1.0
     return index, target, weight
+
+
+_MULTI_CONFIG = ("glue", "super_glue")  # hub datasets addressed as NAME/CONFIG
+
+
+def load_examples(task: Task, split: str, data_dir: str | Path | None = None, limit: int | None = None,
+                  seed: int = 0) -> list[dict[str, Any]]:
+    """Rows of ``split`` for ``task``: from ``data_dir`` (``{split}.jsonl``), the built-in demo
+    data, or HF ``datasets`` (online). ``limit`` keeps a fixed-seed random subset."""
+    if data_dir is not None:
+        directory = Path(data_dir)
+        if not directory.is_dir():
+            raise DataError(f"data directory {directory} does not exist")
+        path = directory / f"{split}.jsonl"
+        if not path.exists() and split == "validation" and (directory / "test.jsonl").exists():
+            path = directory / "test.jsonl"
+        rows = read_jsonl(path)
+        where = str(path)
+    elif task.data == "builtin:demo":
+        from .demo_data import demo_rows
+
+        rows, where = demo_rows(split), "the built-in demo data"
+    elif task.data:
+        rows, where = _load_hub(task.data, split), f"dataset {task.data}"
+    else:
+        raise DataError(f"task {task.name!r} has no data source: pass --data DIR")
+    if not rows:
+        raise DataError(f"{where} has no rows")
+    check_fields(task, rows[0], where)
+    if limit is not None and limit < len(rows):
+        keep = np.random.default_rng(seed).permutation(len(rows))[:limit]
+        rows = [rows[i] for i in sorted(keep)]
+    return rows
+
+
+def check_fields(task: Task, row: dict[str, Any], where: str) -> None:
+    """Fail early, naming the source, when rows lack a field the task needs."""
+    need = task.template_fields() + ([task.label_field] if task.kind == "classification" else [task.completion_field])
+    missing = [f for f in need if f not in row]
+    if missing:
+        raise DataError(f"{where}: rows have no field {missing[0]!r} (fields: {', '.join(sorted(row))});"
+                        " pass --text-field/--label-field or --template")
+
+
+def _load_hub(name: str, split: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"loading {name} needs HF datasets: pip install 'lrpt[data]', or pass --data DIR") from None
+    parts = name.split("/", 1)
+    args = parts if parts[0] in _MULTI_CONFIG and len(parts) == 2 else [name]
+    try:
+        available = datasets.get_dataset_split_names(*args)
+        if split not in available and split == "validation" and "test" in available:
+            split = "test"
+        return [dict(r) for r in datasets.load_dataset(*args, split=split)]
+    except Exception as exc:  # network and hub errors come in many types
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"cannot load dataset {name} ({first}): pass --data DIR with {split}.jsonl") from None

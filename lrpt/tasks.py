@@ -82,3 +82,30 @@ class Task:
         if unknown:
             raise DataError(f"task has unknown field(s) {', '.join(unknown)}")
         return cls(**data).validate()
+
+
+# -- the registry -------------------------------------------------------------------------------
+# Templates follow the usual zero-shot formats for small instruction-tuned models; label words
+# start with a space so that each is a word of its own after the template's colon.
+
+REGISTRY: dict[str, Task] = {
+    "sst2": Task("sst2", template="Review: {sentence}\nSentiment:", label_words=[" negative", " positive"],
+                 data="glue/sst2"),
+    "ag_news": Task("ag_news", template="Article: {text}\nTopic:",
+                    label_words=[" world", " sports", " business", " science"], data="fancyzhx/ag_news"),
+    "boolq": Task("boolq", template="{passage}\nQuestion: {question}?\nAnswer:", label_words=[" no", " yes"],
+                  data="super_glue/boolq"),
+    "cb": Task("cb", template="{premise}\nQuestion: {hypothesis} True, false or neither?\nAnswer:",
+               label_words=[" true", " false", " neither"], metric="macro_f1", data="super_glue/cb"),
+    "rte": Task("rte", template="{premise}\nQuestion: {hypothesis} True or false?\nAnswer:",
+                label_words=[" true", " false"], data="super_glue/rte"),
+    "demo": Task("demo", template="Review: {sentence}\nSentiment:", label_words=[" negative", " positive"],
+                 data="builtin:demo"),
+}
+
+
+def get_task(name: str) -> Task:
+    """A registered task by name (a copy, so callers may change it)."""
+    if name not in REGISTRY:
+        raise DataError(f"unknown task {name!r}: use one of {', '.join(sorted(REGISTRY))}, or --data DIR")
+    return Task.from_dict(REGISTRY[name].to_dict())

@@ -1,0 +1,1 @@
+"""Conversions: HF PEFT adapters, low-rank compression, base models (GGUF)."""
