@@ -113,23 +113,25 @@ def _backend_and_model(args: argparse.Namespace):
 
 
 def _task_from_args(args: argparse.Namespace, fallback: Task | None = None) -> Task:
-    """The task: --task, a custom task described by --data and its flags, or the adapter's."""
+    """The task: --task, else the adapter's, else a custom one for --data; flags override its parts."""
+    labels = getattr(args, "labels", None)
+    template = getattr(args, "template", None)
+    text_field = getattr(args, "text_field", None)
     if getattr(args, "task", None):
         task = get_task(args.task)
-    elif getattr(args, "labels", None) or getattr(args, "template", None) or getattr(args, "text_field", None):
-        text_field = args.text_field or "text"
-        if args.labels:
-            words = [w if w.startswith(" ") else " " + w for w in (x.strip() for x in args.labels.split(",")) if w]
-            task = Task("custom", template=args.template or "{" + text_field + "}", label_words=words,
-                        label_field=args.label_field or "label")
-        else:
-            task = Task("custom", kind="completion", template=args.template or "{" + (args.text_field or "prompt") + "}")
-    elif fallback is not None:
+    elif fallback is not None and not (labels or template or text_field):
         task = fallback
-    elif getattr(args, "data", None):
-        task = Task("custom", kind="completion", template="{prompt}")
+    elif labels:
+        task = Task("custom", template="{" + (text_field or "text") + "}", label_words=[" x", " y"])
+    elif getattr(args, "data", None) or template or text_field:
+        task = Task("custom", kind="completion", template="{" + (text_field or "prompt") + "}")
     else:
         raise DataError("say what to train on: --task NAME, or --data DIR (with --labels for classification)")
+    if labels:
+        words = [w.strip() for w in labels.split(",")]
+        task.label_words = [" " + w if w else w for w in words]
+    if template:
+        task.template = template
     if getattr(args, "label_field", None):
         task.label_field = args.label_field
     return task.validate()
@@ -303,8 +305,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     outs = backend.generate(model, tokenizer, prompt, texts, max_tokens=args.max_tokens,
                             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                             stop=args.stop or None)
-    for out in outs:
-        print(out)
+    if args.json:
+        print(json.dumps([{"input": t, "output": o} for t, o in zip(texts, outs)], indent=2))
+    else:
+        for out in outs:
+            print(out)
     return 0
 
 
@@ -398,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--raw", action="store_true", help="do not apply the adapter's task template")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {input, output}")
     p.add_argument("--force", action="store_true", help="accept an embedding-fingerprint mismatch")
     p.set_defaults(func=cmd_generate)
 

@@ -181,6 +181,8 @@ def generate(model, tokenizer, prompt, texts: Sequence[str], max_tokens: int = 6
 
 
 def _prompt_lengths(prompt, b: int, which) -> list[int]:
+    if prompt is None:
+        return [0] * b
     if isinstance(prompt, PromptModule):
         return [prompt.spec.n_tokens] * b
     which = which if which is not None else [0] * b
@@ -188,6 +190,8 @@ def _prompt_lengths(prompt, b: int, which) -> list[int]:
 
 
 def _modules(prompt) -> list[PromptModule]:
+    if prompt is None:
+        return []
     return [prompt] if isinstance(prompt, PromptModule) else list(prompt)
 
 

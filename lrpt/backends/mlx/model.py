@@ -334,6 +334,8 @@ def encode(model, batch: Batch, kind: str = "base", pooling: str = "mean") -> mx
 def prompt_rows(model, prompt: PromptModule | Sequence[PromptModule], batch: Batch,
                 which: Sequence[int] | None = None) -> mx.array:
     """(B, n_max, d) float32 prompt rows for the batch: one prompt for all, or ``prompt[which[b]]``."""
+    if prompt is None:  # the plain model: an empty prompt
+        return _empty_prompt(model, batch)
     prompts = [prompt] if isinstance(prompt, PromptModule) else list(prompt)
     b = batch.token_ids.shape[0]
     which = [0] * b if which is None else list(which)
@@ -356,6 +358,10 @@ def prompt_rows(model, prompt: PromptModule | Sequence[PromptModule], batch: Bat
         return pieces[0][1]
     order = np.argsort(np.concatenate([np.array(i) for i, _ in pieces]))
     return mx.concatenate([x for _, x in pieces])[mx.array(order)]
+
+
+def _empty_prompt(model, batch: Batch) -> mx.array:
+    return mx.zeros((batch.token_ids.shape[0], 0, hidden_size(model)))
 
 
 def _call_backbone(model, prompt_embeds: mx.array, batch: Batch, gather: mx.array | None) -> mx.array:

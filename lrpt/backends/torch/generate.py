@@ -269,6 +269,8 @@ def _eos_ids(tokenizer, model) -> set[int]:
 
 
 def _prompt_lengths(prompt, b: int, which) -> list[int]:
+    if prompt is None:
+        return [0] * b
     if isinstance(prompt, PromptModule):
         return [prompt.spec.n_tokens] * b
     which = which if which is not None else [0] * b
@@ -282,6 +284,8 @@ def _autocast(model):
 
 
 def _modules(prompt) -> list[PromptModule]:
+    if prompt is None:
+        return []
     return [prompt] if isinstance(prompt, PromptModule) else list(prompt)
 
 

@@ -204,6 +204,8 @@ def prompt_rows(
     model, prompt: PromptModule | Sequence[PromptModule], batch: Batch, which: Sequence[int] | None = None
 ) -> torch.Tensor:
     """(B, n_max, d) float32 prompt rows for the batch: one prompt for all, or ``prompt[which[b]]``."""
+    if prompt is None:  # the plain model: an empty prompt
+        return _empty_prompt(model, batch)
     prompts = [prompt] if isinstance(prompt, PromptModule) else list(prompt)
     if which is None:
         which = [0] * batch.token_ids.shape[0]
@@ -228,6 +230,10 @@ def prompt_rows(
     for idx, x in rows:
         out[torch.tensor(idx, device=out.device)] = x
     return out
+
+
+def _empty_prompt(model, batch: Batch) -> torch.Tensor:
+    return torch.zeros(batch.token_ids.shape[0], 0, hidden_size(model), device=batch.token_ids.device)
 
 
 def forward_hidden(model, prompt_embeds: torch.Tensor, batch: Batch) -> torch.Tensor:
