@@ -25,10 +25,10 @@ def review(rng: random.Random) -> tuple[str, int]:
     words = POSITIVE if label else NEGATIVE
     adj = rng.choice(words)
     form = rng.random()
-    if form < 0.25:  # negation flips the adjective's polarity
+    if form < 0.35:  # negation flips the adjective's polarity
         adj = rng.choice(NEGATIVE if label else POSITIVE)
         text = f"{subject} {link} not {adj}"
-    elif form < 0.45:  # contrast: the clause after "but" decides
+    elif form < 0.7:  # contrast: the clause after "but" decides
         other = rng.choice(NEGATIVE if label else POSITIVE)
         text = f"{subject} {link} {other}, but {rng.choice(SUBJECTS)} {rng.choice(LINKS)} {adj}"
     else:

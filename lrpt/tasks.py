@@ -99,9 +99,8 @@ REGISTRY: dict[str, Task] = {
                label_words=[" true", " false", " neither"], metric="macro_f1", data="super_glue/cb"),
     "rte": Task("rte", template="{premise}\nQuestion: {hypothesis} True or false?\nAnswer:",
                 label_words=[" true", " false"], data="super_glue/rte"),
-    # The demo hides the task's meaning behind arbitrary labels, so the plain model is near chance
-    # and the gain from tuning is plain to see.
-    "demo": Task("demo", template="{sentence}\nLabel:", label_words=[" A", " B"], data="builtin:demo"),
+    "demo": Task("demo", template="Review: {sentence}\nSentiment:", label_words=[" negative", " positive"],
+                 data="builtin:demo"),
 }
 
 

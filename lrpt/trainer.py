@@ -60,6 +60,7 @@ class TrainConfig:
     bucket: bool = True  # length-bucketed batches
     pad_to_multiple: int = 8
     compile: bool = False  # torch.compile / mx.compile the step
+    compile_mode: str | None = None  # torch only: e.g. "reduce-overhead" for CUDA graphs
     grad_checkpoint: bool = False  # MLX only: recompute activations in the backward pass
     progress: bool = True
 

@@ -26,35 +26,63 @@ from .model import Batch, embed, forward_hidden, head, logits_at, make_batch, pr
 from .prompts import PromptModule
 
 
-def score_rows(
-    model,
-    prompt: PromptModule | Sequence[PromptModule],
-    rows: Sequence[Sequence[int]],
-    label_ids: Sequence[Sequence[int]],
-    which: Sequence[int] | None = None,
-    pad_id: int = 0,
-    pad_to_multiple: int = 1,
-) -> torch.Tensor:
-    """(B, K) float32 label log-probabilities for token rows (differentiable w.r.t. the prompt)."""
-    n = _prompt_lengths(prompt, len(rows), which)
-    batch = make_batch(rows, n, "left", pad_id, pad_to_multiple).to(model.device)
-    prompts = prompt_rows(model, prompt, batch, which)
+def prepare_scoring(rows: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]], n: Sequence[int],
+                    pad_id: int = 0, pad_to_multiple: int = 1, device=None) -> dict[str, torch.Tensor]:
+    """Host-side layout for :func:`label_scores`, moved to ``device`` (the device part can be compiled).
+
+    Single-token label words need the input batch only; multi-token words add one
+    input+word sequence per (row, label) and the positions to read.
+    """
+    batch = make_batch(rows, n, "left", pad_id, pad_to_multiple).to(device)
+    arrays = {f"in_{k}": v for k, v in batch.arrays().items()}
     if all(len(ids) == 1 for ids in label_ids):
-        hidden = forward_hidden(model, prompts, batch)
-        logp = torch.log_softmax(logits_at(model, hidden, batch.last_pos[:, None])[:, 0], dim=-1)
-        return logp[:, torch.tensor([ids[0] for ids in label_ids], device=logp.device)]
-    # Multi-token label words: one sequence per (row, label), summing the word's log-probs.
+        arrays["label_ids"] = torch.tensor([ids[0] for ids in label_ids], device=device)
+        return arrays
     k = len(label_ids)
     long_rows = [list(r) + list(ids) for r in rows for ids in label_ids]
-    n_long = [x for x in n for _ in range(k)]
-    long = make_batch(long_rows, n_long, "left", pad_id, pad_to_multiple).to(model.device)
-    hidden = forward_hidden(model, prompts.repeat_interleave(k, 0), long)
-    index, target, weight = target_positions(long_rows, [len(label_ids[j % k]) for j in range(len(long_rows))])
-    dev = model.device
-    packed = long.token_pos.gather(1, torch.from_numpy(index).to(dev))
+    long = make_batch(long_rows, [x for x in n for _ in range(k)], "left", pad_id, pad_to_multiple).to(device)
+    arrays.update({f"seq_{key}": v for key, v in long.arrays().items()})
+    return {**arrays, **_positions(long_rows, [len(label_ids[j % k]) for j in range(len(long_rows))], device)}
+
+
+def _positions(seqs, n_targets, device) -> dict[str, torch.Tensor]:
+    index, target, weight = target_positions(seqs, n_targets)
+    return {"index": torch.from_numpy(index).to(device), "target": torch.from_numpy(target).to(device),
+            "weight": torch.from_numpy(weight).to(device)}
+
+
+def unpack(arrays: dict[str, torch.Tensor], prefix: str) -> Batch:
+    return Batch(**{k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+
+
+def target_logprobs(model, prompts: torch.Tensor, arrays: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B', K) log-probabilities of the target tokens of the ``seq_`` batch (0 where weight is 0)."""
+    seq = unpack(arrays, "seq_")
+    hidden = forward_hidden(model, prompts, seq)
+    packed = seq.token_pos.gather(1, arrays["index"])
     logp = torch.log_softmax(logits_at(model, hidden, packed), dim=-1)
-    picked = logp.gather(2, torch.from_numpy(target).to(dev)[..., None])[..., 0]
-    return (picked * torch.from_numpy(weight).to(dev)).sum(1).view(len(rows), k)
+    return logp.gather(2, arrays["target"][..., None])[..., 0] * arrays["weight"]
+
+
+def label_scores(model, prompt, arrays: dict[str, torch.Tensor], num_labels: int,
+                 which: Sequence[int] | None = None) -> torch.Tensor:
+    """(B, K) label log-probabilities from :func:`prepare_scoring`'s arrays (differentiable)."""
+    inputs = unpack(arrays, "in_")
+    prompts = prompt_rows(model, prompt, inputs, which)
+    if "label_ids" in arrays:
+        hidden = forward_hidden(model, prompts, inputs)
+        logp = torch.log_softmax(logits_at(model, hidden, inputs.last_pos[:, None])[:, 0], dim=-1)
+        return logp[:, arrays["label_ids"]]
+    picked = target_logprobs(model, prompts.repeat_interleave(num_labels, 0), arrays)
+    return picked.sum(1).view(-1, num_labels)
+
+
+def score_rows(model, prompt, rows: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]],
+               which: Sequence[int] | None = None, pad_id: int = 0, pad_to_multiple: int = 1) -> torch.Tensor:
+    """(B, K) float32 label log-probabilities for token rows (differentiable w.r.t. the prompt)."""
+    n = _prompt_lengths(prompt, len(rows), which)
+    arrays = prepare_scoring(rows, label_ids, n, pad_id, pad_to_multiple, model.device)
+    return label_scores(model, prompt, arrays, len(label_ids), which)
 
 
 def score_labels(

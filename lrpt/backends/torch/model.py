@@ -130,7 +130,13 @@ class Batch:
     n_prompt: torch.Tensor  # (B,) prompt length per row
 
     def to(self, device) -> Batch:
+        if device is None:
+            return self
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """The tensor fields, for passing a batch through a compiled function."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @property
     def last_pos(self) -> torch.Tensor:

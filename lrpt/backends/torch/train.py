@@ -8,7 +8,6 @@ loss stays on the device until the shared loop asks for it at a log point.
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,35 +15,29 @@ import numpy as np
 import torch
 
 from ...adapter import Adapter
-from ...data import Encoded, encode_examples, metric, target_positions
+from ...data import Encoded, encode_examples, metric
 from ...tasks import Task
 from ...tokens import label_token_ids, target_tokenize_fn, tokenize_fn
 from ...trainer import TrainConfig, TrainResult, run_training
-from .generate import _autocast, score_rows
-from .model import base_model_info, forward_hidden, logits_at, make_batch, prompt_rows
+from .generate import _autocast, _positions, label_scores, prepare_scoring, target_logprobs, unpack
+from .model import base_model_info, make_batch, prompt_rows
 from .prompts import PromptModule, prompt_to_adapter
 
 
-def completion_nll(
-    model, prompt: PromptModule, rows: Sequence[Encoded], pad_id: int = 0, pad_to_multiple: int = 1
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed negative log-likelihood of the completion tokens and their count (targets only)."""
+def prepare_completion(rows: list[Encoded], n: int, pad_id: int = 0, pad_to_multiple: int = 1,
+                       device=None) -> dict[str, torch.Tensor]:
+    """Host-side layout for :func:`completion_nll`: the input alone (for LoPA) and input+target."""
     seqs = [list(r.ids) + list(r.target) for r in rows]
-    batch = make_batch(seqs, prompt.spec.n_tokens, "left", pad_id, pad_to_multiple).to(model.device)
-    # LoPA encodes the input alone: build its prompts from an input-only batch.
-    if prompt.spec.is_static:
-        prompts = prompt_rows(model, prompt, batch)
-    else:
-        inputs = make_batch([r.ids for r in rows], prompt.spec.n_tokens, "left", pad_id).to(model.device)
-        prompts = prompt_rows(model, prompt, inputs)
-    hidden = forward_hidden(model, prompts, batch)
-    index, target, weight = target_positions(seqs, [len(r.target) for r in rows])
-    dev = batch.src.device
-    packed = batch.token_pos.gather(1, torch.from_numpy(index).to(dev))
-    logp = torch.log_softmax(logits_at(model, hidden, packed), dim=-1)
-    picked = logp.gather(2, torch.from_numpy(target).to(dev)[..., None])[..., 0]
-    w = torch.from_numpy(weight).to(dev)
-    return -(picked * w).sum(), w.sum()
+    arrays = {f"in_{k}": v for k, v in make_batch([r.ids for r in rows], n, "left", pad_id).to(device).arrays().items()}
+    seq = make_batch(seqs, n, "left", pad_id, pad_to_multiple).to(device)
+    arrays.update({f"seq_{k}": v for k, v in seq.arrays().items()})
+    return {**arrays, **_positions(seqs, [len(r.target) for r in rows], device)}
+
+
+def completion_nll(model, prompt: PromptModule, arrays: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed negative log-likelihood of the completion tokens and their count (targets only)."""
+    prompts = prompt_rows(model, prompt, unpack(arrays, "in_"))
+    return -target_logprobs(model, prompts, arrays).sum(), arrays["weight"].sum()
 
 
 class TorchOps:
@@ -69,24 +62,25 @@ class TorchOps:
         fused = model.device.type == "cuda"
         self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
         self.base = base_model_info(model)
-        if config.compile:
-            self.model.base_model.forward = torch.compile(self.model.base_model.forward, dynamic=None)
+        # The device part of the step; with ``compile``, traced once per batch shape (CUDA graphs
+        # with compile_mode="reduce-overhead" remove launch overhead on small models).
+        self.loss_fn = torch.compile(self._loss, mode=config.compile_mode) if config.compile else self._loss
 
     # -- the step -------------------------------------------------------------------------------
 
-    def loss(self, rows: list[Encoded]) -> torch.Tensor:
+    def prepare(self, rows: list[Encoded]) -> dict[str, torch.Tensor]:
+        n, ptm, dev = self.prompt.spec.n_tokens, self.config.pad_to_multiple, self.model.device
         if self.task.kind == "classification":
-            scores = score_rows(
-                self.model,
-                self.prompt,
-                [r.ids for r in rows],
-                self.label_ids,
-                pad_id=self.pad_id,
-                pad_to_multiple=self.config.pad_to_multiple,
-            )
-            labels = torch.tensor([r.target for r in rows], device=scores.device)
-            return torch.nn.functional.cross_entropy(scores, labels)
-        nll, count = completion_nll(self.model, self.prompt, rows, self.pad_id, self.config.pad_to_multiple)
+            arrays = prepare_scoring([r.ids for r in rows], self.label_ids, [n] * len(rows), self.pad_id, ptm, dev)
+            arrays["labels"] = torch.tensor([r.target for r in rows], device=dev)
+            return arrays
+        return prepare_completion(rows, n, self.pad_id, ptm, dev)
+
+    def _loss(self, arrays: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.task.kind == "classification":
+            scores = label_scores(self.model, self.prompt, arrays, len(self.label_ids))
+            return torch.nn.functional.cross_entropy(scores, arrays["labels"])
+        nll, count = completion_nll(self.model, self.prompt, arrays)
         return nll / count.clamp(min=1)
 
     def step(self, micro_batches: list[list[int]], lr: float) -> torch.Tensor:
@@ -95,8 +89,9 @@ class TorchOps:
             group["lr"] = lr
         total = torch.zeros((), device=self.model.device)
         for idx in micro_batches:
+            arrays = self.prepare([self.train_data[i] for i in idx])
             with _autocast(self.model):
-                loss = self.loss([self.train_data[i] for i in idx]) / len(micro_batches)
+                loss = self.loss_fn(arrays) / len(micro_batches)
             loss.backward()
             total = total + loss.detach()
         if self.config.max_grad_norm:
@@ -172,26 +167,22 @@ def evaluate(
     pad = tokenizer.pad_token_id or 0
     try:
         with torch.no_grad(), _autocast(model):
+            n, dev = prompt.spec.n_tokens, model.device
             if task.kind == "classification":
                 label_ids = label_token_ids(tokenizer, task.label_words)
-                scores = torch.cat(
-                    [
-                        score_rows(model, prompt, [r.ids for r in data[i : i + batch_size]], label_ids, pad_id=pad)
-                        .float()
-                        .cpu()
-                        for i in range(0, len(data), batch_size)
-                    ]
-                ).numpy()
-                preds = scores.argmax(-1)
-                labels = [r.target for r in data]
-                out = {
-                    "metric": metric(task.metric, labels, preds, len(task.label_words)),
-                    "accuracy": metric("accuracy", labels, preds, len(task.label_words)),
-                }
+                parts = []
+                for i in range(0, len(data), batch_size):
+                    rows = [r.ids for r in data[i : i + batch_size]]
+                    arrays = prepare_scoring(rows, label_ids, [n] * len(rows), pad, device=dev)
+                    parts.append(label_scores(model, prompt, arrays, len(label_ids)).float().cpu())
+                scores = torch.cat(parts).numpy()
+                preds, labels = scores.argmax(-1), [r.target for r in data]
+                out = {"metric": metric(task.metric, labels, preds, len(task.label_words)),
+                       "accuracy": metric("accuracy", labels, preds, len(task.label_words))}
                 return out, scores
             nll, count = 0.0, 0.0
             for i in range(0, len(data), batch_size):
-                a, b = completion_nll(model, prompt, data[i : i + batch_size], pad)
+                a, b = completion_nll(model, prompt, prepare_completion(data[i : i + batch_size], n, pad, device=dev))
                 nll, count = nll + float(a), count + float(b)
             return {"metric": nll / max(count, 1.0), "loss": nll / max(count, 1.0)}, None
     finally:
