@@ -215,7 +215,7 @@ def prompt_rows(
     prompts = [prompt] if isinstance(prompt, PromptModule) else list(prompt)
     if which is None:
         which = [0] * batch.token_ids.shape[0]
-    n_max = int(batch.n_prompt.max())
+    n_max = max(prompts[w].spec.n_tokens for w in set(which))
     rows = []
     encodings: dict[tuple[str, str], torch.Tensor] = {}
     for k, p in enumerate(prompts):
