@@ -224,7 +224,7 @@ def bench_inference(model, args) -> list[dict]:
             logits, cache, mask, pos = G._prefill_cached(model, prompt, row, 0)
             nxt = logits.argmax(-1)
 
-            def decode(k=32):
+            def decode(k=32, cache=cache):
                 nonlocal nxt, mask, pos
                 for _ in range(k):
                     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
