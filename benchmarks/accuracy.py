@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lrpt import PromptSpec, Task  # noqa: E402
+from lrpt import PromptSpec, Task, TrainingError  # noqa: E402
 from lrpt.backends.torch import model as M  # noqa: E402
 from lrpt.backends.torch.train import evaluate  # noqa: E402
 from lrpt.data import encode_examples, epoch_batches, load_examples, lr_factor, metric  # noqa: E402
@@ -42,8 +42,6 @@ TASK = Task("sst2", template="Review: {sentence}\nSentiment:", label_words=[" ne
 
 # name -> (kind, settings). lopa: h′=128, r=2 keeps it under LoRA's 460,800 parameters.
 RUNS = {
-    "peft-prompt": ("peft-prompt", dict(lr=1e-2)),
-    "peft-lora": ("peft-lora", dict(lr=5e-4)),
     "prompt": ("lrpt", dict(method="prompt", lr=3e-2)),
     "lopt1-r1": ("lrpt", dict(method="lopt1", rank=1, lr=3e-2)),
     "lopt1-r2": ("lrpt", dict(method="lopt1", rank=2, lr=3e-2)),
@@ -51,6 +49,8 @@ RUNS = {
     "lopt1-r10": ("lrpt", dict(method="lopt1", rank=10, lr=3e-2)),
     "lopt2-r5": ("lrpt", dict(method="lopt2", rank=5, lr=3e-2)),
     "lopa-r2": ("lrpt", dict(method="lopa", rank=2, head_hidden=128, lr=3e-3)),
+    "peft-prompt": ("peft-prompt", dict(lr=1e-2)),  # PEFT last: it wraps the model it is given
+    "peft-lora": ("peft-lora", dict(lr=5e-4)),
 }
 
 
@@ -120,7 +120,6 @@ def run_peft(model, tok, train_rows, val, kind, cfg, args) -> dict:
             preds += scores([e.ids for e in val[i : i + 64]]).argmax(-1).tolist()
     acc = metric("accuracy", [e.target for e in val], preds, 2)
     count = sum(p.numel() for p in params)
-    pm.unload() if kind == "peft-lora" else None  # give the base model back unchanged
     return {"accuracy": acc, "params": count}
 
 
@@ -140,7 +139,13 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-mode", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny random model and generated data (CPU test)")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--no-zero-shot", action="store_true")
+    ap.add_argument("--merge", nargs="*", help="print one table from several --json files (runs made in parallel)")
     args = ap.parse_args(argv)
+    if args.merge:
+        results = [r for f in args.merge for r in json.loads(Path(f).read_text())["results"]]
+        print_table(results)
+        return 0
     tmp = tempfile.TemporaryDirectory()
     if args.smoke:
         sys.path.insert(0, str(ROOT / "tests"))
@@ -151,7 +156,7 @@ def main(argv=None) -> int:
         path = save_tiny("llama", Path(tmp.name) / "m")
         train_rows, val_rows = demo_rows("train", 64), demo_rows("validation", 32)
         args.batch, args.tokens = 16, 4
-        args.runs = ["peft-prompt", "peft-lora", "lopt1-r2", "lopa-r2"]
+        args.runs = ["lopt1-r2", "lopa-r2", "peft-prompt", "peft-lora"]
     else:
         if args.gguf:
             from lrpt.conversions.models import gguf_to_hf
@@ -172,25 +177,37 @@ def main(argv=None) -> int:
     print(json.dumps(info), flush=True)
     results = []
     t0 = time.perf_counter()
-    zero = G.score_labels(model, tok, None, [TASK.format(r) for r in val_rows], TASK.label_words, batch_size=64)
-    results.append({"run": "zero-shot", "accuracy": metric("accuracy", [e.target for e in val], zero.argmax(-1), 2),
-                    "params": 0, "lr": None, "seconds": round(time.perf_counter() - t0, 1)})
-    print(json.dumps(results[-1]), flush=True)
+    if not args.no_zero_shot:
+        zero = G.score_labels(model, tok, None, [TASK.format(r) for r in val_rows], TASK.label_words, batch_size=64)
+        acc = metric("accuracy", [e.target for e in val], zero.argmax(-1), 2)
+        results.append({"run": "zero-shot", "accuracy": acc, "params": 0, "lr": None,
+                        "seconds": round(time.perf_counter() - t0, 1)})
+        print(json.dumps(results[-1]), flush=True)
     for name in args.runs:
         kind, cfg = RUNS[name]
         t0 = time.perf_counter()
-        if kind == "lrpt":
-            res = run_lrpt(model, tok, train_rows, val, cfg, args)
-        else:
-            res = run_peft(model, tok, train_rows, val, kind, cfg, args)
+        try:
+            if kind == "lrpt":
+                res = run_lrpt(model, tok, train_rows, val, cfg, args)
+            else:  # a fresh copy of the base model for each PEFT run
+                res = run_peft(M.load_model(path)[0], tok, train_rows, val, kind, cfg, args)
+        except TrainingError as exc:  # report a diverged run and go on with the others
+            res = {"accuracy": float("nan"), "params": None, "error": str(exc)}
         results.append({"run": name, **res, "lr": cfg["lr"], "seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps(results[-1]), flush=True)
-    print(f"\n{'run':<14}{'accuracy':>10}{'params':>10}{'lr':>9}{'seconds':>9}")
-    for r in results:
-        print(f"{r['run']:<14}{100 * r['accuracy']:>9.1f}%{r['params']:>10,}{r['lr'] or '-':>9}{r['seconds']:>9}")
+    print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "results": results}, indent=2))
     return 0
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"\n{'run':<14}{'accuracy':>10}{'params':>10}{'lr':>9}{'seconds':>9}")
+    for r in results:
+        params = f"{r['params']:,}" if r["params"] is not None else "-"
+        print(f"{r['run']:<14}{100 * r['accuracy']:>9.1f}%{params:>10}{r['lr'] or '-':>9}{r['seconds']:>9}")
+        if r.get("error"):
+            print(f"  ({r['error']})")
 
 
 if __name__ == "__main__":

@@ -169,14 +169,14 @@ def bench_training(model, args) -> list[dict]:
         variants[f"lrpt-{method}+{args.compile_mode}"] = lrpt_step(model, method, rows, labels, args.tokens,
                                                                   args.compile_mode)
     peak, times = {}, {k: [] for k in variants}
-    for name, fn in variants.items():  # warm-up (and compilation), then the peak memory of one step
+    for name, fn in variants.items():  # warm-up (compilation, graph capture), peak memory over it
         t0 = time.perf_counter()
-        for _ in range(args.warmup):
-            fn()
         if dev.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.warmup):
             fn()
+        if dev.type == "cuda":
             torch.cuda.synchronize()
             peak[name] = torch.cuda.max_memory_allocated() / 2**30
         print(f"  warmed {name} in {time.perf_counter() - t0:.1f} s", flush=True)

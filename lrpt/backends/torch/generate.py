@@ -14,7 +14,6 @@ LoPA prompts and mixed batches are prefilled in full.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,14 +32,14 @@ def prepare_scoring(rows: Sequence[Sequence[int]], label_ids: Sequence[Sequence[
     Single-token label words need the input batch only; multi-token words add one
     input+word sequence per (row, label) and the positions to read.
     """
-    batch = make_batch(rows, n, "left", pad_id, pad_to_multiple).to(device)
+    batch = make_batch(rows, n, "right", pad_id, pad_to_multiple).to(device)
     arrays = {f"in_{k}": v for k, v in batch.arrays().items()}
     if all(len(ids) == 1 for ids in label_ids):
         arrays["label_ids"] = torch.tensor([ids[0] for ids in label_ids], device=device)
         return arrays
     k = len(label_ids)
     long_rows = [list(r) + list(ids) for r in rows for ids in label_ids]
-    long = make_batch(long_rows, [x for x in n for _ in range(k)], "left", pad_id, pad_to_multiple).to(device)
+    long = make_batch(long_rows, [x for x in n for _ in range(k)], "right", pad_id, pad_to_multiple).to(device)
     arrays.update({f"seq_{key}": v for key, v in long.arrays().items()})
     return {**arrays, **_positions(long_rows, [len(label_ids[j % k]) for j in range(len(long_rows))], device)}
 
@@ -139,7 +138,26 @@ def prefix_cache(model, prompt: PromptModule):
             use_cache=True,
             logits_to_keep=1,
         )
-    object.__setattr__(prompt, "_prefix_cache", (key, cache))
+    kv = _layer_kv(cache)
+    object.__setattr__(prompt, "_prefix_cache", (key, kv))
+    return kv
+
+
+def _layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (keys, values) of a DynamicCache (transformers 5 layers, or 4.x lists)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def _expanded_cache(model, kv, batch: int):
+    """A fresh cache holding the prompt's keys/values for ``batch`` rows, without copying them:
+    the first update of each layer keeps the (expanded) tensors, later ones concatenate."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for i, (k, v) in enumerate(kv):
+        cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), i)
     return cache
 
 
@@ -219,8 +237,7 @@ def _prefill_cached(model, prompt: PromptModule, rows, pad_id):
     """Prefill behind the cached prompt: layout [prompt][pads][tokens], positions n.. for tokens."""
     dev = model.device
     n = prompt.spec.n_tokens
-    cache = copy.deepcopy(prefix_cache(model, prompt))
-    cache.batch_repeat_interleave(len(rows))
+    cache = _expanded_cache(model, prefix_cache(model, prompt), len(rows))
     t = max(len(r) for r in rows)
     ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), n + t), dtype=torch.long)

@@ -28,8 +28,8 @@ def prepare_completion(rows: list[Encoded], n: int, pad_id: int = 0, pad_to_mult
                        device=None) -> dict[str, torch.Tensor]:
     """Host-side layout for :func:`completion_nll`: the input alone (for LoPA) and input+target."""
     seqs = [list(r.ids) + list(r.target) for r in rows]
-    arrays = {f"in_{k}": v for k, v in make_batch([r.ids for r in rows], n, "left", pad_id).to(device).arrays().items()}
-    seq = make_batch(seqs, n, "left", pad_id, pad_to_multiple).to(device)
+    arrays = {f"in_{k}": v for k, v in make_batch([r.ids for r in rows], n, "right", pad_id).to(device).arrays().items()}
+    seq = make_batch(seqs, n, "right", pad_id, pad_to_multiple).to(device)
     arrays.update({f"seq_{k}": v for k, v in seq.arrays().items()})
     return {**arrays, **_positions(seqs, [len(r.target) for r in rows], device)}
 
