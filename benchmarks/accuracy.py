@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--runs", nargs="*", default=list(RUNS), help="subset of: " + " ".join(RUNS))
+    ap.add_argument("--runs", nargs="*", default=list(RUNS), help="subset of: " + " ".join(RUNS) + " (NAME@LR too)")
     ap.add_argument("--lr", action="append", default=[], help="override, e.g. lopt1-r5=0.1 (repeatable)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--compile-mode", default=None)
@@ -183,8 +183,10 @@ def main(argv=None) -> int:
         results.append({"run": "zero-shot", "accuracy": acc, "params": 0, "lr": None,
                         "seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps(results[-1]), flush=True)
-    for name in args.runs:
-        kind, cfg = RUNS[name]
+    for name in args.runs:  # NAME or NAME@LR (a learning-rate variant)
+        base, _, lr = name.partition("@")
+        kind, cfg = RUNS[base]
+        cfg = {**cfg, **({"lr": float(lr)} if lr else {})}
         t0 = time.perf_counter()
         try:
             if kind == "lrpt":
