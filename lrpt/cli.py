@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .adapter import Adapter
+from .adapter import DTYPE_ALIASES, Adapter
 from .data import load_examples
 from .errors import DataError, LrptError
 from .models import DEFAULT_MODEL
@@ -86,6 +86,22 @@ def _print_description(info: dict[str, Any]) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .conversions.peft import describe_peft, is_peft_dir
+
+    if is_peft_dir(args.adapter):
+        info = describe_peft(args.adapter)
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            for key, value in info.items():
+                if key != "tensors":
+                    print(f"{key:<19}{value}")
+            print("tensors")
+            for name, t in info["tensors"].items():
+                print(f"  {name:<22} {'×'.join(map(str, t['shape']))}")
+            if info["importable"]:
+                print(f"convert with: lrpt convert {args.adapter} OUT --to lrpt")
+        return 0
     adapter = Adapter.load(args.adapter)
     info = describe(adapter, args.adapter)
     if args.json:
@@ -313,6 +329,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .conversions.lowrank import compress, to_prompt
+    from .conversions.peft import from_peft, is_peft_dir, to_peft
+
+    src = Path(args.src)
+    adapter = from_peft(src, args.task_index) if is_peft_dir(src) else Adapter.load(src)
+    notes = []
+    if args.method == "lopt1":
+        rank = "auto" if args.rank == "auto" else _int(args.rank, "--rank")
+        result = compress(adapter, rank, args.tol)
+        adapter = result.adapter
+        notes.append(f"rank {result.rank}: relative error {result.relative_error:.4g},"
+                     f" {result.param_ratio:.3f}× the parameters")
+    elif args.method == "prompt":
+        adapter = to_prompt(adapter)
+    if args.to == "peft":
+        to_peft(adapter, args.dst, DTYPE_ALIASES.get(args.dtype, args.dtype))
+    else:
+        adapter.save(args.dst, dtype=args.dtype)
+    print(f"wrote {args.to} adapter {args.dst} ({adapter.spec.method}, {adapter.param_count:,} parameters)"
+          + ("; " + "; ".join(notes) if notes else ""))
+    return 0
+
+
+def _int(value: str, flag: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise DataError(f"{flag} must be an integer or 'auto', got {value!r}") from None
+
+
 def cmd_convert_model(args: argparse.Namespace) -> int:
     from .conversions.models import gguf_to_hf
 
@@ -406,6 +453,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list of {input, output}")
     p.add_argument("--force", action="store_true", help="accept an embedding-fingerprint mismatch")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", help="convert adapters: lrpt <-> HF PEFT, prompt <-> lopt1, smaller dtypes")
+    p.add_argument("src", help="lrpt or HF PEFT adapter directory")
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--to", default="lrpt", choices=["lrpt", "peft"])
+    p.add_argument("--method", choices=["prompt", "lopt1"], help="lopt1: compress by SVD; prompt: materialize")
+    p.add_argument("--rank", default="auto", help="rank for --method lopt1, or 'auto' (smallest within --tol)")
+    p.add_argument("--tol", type=float, default=0.01, help="relative Frobenius error allowed with --rank auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bf16", "bfloat16", "fp16", "float16"])
+    p.add_argument("--task-index", type=int, default=0, help="task k of a PEFT multitask prompt")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("convert-model", help="convert a GGUF base model into an HF folder for both backends")
     p.add_argument("gguf")
