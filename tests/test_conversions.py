@@ -189,3 +189,27 @@ def test_peft_left_padding_changes_answers_and_lrpt_does_not(base, tmp_path):
     with torch.no_grad():
         ours = forward_logits(model, prompt, make_batch([short, long], 4, "left"))[0, len(short) - 1]
     torch.testing.assert_close(ours, peft_alone, rtol=0, atol=1e-5)  # lrpt: the answer PEFT gives alone
+
+
+def test_convert_model_from_gguf_loads_in_both_backends(tiny_dirs, tmp_path, capsys):
+    """A GGUF written here becomes an HF folder whose logits agree in transformers and mlx-lm,
+    and equal those of the model the GGUF was made from."""
+    pytest.importorskip("gguf")
+    mx = pytest.importorskip("mlx.core")
+    import mlx_lm
+    from tiny import write_tiny_gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_dirs["llama"])
+    assert main(["convert-model", str(gguf_path), str(tmp_path / "hf")]) == 0
+    assert "loads with transformers and mlx-lm" in capsys.readouterr().out
+    ids = AutoTokenizer.from_pretrained(tmp_path / "hf")("the movie was great fun").input_ids
+    assert ids == AutoTokenizer.from_pretrained(tiny_dirs["llama"])("the movie was great fun").input_ids
+    with torch.no_grad():
+        converted = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(torch.tensor([ids])).logits[0].numpy()
+        original = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])(torch.tensor([ids])).logits[0].numpy()
+    mlx_model, _ = mlx_lm.load(str(tmp_path / "hf"))
+    on_mlx = np.array(mlx_model(mx.array([ids]))[0])
+    np.testing.assert_allclose(converted, original, atol=1e-5)
+    np.testing.assert_allclose(on_mlx, converted, atol=1e-4)
+    assert main(["convert-model", str(gguf_path), str(tmp_path / "hf")]) == 2  # no silent overwrite

@@ -112,3 +112,64 @@ def save_tiny(arch: str, path: str | Path, seed: int = 0) -> Path:
         cfg["sliding_window_pattern"] = 2
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     return path
+
+
+def write_tiny_gguf(path: str | Path, hf_dir: str | Path) -> Path:
+    """Write the tiny llama of ``hf_dir`` as a float32 llama GGUF, as llama.cpp's converter would
+    (q/k rows permuted for its rotary layout, byte-level BPE tokenizer with merges)."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+    tok = json.loads((Path(hf_dir) / "tokenizer.json").read_text())
+    weights = load_file(str(Path(hf_dir) / "model.safetensors"))
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+
+    def permute(w, n):
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_dimension_count(cfg["hidden_size"] // heads)
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    added = {t["id"]: t["content"] for t in tok["added_tokens"]}
+    tokens = [added.get(i, s) for s, i in vocab]
+    tokens += [f"<unused{i}>" for i in range(len(tokens), cfg["vocab_size"])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if i in added else 1 for i in range(len(tokens))])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(0)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for key, value in weights.items():
+        value = np.ascontiguousarray(value, dtype=np.float32)
+        if key in names:
+            w.add_tensor(names[key], value)
+            continue
+        layer, rest = key.split(".")[2], ".".join(key.split(".")[3:-1])
+        if rest == "self_attn.q_proj":
+            value = permute(value, heads)
+        elif rest == "self_attn.k_proj":
+            value = permute(value, kv_heads)
+        w.add_tensor(f"blk.{layer}.{parts[rest]}.weight", value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
