@@ -1,0 +1,41 @@
+"""The benchmark scripts run end to end in their reduced CPU configuration (not timed tests)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args):
+    r = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_speed_smoke(tmp_path):
+    out = run("benchmarks/speed.py", "--device", "cpu", "--smoke", "--methods", "lopt1", "lopa", "--json",
+              tmp_path / "s.json")
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert {r["variant"] for r in data["train"]} == {"frozen-last", "peft", "lrpt-lopt1", "lrpt-lopa"}
+    assert all(r["tok_s"] > 0 for r in data["train"]) and "vs PEFT" in out
+    assert any("cached prefix" in r["case"] for r in data["inference"])
+
+
+def test_accuracy_smoke(tmp_path):
+    run("benchmarks/accuracy.py", "--smoke", "--json", tmp_path / "a.json")
+    rows = {r["run"]: r for r in json.loads((tmp_path / "a.json").read_text())["results"]}
+    assert set(rows) == {"zero-shot", "lopt1-r2", "lopa-r2", "peft-prompt", "peft-lora"}
+    assert all(0 <= r["accuracy"] <= 1 for r in rows.values())
+    assert run("benchmarks/accuracy.py", "--merge", tmp_path / "a.json").count("%") == 5
+
+
+def test_cpu_smoke():
+    pytest.importorskip("mlx_lm")
+    out = run("benchmarks/cpu.py", "--smoke")
+    assert set(json.loads(out.splitlines()[0])["step_ms"]) == {"mlx eager", "mlx compiled", "torch eager"}
