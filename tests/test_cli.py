@@ -79,7 +79,8 @@ def test_generate_args_and_stdin(tiny_dirs, trained):
     a = lrpt(*base, "the plot was dull", "what a film")
     assert a.returncode == 0, a.stderr
     outs = json.loads(a.stdout)
-    assert [o["input"] for o in outs] == ["the plot was dull\nLabel:", "what a film\nLabel:"]  # the task template
+    assert [o["input"] for o in outs] == ["Review: the plot was dull\nSentiment:",
+                                         "Review: what a film\nSentiment:"]  # the task template
     b = subprocess.run([sys.executable, "-m", "lrpt.cli", *map(str, base)], input="the plot was dull\nwhat a film\n",
                        capture_output=True, text=True)
     assert b.returncode == 0 and b.stdout == a.stdout
