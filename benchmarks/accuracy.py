@@ -49,6 +49,9 @@ RUNS = {
     "lopt1-r10": ("lrpt", dict(method="lopt1", rank=10, lr=3e-2)),
     "lopt2-r5": ("lrpt", dict(method="lopt2", rank=5, lr=3e-2)),
     "lopa-r2": ("lrpt", dict(method="lopa", rank=2, head_hidden=128, lr=3e-3)),
+    "lopa-r1-h256": ("lrpt", dict(method="lopa", rank=1, head_hidden=256, lr=3e-3)),  # 460,116 < 460,800
+    "lopa-r2-embed": ("lrpt", dict(method="lopa", rank=2, head_hidden=128, encoder="embed", lr=3e-3)),
+    "lopt1-r4": ("lrpt", dict(method="lopt1", rank=4, lr=3e-2)),
     "peft-prompt": ("peft-prompt", dict(lr=1e-2)),  # PEFT last: it wraps the model it is given
     "peft-lora": ("peft-lora", dict(lr=5e-4)),
 }
@@ -56,7 +59,7 @@ RUNS = {
 
 def run_lrpt(model, tok, train_rows, val, cfg, args) -> dict:
     spec = PromptSpec(cfg["method"], n_tokens=args.tokens, rank=cfg.get("rank"),
-                      head_hidden=cfg.get("head_hidden", 256))
+                      head_hidden=cfg.get("head_hidden", 256), encoder=cfg.get("encoder", "base"))
     prompt = M.init_prompt(spec, model, tok, seed=args.seed)
     config = TrainConfig(epochs=args.epochs, lr=cfg["lr"], batch_size=args.batch, seed=args.seed,
                          progress=False, log_every=50, compile=args.compile, compile_mode=args.compile_mode)
