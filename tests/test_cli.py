@@ -39,7 +39,8 @@ def trained(tiny_dirs, tmp_path_factory):
 
 def test_train_leaves_a_complete_run_dir(trained):
     names = {p.name for p in trained.iterdir()}
-    assert {"adapter", "checkpoints", "metrics.jsonl", "train_config.json"} <= names
+    assert {"adapter", "checkpoints", "metrics.jsonl", "train_config.json", "curves.png"} <= names
+    assert (trained / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     adapter = Adapter.load(trained / "adapter")
     assert adapter.task.name == "demo" and adapter.spec.rank == 2 and adapter.created_by["backend"] == "torch"
 
@@ -62,11 +63,12 @@ def test_continue_from_adapter(tiny_dirs, trained, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
-def test_eval_predictions_and_json(tiny_dirs, trained, tmp_path, capsys, backend):
+def test_eval_predictions_and_json(tiny_dirs, trained, tmp_path, backend):
     pred = tmp_path / "p.jsonl"
-    assert main(["eval", "--backend", backend, "--model", str(tiny_dirs["llama"]), "--adapter", str(trained / "adapter"),
-                 "--limit", "20", "--predictions", str(pred), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    r = lrpt("eval", "--backend", backend, "--model", tiny_dirs["llama"], "--adapter", trained / "adapter",
+             "--limit", 20, "--predictions", pred, "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
     assert result["examples"] == 20 and 0 <= result["accuracy"] <= 1
     lines = [json.loads(x) for x in pred.read_text().splitlines()]
     assert len(lines) == 20 and set(lines[0]) == {"idx", "label", "pred", "scores"} and len(lines[0]["scores"]) == 2
@@ -169,6 +171,15 @@ def test_backend_not_installed(tiny_dirs, tmp_path, capsys, monkeypatch):
     code = main(["train", "--backend", "mlx", "--model", str(tiny_dirs["llama"]), "--task", "demo",
                  "--out", str(tmp_path / "o")])
     one_error_line(capsys, code, "pip install 'lrpt[mlx]'")
+
+
+def test_convert_subprocess(trained, tmp_path):
+    r = lrpt("convert", trained / "adapter", tmp_path / "peft", "--to", "peft")
+    assert r.returncode == 0, r.stderr
+    r = lrpt("inspect", tmp_path / "peft", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["peft_type"] == "PROMPT_TUNING"
+    bad = lrpt("convert", tmp_path / "missing", tmp_path / "x")
+    assert bad.returncode == 2 and bad.stderr.startswith("lrpt: error:") and len(bad.stderr.splitlines()) == 1
 
 
 def test_inspect_and_convert_model_errors(tmp_path, capsys):
