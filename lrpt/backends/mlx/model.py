@@ -23,7 +23,6 @@ mechanism as mlx-lm's batched generation.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 
 from ...basemodel import BaseModelInfo, fingerprint_from_rows, fingerprint_rows
 from ...errors import LrptError
+from ...layout import pack
 from ...reference import init_params
 from ...spec import PromptSpec
 from .prompts import PromptModule
@@ -260,33 +260,13 @@ def make_batch(
     pad_id: int = 0,
     pad_to_multiple: int = 1,
 ) -> Batch:
-    """Lay out rows of token ids behind prompts of ``n_prompt`` tokens (per row or shared)."""
-    if padding_side not in ("left", "right"):
-        raise ValueError("padding_side must be 'left' or 'right'")
-    b = len(tokens)
-    n = [int(n_prompt)] * b if isinstance(n_prompt, (int, np.integer)) else [int(x) for x in n_prompt]
-    lengths = [len(t) for t in tokens]
-    if min(lengths, default=1) < 1:
-        raise LrptError("a row has no tokens: every input needs at least one token")
-    t_max = max(lengths)
-    width = int(math.ceil(max(a + c for a, c in zip(n, lengths)) / pad_to_multiple) * pad_to_multiple)
-    ids = np.full((b, width), pad_id, np.int32)
-    src = np.zeros((b, width), np.int32)
-    is_prompt = np.zeros((b, width), bool)
-    token_ids = np.full((b, t_max), pad_id, np.int32)
-    token_pos = np.zeros((b, t_max), np.int32)
-    left = np.zeros(b, np.int32)
-    for i, (row, ni, li) in enumerate(zip(tokens, n, lengths)):
-        start = width - ni - li if padding_side == "left" else 0
-        left[i] = start
-        src[i, start : start + ni] = np.arange(ni)
-        is_prompt[i, start : start + ni] = True
-        ids[i, start + ni : start + ni + li] = row
-        token_ids[i, :li] = row
-        token_pos[i, :li] = start + ni + np.arange(li)
-    return Batch(*(mx.array(a) for a in (ids, src, is_prompt, token_ids, token_pos)),
-                 mx.array(np.array(lengths, np.int32)), mx.array(np.array(n, np.int32)), mx.array(left),
-                 bool(left.max() > 0))
+    """Lay out rows of token ids behind prompts of ``n_prompt`` tokens (see :func:`lrpt.layout.pack`)."""
+    lay = pack(tokens, n_prompt, padding_side, pad_id, pad_to_multiple)
+    # Here ``src`` indexes the prompt rows alone (tokens come from the embedding lookup), so every
+    # other slot must point at a valid row: MLX does not bounds-check gathers.
+    src = np.where(lay.is_prompt, lay.src, 0)
+    arrays = (lay.ids, src, lay.is_prompt, lay.token_ids, lay.token_pos, lay.lengths, lay.n_prompt, lay.left_pad)
+    return Batch(*(mx.array(a.astype(np.int32) if a.dtype != bool else a) for a in arrays), bool(lay.left_pad.max() > 0))
 
 
 class _LeftPadCache:
@@ -367,7 +347,8 @@ def _empty_prompt(model, batch: Batch) -> mx.array:
 def _call_backbone(model, prompt_embeds: mx.array, batch: Batch, gather: mx.array | None) -> mx.array:
     state = attach(model)
     rows = prompt_embeds if state.scale == 1.0 else prompt_embeds / state.scale
-    state.splice = (rows, batch.src, batch.is_prompt)
+    # No prompt (the plain model): nothing to splice, and no row a gather could read.
+    state.splice = (rows, batch.src, batch.is_prompt) if rows.shape[1] else None
     state.gather, state.override = gather, None
     try:
         cache = None

@@ -13,7 +13,6 @@ position; the LM head runs only where logits are needed (:func:`logits_at`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 from ...basemodel import BaseModelInfo, fingerprint_from_rows, fingerprint_rows
 from ...errors import LrptError
+from ...layout import pack
 from ...reference import init_params
 from ...spec import PromptSpec
 from .prompts import PromptModule
@@ -151,32 +151,10 @@ def make_batch(
     pad_id: int = 0,
     pad_to_multiple: int = 1,
 ) -> Batch:
-    """Lay out rows of token ids behind prompts of ``n_prompt`` tokens (per row or shared)."""
-    if padding_side not in ("left", "right"):
-        raise ValueError("padding_side must be 'left' or 'right'")
-    b = len(tokens)
-    n = [int(n_prompt)] * b if isinstance(n_prompt, (int, np.integer)) else [int(x) for x in n_prompt]
-    lengths = [len(t) for t in tokens]
-    if min(lengths, default=1) < 1:
-        raise LrptError("a row has no tokens: every input needs at least one token")
-    n_max, t_max = max(n), max(lengths)
-    content = [ni + li for ni, li in zip(n, lengths)]
-    width = max(content)
-    width = int(math.ceil(width / pad_to_multiple) * pad_to_multiple)
-    token_ids = torch.full((b, t_max), pad_id, dtype=torch.long)
-    src = torch.full((b, width), n_max, dtype=torch.long)  # pads read token 0: masked anyway
-    mask = torch.zeros((b, width), dtype=torch.long)
-    pos = torch.zeros((b, width), dtype=torch.long)
-    token_pos = torch.zeros((b, t_max), dtype=torch.long)
-    for i, (row, ni, li, ci) in enumerate(zip(tokens, n, lengths, content)):
-        token_ids[i, :li] = torch.as_tensor(list(row), dtype=torch.long)
-        start = width - ci if padding_side == "left" else 0
-        src[i, start : start + ni] = torch.arange(ni)
-        src[i, start + ni : start + ci] = n_max + torch.arange(li)
-        mask[i, start : start + ci] = 1
-        pos[i, start : start + ci] = torch.arange(ci)
-        token_pos[i, :li] = start + ni + torch.arange(li)
-    return Batch(token_ids, src, mask, pos, token_pos, torch.tensor(lengths), torch.tensor(n))
+    """Lay out rows of token ids behind prompts of ``n_prompt`` tokens (see :func:`lrpt.layout.pack`)."""
+    lay = pack(tokens, n_prompt, padding_side, pad_id, pad_to_multiple)
+    return Batch(*(torch.from_numpy(a) for a in (lay.token_ids, lay.src, lay.attention_mask, lay.position_ids,
+                                                 lay.token_pos, lay.lengths, lay.n_prompt)))
 
 
 # -- prompts for a batch ----------------------------------------------------------------------
