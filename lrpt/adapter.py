@@ -19,8 +19,6 @@ because the config's spec and the weights' metadata must agree).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ import numpy as np
 from . import __version__
 from .basemodel import BaseModelInfo
 from .errors import AdapterFormatError, LrptError, SpecError
-from .fileio import atomic_write, atomic_write_json, encode_safetensors, read_safetensors
+from .fileio import atomic_dir, atomic_write, atomic_write_json, encode_safetensors, read_safetensors
 from .reference import init_params, materialize
 from .spec import PromptSpec
 from .tasks import Task
@@ -165,15 +163,9 @@ class Adapter:
             atomic_write(path / WEIGHTS_NAME, weights)
             atomic_write_json(path / CONFIG_NAME, config)
             return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             atomic_write(tmp / WEIGHTS_NAME, weights)
             atomic_write_json(tmp / CONFIG_NAME, config)
-            tmp.rename(path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     # -- loading ----------------------------------------------------------------------------

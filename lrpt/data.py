@@ -127,6 +127,12 @@ def metric(name: str, labels: Sequence[int], preds: Sequence[int], num_labels: i
     raise DataError(f"unknown metric {name!r}")
 
 
+def classification_metrics(task: Task, labels: Sequence[int], scores: np.ndarray) -> dict[str, float]:
+    """``metric`` (the task's, used by keep-best and early stopping) and ``accuracy`` from label scores."""
+    preds, k = np.asarray(scores).argmax(-1), len(task.label_words)
+    return {"metric": metric(task.metric, labels, preds, k), "accuracy": metric("accuracy", labels, preds, k)}
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Learning-rate multiplier at ``step`` (0-based): linear warmup, then the schedule."""
     if warmup > 0 and step < warmup:

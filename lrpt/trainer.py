@@ -20,7 +20,6 @@ import json
 import math
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 from .adapter import Adapter
 from .data import epoch_batches
 from .errors import TrainingError
-from .fileio import atomic_write, atomic_write_json, encode_safetensors, read_safetensors
+from .fileio import atomic_dir, atomic_write, atomic_write_json, encode_safetensors, read_safetensors
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -302,19 +301,11 @@ class RunDir:
 
     def save_checkpoint(self, step: int, ops: TrainOps, meta: dict[str, Any], keep: int) -> Path:
         final = self.root / "checkpoints" / f"step-{step:06d}"
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
-        try:
+        with atomic_dir(final, replace=True) as tmp:
             ops.adapter().save(tmp / "adapter")
             tensors, state = ops.state()
             atomic_write(tmp / "optimizer.safetensors", encode_safetensors(tensors))
             atomic_write_json(tmp / "trainer_state.json", {**meta, "backend_state": state})
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         for old in self.checkpoints()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final

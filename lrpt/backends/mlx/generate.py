@@ -17,6 +17,7 @@ import numpy as np
 
 from ...data import target_positions
 from ...tokens import encode_texts, label_token_ids
+from .._common import prompt_lengths, restore_modes, set_eval
 from .model import Batch, attach, forward_hidden, hf_tokenizer, logits_at, make_batch, prompt_rows
 from .prompts import PromptModule
 
@@ -74,7 +75,7 @@ def label_scores(model, prompt, arrays: dict[str, mx.array], num_labels: int,
 def score_rows(model, prompt, rows: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]],
                which: Sequence[int] | None = None, pad_id: int = 0, pad_to_multiple: int = 1) -> mx.array:
     """(B, K) float32 label log-probabilities for token rows (differentiable w.r.t. the prompt)."""
-    arrays = prepare_scoring(rows, label_ids, _prompt_lengths(prompt, len(rows), which), pad_id, pad_to_multiple)
+    arrays = prepare_scoring(rows, label_ids, prompt_lengths(prompt, len(rows), which), pad_id, pad_to_multiple)
     return label_scores(model, prompt, arrays, len(label_ids), which)
 
 
@@ -84,13 +85,13 @@ def score_labels(model, tokenizer, prompt, texts: Sequence[str], label_words: Se
     hf = hf_tokenizer(tokenizer)
     label_ids = label_token_ids(hf, label_words)
     rows = encode_texts(hf, texts)
-    flags = _set_eval(prompt)
+    flags = set_eval(prompt)
     out = []
     for i in range(0, len(rows), batch_size):
         sub = None if which is None else which[i : i + batch_size]
         s = score_rows(model, prompt, rows[i : i + batch_size], label_ids, sub, hf.pad_token_id or 0)
         out.append(np.array(s.astype(mx.float32)))
-    _restore(prompt, flags)
+    restore_modes(prompt, flags)
     return np.concatenate(out) if out else np.zeros((0, len(label_words)), np.float32)
 
 
@@ -148,7 +149,7 @@ def generate(model, tokenizer, prompt, texts: Sequence[str], max_tokens: int = 6
     from mlx_lm.sample_utils import make_sampler
 
     rows = encode_texts(hf_tokenizer(tokenizer), texts)
-    flags = _set_eval(prompt) if prompt is not None else None
+    flags = set_eval(prompt) if prompt is not None else None
     caches, requests = [], []
     static = isinstance(prompt, PromptModule) and prompt.spec.is_static
     for i, row in enumerate(rows):
@@ -174,37 +175,13 @@ def generate(model, tokenizer, prompt, texts: Sequence[str], max_tokens: int = 6
     # Decode with the HF tokenizer, as the torch backend does (special tokens dropped).
     out = [hf_tokenizer(tokenizer).decode(t, skip_special_tokens=True) for t in ids]
     if flags is not None:
-        _restore(prompt, flags)
+        restore_modes(prompt, flags)
     if stop:
         out = [t[: min([t.find(s) for s in stop if s in t], default=len(t))] for t in out]
     return out
 
 
-def _prompt_lengths(prompt, b: int, which) -> list[int]:
-    if prompt is None:
-        return [0] * b
-    if isinstance(prompt, PromptModule):
-        return [prompt.spec.n_tokens] * b
-    which = which if which is not None else [0] * b
-    return [prompt[w].spec.n_tokens for w in which]
 
-
-def _modules(prompt) -> list[PromptModule]:
-    if prompt is None:
-        return []
-    return [prompt] if isinstance(prompt, PromptModule) else list(prompt)
-
-
-def _set_eval(prompt) -> list[bool]:
-    flags = [m.training for m in _modules(prompt)]
-    for m in _modules(prompt):
-        m.eval()
-    return flags
-
-
-def _restore(prompt, flags: list[bool]) -> None:
-    for m, f in zip(_modules(prompt), flags):
-        m.train(f)
 
 
 __all__ = ["classify", "generate", "label_token_ids", "prefix_cache", "score_labels", "score_rows"]

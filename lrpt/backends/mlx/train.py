@@ -19,7 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ...adapter import Adapter
-from ...data import Encoded, encode_examples, metric, target_positions
+from ...data import Encoded, classification_metrics, encode_examples, target_positions
 from ...tasks import Task
 from ...tokens import label_token_ids, target_tokenize_fn, tokenize_fn
 from ...trainer import TrainConfig, TrainResult, run_training
@@ -154,10 +154,7 @@ def evaluate(model, tokenizer, prompt: PromptModule, task: Task, data: list[Enco
                 arrays = prepare_scoring(rows, label_ids, [n] * len(rows), pad)
                 parts.append(np.array(label_scores(model, prompt, arrays, len(label_ids)).astype(mx.float32)))
             scores = np.concatenate(parts)
-            preds, labels = scores.argmax(-1), [r.target for r in data]
-            out = {"metric": metric(task.metric, labels, preds, len(task.label_words)),
-                   "accuracy": metric("accuracy", labels, preds, len(task.label_words))}
-            return out, scores
+            return classification_metrics(task, [r.target for r in data], scores), scores
         nll, count = 0.0, 0.0
         for i in range(0, len(data), batch_size):
             a, b = completion_nll(model, prompt, prepare_completion(data[i : i + batch_size], n, pad))

@@ -21,6 +21,7 @@ import torch
 
 from ...data import target_positions
 from ...tokens import encode_texts, label_token_ids
+from .._common import prompt_lengths, restore_modes, set_eval
 from .model import Batch, embed, forward_hidden, head, logits_at, make_batch, prompt_rows
 from .prompts import PromptModule
 
@@ -79,7 +80,7 @@ def label_scores(model, prompt, arrays: dict[str, torch.Tensor], num_labels: int
 def score_rows(model, prompt, rows: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]],
                which: Sequence[int] | None = None, pad_id: int = 0, pad_to_multiple: int = 1) -> torch.Tensor:
     """(B, K) float32 label log-probabilities for token rows (differentiable w.r.t. the prompt)."""
-    n = _prompt_lengths(prompt, len(rows), which)
+    n = prompt_lengths(prompt, len(rows), which)
     arrays = prepare_scoring(rows, label_ids, n, pad_id, pad_to_multiple, model.device)
     return label_scores(model, prompt, arrays, len(label_ids), which)
 
@@ -97,7 +98,7 @@ def score_labels(
     label_ids = label_token_ids(tokenizer, label_words)
     rows = encode_texts(tokenizer, texts)
     out = []
-    was_training = _set_eval(prompt)
+    was_training = set_eval(prompt)
     with torch.no_grad(), _autocast(model):
         for i in range(0, len(rows), batch_size):
             sub_which = None if which is None else which[i : i + batch_size]
@@ -106,7 +107,7 @@ def score_labels(
                 .float()
                 .cpu()
             )
-    _restore(prompt, was_training)
+    restore_modes(prompt, was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, len(label_words)), np.float32)
 
 
@@ -184,7 +185,7 @@ def generate(
     gen = torch.Generator(device=dev)
     if seed is not None:
         gen.manual_seed(seed)
-    was_training = _set_eval(prompt) if prompt is not None else None
+    was_training = set_eval(prompt) if prompt is not None else None
     with torch.no_grad(), _autocast(model):
         cached = prompt is not None and isinstance(prompt, PromptModule) and prompt.spec.is_static
         # Sliding-window attention measures distance in cache slots, so pads between the cached
@@ -229,7 +230,7 @@ def generate(
             logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
     if was_training is not None:
-        _restore(prompt, was_training)
+        restore_modes(prompt, was_training)
     return texts_out
 
 
@@ -262,7 +263,7 @@ def _prefill_full(model, prompt, rows, which, pad_id):
     if prompt is None:
         prompt_list, n = [], [0] * len(rows)
     else:
-        n = _prompt_lengths(prompt, len(rows), which)
+        n = prompt_lengths(prompt, len(rows), which)
     batch: Batch = make_batch(rows, n, "left", pad_id).to(model.device)
     tok = embed(model, batch.token_ids)
     if prompt is None:
@@ -313,37 +314,10 @@ def _eos_ids(tokenizer, model) -> set[int]:
     return ids
 
 
-def _prompt_lengths(prompt, b: int, which) -> list[int]:
-    if prompt is None:
-        return [0] * b
-    if isinstance(prompt, PromptModule):
-        return [prompt.spec.n_tokens] * b
-    which = which if which is not None else [0] * b
-    return [prompt[w].spec.n_tokens for w in which]
-
-
 def _autocast(model):
     if model.device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
-
-
-def _modules(prompt) -> list[PromptModule]:
-    if prompt is None:
-        return []
-    return [prompt] if isinstance(prompt, PromptModule) else list(prompt)
-
-
-def _set_eval(prompt) -> list[bool]:
-    flags = [m.training for m in _modules(prompt)]
-    for m in _modules(prompt):
-        m.eval()
-    return flags
-
-
-def _restore(prompt, flags: list[bool]) -> None:
-    for m, f in zip(_modules(prompt), flags):
-        m.train(f)
 
 
 __all__ = ["classify", "generate", "head", "label_token_ids", "prefix_cache", "score_labels", "score_rows"]

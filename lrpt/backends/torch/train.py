@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ...adapter import Adapter
-from ...data import Encoded, encode_examples, metric
+from ...data import Encoded, classification_metrics, encode_examples
 from ...tasks import Task
 from ...tokens import label_token_ids, target_tokenize_fn, tokenize_fn
 from ...trainer import TrainConfig, TrainResult, run_training
@@ -176,10 +176,7 @@ def evaluate(
                     arrays = prepare_scoring(rows, label_ids, [n] * len(rows), pad, device=dev)
                     parts.append(label_scores(model, prompt, arrays, len(label_ids)).float().cpu())
                 scores = torch.cat(parts).numpy()
-                preds, labels = scores.argmax(-1), [r.target for r in data]
-                out = {"metric": metric(task.metric, labels, preds, len(task.label_words)),
-                       "accuracy": metric("accuracy", labels, preds, len(task.label_words))}
-                return out, scores
+                return classification_metrics(task, [r.target for r in data], scores), scores
             nll, count = 0.0, 0.0
             for i in range(0, len(data), batch_size):
                 a, b = completion_nll(model, prompt, prepare_completion(data[i : i + batch_size], n, pad, device=dev))
