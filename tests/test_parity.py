@@ -42,7 +42,7 @@ def data(n=48, seed=5):
 def logits(backend, model, tok, adapter):
     prompt = B[backend].prompt_from_adapter(adapter)
     prompt.eval()
-    hf = MODEL[backend].hf_tokenizer(tok) if backend == "mlx" else tok
+    hf = MODEL[backend].hf_tokenizer(tok)
     rows = [hf(TASK.template.format(text=t))["input_ids"] for t in TEXTS]
     batch = MODEL[backend].make_batch(rows, adapter.spec.n_tokens, "right")
     if backend == "torch":
@@ -81,7 +81,7 @@ def _train_loss(backend, model, tok, adapter, rows):
     from lrpt.data import encode_examples
     from lrpt.tokens import target_tokenize_fn, tokenize_fn
 
-    hf = MODEL[backend].hf_tokenizer(tok) if backend == "mlx" else tok
+    hf = MODEL[backend].hf_tokenizer(tok)
     enc = encode_examples(TASK, tokenize_fn(hf), rows, target_tokenize_fn(hf))
     scores = ev.evaluate(model, tok, B[backend].prompt_from_adapter(adapter), TASK, enc)[1]
     labels = np.array([r["label"] for r in rows])

@@ -63,6 +63,11 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     return model, tokenizer
 
 
+def hf_tokenizer(tokenizer):
+    """The HF tokenizer (the torch backend uses it directly; MLX unwraps mlx-lm's wrapper)."""
+    return tokenizer
+
+
 def hidden_size(model) -> int:
     return int(model.get_input_embeddings().weight.shape[1])
 
