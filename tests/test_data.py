@@ -1,0 +1,66 @@
+"""Data sources without a network: local directories, the built-in demo data, and the HF path (faked)."""
+
+import sys
+import types
+
+import pytest
+
+from lrpt import DataError
+from lrpt.data import epoch_batches, load_examples, metric
+from lrpt.demo_data import demo_rows
+from lrpt.tasks import REGISTRY, get_task
+
+
+def test_hub_datasets_are_addressed_as_the_registry_says(monkeypatch):
+    calls = []
+    fake = types.ModuleType("datasets")
+    fake.get_dataset_split_names = lambda *args: ["train", "test"] if args == ("fancyzhx/ag_news",) else ["train", "validation"]
+
+    def load_dataset(*args, split):
+        calls.append((args, split))
+        return [{"text": "a", "sentence": "a", "label": 0, "question": "q", "passage": "p", "premise": "p",
+                 "hypothesis": "h"}]
+
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    load_examples(get_task("ag_news"), "validation")  # no validation split: the test split
+    load_examples(get_task("sst2"), "train")
+    load_examples(get_task("boolq"), "validation")
+    assert calls == [(("fancyzhx/ag_news",), "test"), (("glue", "sst2"), "train"), (("super_glue", "boolq"), "validation")]
+
+
+def test_hub_missing_package_or_failure_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DataError, match=r"pip install 'lrpt\[data\]', or pass --data DIR"):
+        load_examples(get_task("rte"), "train")
+    fake = types.ModuleType("datasets")
+
+    def offline(*a, **k):
+        raise ConnectionError("hub unreachable")
+
+    fake.get_dataset_split_names = offline
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    with pytest.raises(DataError, match="cannot load dataset super_glue/cb .*hub unreachable"):
+        load_examples(get_task("cb"), "train")
+
+
+def test_registry_and_demo_data():
+    assert set(REGISTRY) == {"sst2", "ag_news", "boolq", "cb", "rte", "demo"}
+    assert get_task("cb").metric == "macro_f1" and len(get_task("ag_news").label_words) == 4
+    rows = load_examples(get_task("demo"), "validation", limit=50)
+    assert len(rows) == 50 and rows == load_examples(get_task("demo"), "validation", limit=50)
+    assert demo_rows("train", 5) == demo_rows("train", 5) and demo_rows("train", 5) != demo_rows("validation", 5)
+    assert {r["label"] for r in demo_rows("train", 200)} == {0, 1}
+
+
+def test_batches_are_a_pure_function_of_seed_and_epoch():
+    lengths = [3, 9, 1, 7, 5, 2, 8, 4, 6, 10]
+    a = epoch_batches(lengths, 3, seed=1, epoch=0)
+    assert a == epoch_batches(lengths, 3, seed=1, epoch=0) != epoch_batches(lengths, 3, seed=1, epoch=1)
+    assert sorted(i for b in a for i in b) == list(range(10))
+
+
+def test_metrics():
+    assert metric("accuracy", [0, 1, 1, 0], [0, 1, 0, 0], 2) == 0.75
+    assert metric("f1", [0, 1, 1, 0], [0, 1, 0, 0], 2) == pytest.approx(2 / 3)
+    assert metric("macro_f1", [0, 1, 2], [0, 1, 1], 3) == pytest.approx((1 + 2 / 3 + 0) / 3)
