@@ -9,6 +9,7 @@ and the command exits with code 2.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from . import __version__
 from .adapter import DTYPE_ALIASES, Adapter
 from .data import load_examples
 from .errors import DataError, LrptError
+from .fileio import atomic_write
 from .models import DEFAULT_MODEL
 from .spec import PromptSpec
 from .tasks import REGISTRY, Task, get_task
@@ -201,7 +203,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         prompt = backend.init_prompt(spec, model, tokenizer, seed=args.seed)
     config = TrainConfig(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                          grad_accum=args.grad_accum, eval_every=args.eval_every, save_every=args.save_every,
-                         early_stopping=args.early_stopping, seed=args.seed, compile=args.compile,
+                         early_stopping=args.early_stopping, seed=args.seed, compile=args.compile or bool(args.compile_mode),
+                         compile_mode=args.compile_mode,
                          schedule=args.schedule, warmup=args.warmup)
     began = time.perf_counter()
     result = backend.train(model, tokenizer, prompt, task, train_rows, eval_rows, config, out, resume=args.resume)
@@ -252,15 +255,16 @@ def _plot(out: Path) -> Path | None:
         ax2.plot(*zip(*evals), "o-", color="tab:orange", label="validation")
         ax2.set_ylabel("validation metric")
     fig.tight_layout()
-    path = out / "curves.png"
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    path = out / "curves.png"
+    atomic_write(path, buffer.getvalue())
     return path
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import metric
-    from .fileio import atomic_write
 
     adapter = Adapter.load(args.adapter)
     task = _task_from_args(args, adapter.task)
@@ -423,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-limit", type=int, help="use N training rows (fixed-seed subset)")
     p.add_argument("--eval-limit", type=int, help="use N validation rows (0: no evaluation)")
     p.add_argument("--compile", action="store_true", help="torch.compile / mx.compile the step")
+    p.add_argument("--compile-mode", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--force", action="store_true", help="with --init-from: accept a fingerprint mismatch")
     p.add_argument("--out", required=True, help="run directory")
@@ -480,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except LrptError as exc:
         print(f"lrpt: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # unreadable or unwritable paths: the user's to fix, no traceback needed
+        print(f"lrpt: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("lrpt: interrupted", file=sys.stderr)

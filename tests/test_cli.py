@@ -185,3 +185,11 @@ def test_convert_subprocess(trained, tmp_path):
 def test_inspect_and_convert_model_errors(tmp_path, capsys):
     one_error_line(capsys, main(["inspect", str(tmp_path / "none")]), "does not exist")
     one_error_line(capsys, main(["convert-model", str(tmp_path / "x.gguf"), str(tmp_path / "o")]), "does not exist")
+
+
+def test_unwritable_output_is_one_line(tiny_dirs, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = main(["train", "--backend", "torch", "--model", str(tiny_dirs["llama"]), *TRAIN, "--steps", "1",
+                 "--out", str(blocker / "run")])
+    one_error_line(capsys, code, "Not a directory")
