@@ -49,10 +49,7 @@ def main() -> int:
 
     print("== 2. PyTorch: zero-shot, then train lopt1 (n=20, r=4)")
     torch_backend = importlib.import_module("lrpt.backends.torch")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    model, tok = torch_backend.load_model(path)
+    model, tok = torch_backend.load_model(path, quiet=True)
     held_out = demo_rows("validation", args.eval_rows)
     texts = [task.format(r) for r in held_out]
     zero = torch_backend.classify(model, tok, None, texts, task.label_words)

@@ -121,12 +121,8 @@ def _backend_and_model(args: argparse.Namespace):
     from .models import resolve_model
 
     backend = get_backend(args.backend)
-    if backend.NAME == "torch":  # keep the terminal for our own progress bars
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     path = resolve_model(args.model, log=lambda m: print(m, file=sys.stderr))
-    model, tokenizer = backend.load_model(path, dtype=args.dtype)
+    model, tokenizer = backend.load_model(path, dtype=args.dtype, quiet=True)  # our own progress bars only
     return backend, model, tokenizer, resolve(args.backend)
 
 

@@ -52,8 +52,11 @@ class _State:
         self.override: mx.array | None = None
 
 
-def load_model(path: str | Path, dtype: str | None = None, device=None):
-    """Load a frozen mlx-lm model and its tokenizer from an HF folder. ``device`` is unused on MLX."""
+def load_model(path: str | Path, dtype: str | None = None, device=None, quiet: bool = False):
+    """Load a frozen mlx-lm model and its tokenizer from an HF folder.
+
+    ``device`` and ``quiet`` exist for parity with the torch backend (mlx-lm shows no loading bar).
+    """
     import mlx_lm
 
     try:

@@ -32,12 +32,18 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None):
+def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+               quiet: bool = False):
     """Load a frozen causal LM and its tokenizer from an HF folder (or hub name).
 
     dtype defaults to bfloat16 on CUDA and float32 elsewhere. All base weights are frozen.
+    ``quiet`` hides transformers' weight-loading progress bar.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if quiet:
+        hf_logging.disable_progress_bar()
 
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
