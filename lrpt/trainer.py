@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .adapter import Adapter
-from .data import epoch_batches
+from .data import epoch_batches, lr_factor
 from .errors import TrainingError
 from .fileio import atomic_dir, atomic_write, atomic_write_json, encode_safetensors, read_safetensors
 
@@ -131,8 +131,6 @@ def run_training(
     backend: str = "?",
 ) -> TrainResult:
     """Drive a run to its end (or early stop); write checkpoints, metrics and the final adapter."""
-    from .data import lr_factor
-
     config.validate()
     n = len(ops.lengths)
     if n == 0:
@@ -159,11 +157,7 @@ def run_training(
     epoch_cache: dict[int, list[list[int]]] = {}
 
     def next_micro_batches(start: int) -> list[list[int]]:
-        out = []
-        for m in range(start, start + config.grad_accum):
-            e_batches = _batches_for(m, epoch_cache, ops.lengths, config)
-            out.append(e_batches)
-        return out
+        return [_batches_for(m, epoch_cache, ops.lengths, config) for m in range(start, start + config.grad_accum)]
 
     bar = _progress(total, step, config.progress)
     pending: list[Any] = []
@@ -181,7 +175,7 @@ def run_training(
             is_last = step == total
             do_eval = is_last or (config.eval_every and step % config.eval_every == 0)
             do_save = run is not None and (
-                is_last or do_eval and not config.save_every or config.save_every and step % config.save_every == 0
+                is_last or (do_eval and not config.save_every) or (config.save_every and step % config.save_every == 0)
             )
             if step % config.log_every == 0 or do_eval or do_save:
                 last_loss = ops.loss_value(pending)
