@@ -10,9 +10,9 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
-from tiny import ARCHS, sentences  # noqa: E402
+from tiny import ARCHS, METHODS, TEXTS, spec_for, toy_data, toy_task  # noqa: E402
 
-from lrpt import Adapter, PromptSpec, Task, TrainingError  # noqa: E402
+from lrpt import Adapter, PromptSpec, TrainingError  # noqa: E402
 from lrpt.backends import get_backend  # noqa: E402
 from lrpt.backends.mlx import model as M  # noqa: E402
 from lrpt.backends.mlx.prompts import PromptModule, prompt_from_adapter, prompt_to_adapter  # noqa: E402
@@ -22,13 +22,8 @@ from lrpt.tokens import target_tokenize_fn, tokenize_fn  # noqa: E402
 from lrpt.trainer import TrainConfig  # noqa: E402
 
 G = importlib.import_module("lrpt.backends.mlx.generate")
-METHODS = ("prompt", "lopt1", "lopt2", "lopa")
-TEXTS = ["the movie was great fun", "bad", "a very long review of the plot and actor is not"]
-TASK = Task("toy", template="Review: {text}\nSentiment:", label_words=[" bad", " good"])
+TASK = toy_task()
 
-
-def spec_for(method, n=4, **kw):
-    return PromptSpec(method, n_tokens=n, rank=None if method == "prompt" else 2, head_hidden=8, **kw)
 
 
 @cache
@@ -224,10 +219,6 @@ def test_sampling_seed_and_stop(llama):
 # -- training --------------------------------------------------------------------------------------
 
 
-def toy_data(n=96, seed=5):
-    return [{"text": s, "label": int(any(w in s.split() for w in ("good", "great", "fun", "loved")))}
-            for s in sentences(n, seed=seed)]
-
 
 def cfg(**kw):
     return TrainConfig(**{**dict(steps=12, lr=0.05, batch_size=8, eval_every=4, log_every=2, progress=False), **kw})
@@ -269,40 +260,6 @@ def test_grad_checkpoint_and_accumulation_train(llama):
     pa, pb = a.to_params(), b.to_params()
     for k in pa:
         np.testing.assert_allclose(pa[k], pb[k], atol=1e-5)
-
-
-@pytest.mark.parametrize("method", ["lopt1", "lopa"])
-def test_resume_is_bitwise_exact(llama, tmp_path, method):
-    import lrpt.trainer as T
-
-    model, tok = llama
-    data = toy_data()
-    full = M.init_prompt(spec_for(method), model, tok, seed=0)
-    train(model, tok, full, TASK, data[:80], data[80:], cfg(save_every=4, grad_accum=2), tmp_path / "a")
-
-    class Crash(Exception):
-        pass
-
-    orig = T.RunDir.save_checkpoint
-
-    def crash_after_8(self, step, *a, **k):
-        out = orig(self, step, *a, **k)
-        if step == 8:
-            raise Crash
-        return out
-
-    T.RunDir.save_checkpoint = crash_after_8
-    try:
-        with pytest.raises(Crash):
-            train(model, tok, M.init_prompt(spec_for(method), model, tok, seed=0), TASK, data[:80], data[80:],
-                  cfg(save_every=4, grad_accum=2), tmp_path / "b")
-    finally:
-        T.RunDir.save_checkpoint = orig
-    fresh = M.init_prompt(spec_for(method), model, tok, seed=99)
-    train(model, tok, fresh, TASK, data[:80], data[80:], cfg(save_every=4, grad_accum=2), tmp_path / "b", resume=True)
-    pa, pb = full.to_params(), fresh.to_params()
-    for k in pa:
-        assert np.array_equal(pa[k], pb[k]), k
 
 
 def test_continue_training_a_saved_adapter_and_nan_guard(llama, tmp_path, monkeypatch):

@@ -16,17 +16,16 @@ torch = pytest.importorskip("torch")
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
-from tiny import ARCHS, sentences  # noqa: E402
+from tiny import ARCHS, METHODS, sentences, spec_for, toy_data, toy_task  # noqa: E402
 
-from lrpt import Adapter, PromptSpec, Task  # noqa: E402
+from lrpt import Adapter  # noqa: E402
 from lrpt.trainer import TrainConfig  # noqa: E402
 
 B = {name: importlib.import_module(f"lrpt.backends.{name}") for name in ("torch", "mlx")}
 MODEL = {name: importlib.import_module(f"lrpt.backends.{name}.model") for name in B}
 GEN = {name: importlib.import_module(f"lrpt.backends.{name}.generate") for name in B}
-TASK = Task("toy", template="Review: {text}\nSentiment:", label_words=[" bad", " good"])
+TASK = toy_task()
 TEXTS = sentences(16, seed=11)
-METHODS = ("prompt", "lopt1", "lopt2", "lopa")
 
 
 @cache
@@ -34,9 +33,8 @@ def load(backend, path):
     return MODEL[backend].load_model(path)
 
 
-def data(n=48, seed=5):
-    return [{"text": s, "label": int(any(w in s.split() for w in ("good", "great", "fun", "loved")))}
-            for s in sentences(n, seed=seed)]
+def data(n=48):
+    return toy_data(n)
 
 
 def logits(backend, model, tok, adapter):
@@ -63,7 +61,7 @@ def answers(backend, model, tok, adapter):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("src, dst", [("torch", "mlx"), ("mlx", "torch")])
 def test_trained_adapter_gives_the_same_answers_on_the_other_backend(tiny_dirs, tmp_path, arch, method, src, dst):
-    spec = PromptSpec(method, n_tokens=4, rank=None if method == "prompt" else 2, head_hidden=8)
+    spec = spec_for(method)
     model, tok = load(src, str(tiny_dirs[arch]))
     prompt = B[src].init_prompt(spec, model, tok, seed=0)
     B[src].train(model, tok, prompt, TASK, data(), None, TrainConfig(steps=3, lr=0.05, batch_size=16, progress=False))
@@ -91,7 +89,7 @@ def _train_loss(backend, model, tok, adapter, rows):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("src, dst", [("torch", "mlx"), ("mlx", "torch")])
 def test_training_continues_on_the_other_backend(tiny_dirs, tmp_path, method, src, dst):
-    spec = PromptSpec(method, n_tokens=4, rank=None if method == "prompt" else 2, head_hidden=8)
+    spec = spec_for(method)
     rows = data()
     model, tok = load(src, str(tiny_dirs["llama"]))
     prompt = B[src].init_prompt(spec, model, tok, seed=0)
@@ -105,3 +103,44 @@ def test_training_continues_on_the_other_backend(tiny_dirs, tmp_path, method, sr
     B[dst].train(other, otok, again, TASK, rows, None, TrainConfig(steps=8, lr=0.05, batch_size=16, progress=False))
     after = _train_loss(dst, other, otok, B[dst].prompt_to_adapter(again), rows)
     assert after < before
+
+
+@pytest.mark.parametrize("method", ["lopt1", "lopa"])
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_resume_is_bitwise_exact(tiny_dirs, tmp_path, backend, method):
+    """A run stopped after a checkpoint and resumed ends with bitwise the same tensors (CPU)."""
+    import lrpt.trainer as T
+
+    model, tok = load(backend, str(tiny_dirs["llama"]))
+    spec = spec_for(method)
+    rows = data(96)
+    cfg = TrainConfig(steps=12, lr=0.05, batch_size=8, eval_every=4, log_every=2, save_every=4, grad_accum=2,
+                      progress=False)
+    full = B[backend].init_prompt(spec, model, tok, seed=0)
+    B[backend].train(model, tok, full, TASK, rows[:80], rows[80:], cfg, tmp_path / "a")
+
+    class Crash(Exception):
+        pass
+
+    orig = T.RunDir.save_checkpoint
+
+    def crash_after_8(self, step, *a, **k):
+        out = orig(self, step, *a, **k)
+        if step == 8:
+            raise Crash
+        return out
+
+    T.RunDir.save_checkpoint = crash_after_8
+    try:
+        with pytest.raises(Crash):
+            B[backend].train(model, tok, B[backend].init_prompt(spec, model, tok, seed=0), TASK, rows[:80], rows[80:],
+                             cfg, tmp_path / "b")
+    finally:
+        T.RunDir.save_checkpoint = orig
+    fresh = B[backend].init_prompt(spec, model, tok, seed=99)  # resuming overwrites it
+    B[backend].train(model, tok, fresh, TASK, rows[:80], rows[80:], cfg, tmp_path / "b", resume=True)
+    a, b = full.to_params(), fresh.to_params()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    strip = [[{k: v for k, v in __import__("json").loads(x).items() if k != "elapsed_s"}
+              for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("a", "b")]
+    assert strip[0] == strip[1]

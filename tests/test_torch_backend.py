@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tiny import ARCHS, sentences  # noqa: E402
+from tiny import ARCHS, METHODS, TEXTS, sentences, spec_for, toy_data, toy_task  # noqa: E402
 
 from lrpt import Adapter, PromptSpec, Task, TrainingError  # noqa: E402
 from lrpt.backends import get_backend  # noqa: E402
@@ -22,13 +22,6 @@ from lrpt.backends.torch.train import evaluate, train  # noqa: E402
 from lrpt.reference import materialize  # noqa: E402
 from lrpt.tokens import label_token_ids  # noqa: E402
 from lrpt.trainer import TrainConfig  # noqa: E402
-
-METHODS = ("prompt", "lopt1", "lopt2", "lopa")
-TEXTS = ["the movie was great fun", "bad", "a very long review of the plot and actor is not"]
-
-
-def spec_for(method, n=4, **kw):
-    return PromptSpec(method, n_tokens=n, rank=None if method == "prompt" else 2, head_hidden=8, **kw)
 
 
 @cache
@@ -256,14 +249,7 @@ def test_sampling_seed_and_stop_strings(llama):
 
 # -- training --------------------------------------------------------------------------------------
 
-TASK = Task("toy", template="Review: {text}\nSentiment:", label_words=[" bad", " good"])
-
-
-def toy_data(n=96, seed=5):
-    return [
-        {"text": s, "label": int(any(w in s.split() for w in ("good", "great", "fun", "loved")))}
-        for s in sentences(n, seed=seed)
-    ]
+TASK = toy_task()
 
 
 def cfg(**kw):
@@ -290,43 +276,6 @@ def test_training_lowers_loss_and_writes_run_dir(llama, tmp_path, method):
         "optimizer.safetensors",
         "trainer_state.json",
     }
-
-
-@pytest.mark.parametrize("method", ["lopt1", "lopa"])
-def test_resume_is_bitwise_exact(llama, tmp_path, method):
-    import lrpt.trainer as T
-
-    model, tok = llama
-    data = toy_data()
-    full = M.init_prompt(spec_for(method), model, tok, seed=0)
-    train(model, tok, full, TASK, data[:80], data[80:], cfg(save_every=4, grad_accum=2), tmp_path / "a")
-
-    class Crash(Exception):
-        pass
-
-    orig = T.RunDir.save_checkpoint
-
-    def crash_after_8(self, step, *a, **k):
-        out = orig(self, step, *a, **k)
-        if step == 8:
-            raise Crash
-        return out
-
-    part = M.init_prompt(spec_for(method), model, tok, seed=0)
-    T.RunDir.save_checkpoint = crash_after_8
-    try:
-        with pytest.raises(Crash):
-            train(model, tok, part, TASK, data[:80], data[80:], cfg(save_every=4, grad_accum=2), tmp_path / "b")
-    finally:
-        T.RunDir.save_checkpoint = orig
-    fresh = M.init_prompt(spec_for(method), model, tok, seed=99)  # resume overwrites it
-    train(model, tok, fresh, TASK, data[:80], data[80:], cfg(save_every=4, grad_accum=2), tmp_path / "b", resume=True)
-    for (k, a), (_, b) in zip(full.state_dict().items(), fresh.state_dict().items()):
-        assert torch.equal(a, b), k
-    la = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
-    lb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
-    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "elapsed_s"} for x in lines]  # noqa: E731
-    assert strip(la) == strip(lb)
 
 
 def test_existing_run_needs_resume_and_resume_needs_checkpoint(llama, tmp_path):

@@ -173,3 +173,28 @@ def write_tiny_gguf(path: str | Path, hf_dir: str | Path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return Path(path)
+
+
+# -- shared test vocabulary ---------------------------------------------------------------------
+
+METHODS = ("prompt", "lopt1", "lopt2", "lopa")
+TEXTS = ["the movie was great fun", "bad", "a very long review of the plot and actor is not"]
+
+
+def spec_for(method: str, n: int = 4, **kw):
+    """A small spec of ``method`` (rank 2, head width 8) for tiny models."""
+    from lrpt import PromptSpec
+
+    return PromptSpec(method, n_tokens=n, rank=None if method == "prompt" else 2, head_hidden=8, **kw)
+
+
+def toy_task():
+    from lrpt import Task
+
+    return Task("toy", template="Review: {text}\nSentiment:", label_words=[" bad", " good"])
+
+
+def toy_data(n: int = 96, seed: int = 5) -> list[dict]:
+    """Generated reviews labelled 1 when they hold a positive keyword."""
+    return [{"text": s, "label": int(any(w in s.split() for w in ("good", "great", "fun", "loved")))}
+            for s in sentences(n, seed=seed)]
