@@ -264,12 +264,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     adapter = Adapter.load(args.adapter)
     task = _task_from_args(args, adapter.task)
-    if task.kind != "classification":
-        raise DataError("eval scores classification tasks; this adapter's task is a completion task")
     rows = _examples(args, task, args.split, args.limit)
     backend, model, tokenizer, _ = _backend_and_model(args)
     _check_base(adapter, backend, model, args.force)
     prompt = backend.prompt_from_adapter(adapter)
+    if task.kind == "completion":
+        return _eval_completion(args, backend, model, tokenizer, prompt, task, rows)
     texts = [task.format(r) for r in rows]
     scores = _score_with_progress(backend, model, tokenizer, prompt, texts, task.label_words, args.batch_size)
     preds = scores.argmax(-1).tolist()
@@ -284,6 +284,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              "scores": [round(float(x), 6) for x in scores[i]]}) for i, r in enumerate(rows)]
         atomic_write(args.predictions, ("\n".join(lines) + "\n").encode())
         result["predictions"] = str(args.predictions)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _table([(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in result.items()])
+    return 0
+
+
+def _eval_completion(args, backend, model, tokenizer, prompt, task: Task, rows: list[dict]) -> int:
+    """Mean negative log-likelihood of the completion tokens, and its perplexity."""
+    import math
+
+    from .data import encode_examples
+    from .tokens import target_tokenize_fn, tokenize_fn
+
+    hf = backend.model.hf_tokenizer(tokenizer)
+    data = encode_examples(task, tokenize_fn(hf), rows, target_tokenize_fn(hf))
+    metrics, _ = backend.evaluate(model, tokenizer, prompt, task, data, args.batch_size)
+    result = {"task": task.name, "split": args.split, "examples": len(rows), "loss": metrics["loss"],
+              "perplexity": math.exp(min(metrics["loss"], 50.0))}
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -100,14 +100,23 @@ def test_data_dir_custom_labels(tiny_dirs, tmp_path):
     assert Adapter.load(tmp_path / "r" / "adapter").task.label_words == [" bad", " good"]
 
 
-def test_completion_data(tiny_dirs, tmp_path):
+def test_completion_data(tiny_dirs, tmp_path, capsys):
     d = tmp_path / "data"
     d.mkdir()
     rows = [{"prompt": f"say {w}:", "completion": f" {w}"} for w in ("yes", "no", "fun", "plot")] * 4
     (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (d / "validation.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:6]))
     assert main(["train", "--backend", "torch", "--model", str(tiny_dirs["llama"]), "--data", str(d),
                  "--eval-limit", "0", "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "r")]) == 0
     assert Adapter.load(tmp_path / "r" / "adapter").task.kind == "completion"
+    results = []
+    for backend in ("torch", "mlx"):
+        capsys.readouterr()
+        assert main(["eval", "--backend", backend, "--model", str(tiny_dirs["llama"]), "--adapter",
+                     str(tmp_path / "r" / "adapter"), "--data", str(d), "--json"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    a, b = results
+    assert a["examples"] == 6 and abs(a["loss"] - b["loss"]) < 1e-4 and a["perplexity"] > 1
 
 
 # -- errors: one line, exit code 2 ----------------------------------------------------------------

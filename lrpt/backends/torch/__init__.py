@@ -3,7 +3,7 @@
 from .generate import classify, generate, score_labels
 from .model import Batch, base_model_info, forward_logits, init_prompt, load_model, make_batch
 from .prompts import PromptModule, prompt_from_adapter, prompt_to_adapter
-from .train import TrainConfig, train
+from .train import TrainConfig, evaluate, train
 
 NAME = "torch"
 
@@ -14,6 +14,7 @@ __all__ = [
     "TrainConfig",
     "base_model_info",
     "classify",
+    "evaluate",
     "forward_logits",
     "generate",
     "init_prompt",
