@@ -69,6 +69,38 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     return model, tokenizer
 
 
+@dataclass
+class GGUFModel:
+    """A GGUF model read by transformers: float32 NumPy weights (a tied head stored once),
+    its config as a dict, its tokenizer and generation config (both with ``save_pretrained``)."""
+
+    state: dict[str, np.ndarray]
+    config: dict
+    tokenizer: object
+    generation_config: object | None
+
+
+def read_gguf(path: str | Path) -> GGUFModel:
+    """Read (and dequantise) a GGUF model; see :func:`lrpt.conversions.models.gguf_to_hf`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ...errors import ConversionError
+
+    path = Path(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for unreadable or unsupported files
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConversionError(f"cannot read {path} as a GGUF model ({first})") from None
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    state = {k: v.detach().float().contiguous().numpy() for k, v in model.state_dict().items()
+             if not (tied and k == "lm_head.weight")}
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    return GGUFModel(state, config, tokenizer, getattr(model, "generation_config", None))
+
+
 def hf_tokenizer(tokenizer):
     """The HF tokenizer (the torch backend uses it directly; MLX unwraps mlx-lm's wrapper)."""
     return tokenizer
