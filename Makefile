@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # The CPU build of torch; a looser requirement pulls a multi-GB CUDA build on Linux.
 TORCH  ?= torch==2.13.0
 
-.PHONY: test demo lint clean
+.PHONY: test test-gpu demo lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ lint: $(VENV)/.installed
 
 test: lint
 	$(VENV)/bin/pytest
+
+# The GPU half of the suite, on a machine with CUDA: it uses that machine's Python, which holds a
+# CUDA build of torch and transformers (no install, no network). Tests marked `gpu` skip elsewhere.
+GPU_PY ?= python3
+test-gpu:
+	PYTHONPATH=$(CURDIR) $(GPU_PY) -m pytest -m gpu -p no:cacheprovider -rs tests/test_gpu.py
 
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py

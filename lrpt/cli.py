@@ -191,7 +191,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     backend, model, tokenizer, name = _backend_and_model(args)
     if start_from is not None:
         _check_base(start_from, backend, model, args.force)
-        prompt = backend.prompt_from_adapter(start_from)
+        prompt = backend.prompt_from_adapter(start_from, model)
     else:
         rank = None if args.method == "prompt" else args.rank
         spec = PromptSpec(args.method, n_tokens=args.tokens, rank=rank, activation=args.activation, gate=args.gate,
@@ -267,7 +267,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows = _examples(args, task, args.split, args.limit)
     backend, model, tokenizer, _ = _backend_and_model(args)
     _check_base(adapter, backend, model, args.force)
-    prompt = backend.prompt_from_adapter(adapter)
+    prompt = backend.prompt_from_adapter(adapter, model)
     if task.kind == "completion":
         return _eval_completion(args, backend, model, tokenizer, prompt, task, rows)
     texts = [task.format(r) for r in rows]
@@ -333,7 +333,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = None
     if adapter is not None:
         _check_base(adapter, backend, model, args.force)
-        prompt = backend.prompt_from_adapter(adapter)
+        prompt = backend.prompt_from_adapter(adapter, model)
         task = adapter.task
         if task is not None and not args.raw and len(task.template_fields()) == 1:
             texts = [task.template.format(**{task.template_fields()[0]: t}) for t in texts]

@@ -213,3 +213,40 @@ def test_convert_model_from_gguf_loads_in_both_backends(tiny_dirs, tmp_path, cap
     np.testing.assert_allclose(converted, original, atol=1e-5)
     np.testing.assert_allclose(on_mlx, converted, atol=1e-4)
     assert main(["convert-model", str(gguf_path), str(tmp_path / "hf")]) == 2  # no silent overwrite
+
+
+def test_convert_model_overwrite_never_deletes_what_lrpt_did_not_make(tmp_path, monkeypatch, capsys):
+    """--overwrite refuses `.`, a parent of the input, and any folder that is not a model folder;
+    nothing is read or deleted before the refusal (the checks come first)."""
+    gguf = tmp_path / "work" / "x.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF" + b"\0" * 60)
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["convert-model", str(gguf), ".", "--overwrite"]) == 2
+    assert "current directory" in capsys.readouterr().err
+    assert main(["convert-model", str(gguf), str(tmp_path / "work"), "--overwrite"]) == 2
+    assert gguf.exists()
+    unrelated = tmp_path / "photos"
+    unrelated.mkdir()
+    (unrelated / "cat.jpg").write_bytes(b"x")
+    (unrelated / "config.json").write_text("{}")
+    assert main(["convert-model", str(gguf), str(unrelated), "--overwrite"]) == 2
+    assert "cat.jpg" in capsys.readouterr().err
+    assert (unrelated / "cat.jpg").exists()
+    no_config = tmp_path / "empty_but_not_model"
+    no_config.mkdir()
+    (no_config / "notes.txt").write_text("mine")
+    assert main(["convert-model", str(gguf), str(no_config), "--overwrite"]) == 2
+    assert (no_config / "notes.txt").read_text() == "mine"
+
+
+def test_convert_model_overwrite_replaces_a_model_folder(tiny_dirs, tmp_path):
+    pytest.importorskip("gguf")
+    from tiny import write_tiny_gguf
+
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_dirs["llama"])
+    out = tmp_path / "hf"
+    assert main(["convert-model", str(gguf_path), str(out)]) == 0
+    (out / "config.json").write_text('{"stale": true}')
+    assert main(["convert-model", str(gguf_path), str(out), "--overwrite"]) == 0
+    assert "stale" not in (out / "config.json").read_text()

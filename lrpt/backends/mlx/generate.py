@@ -19,7 +19,7 @@ from ...data import target_positions
 from ...tokens import encode_texts, label_token_ids
 from .._common import prompt_lengths, restore_modes, set_eval
 from .model import Batch, attach, forward_hidden, hf_tokenizer, logits_at, make_batch, prompt_rows
-from .prompts import PromptModule
+from .prompts import PromptModule, place
 
 
 def prepare_scoring(rows: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]], n: Sequence[int],
@@ -82,6 +82,7 @@ def score_rows(model, prompt, rows: Sequence[Sequence[int]], label_ids: Sequence
 def score_labels(model, tokenizer, prompt, texts: Sequence[str], label_words: Sequence[str],
                  which: Sequence[int] | None = None, batch_size: int = 32) -> np.ndarray:
     """(N, K) label log-probabilities for already templated ``texts``."""
+    place(prompt, model)
     hf = hf_tokenizer(tokenizer)
     label_ids = label_token_ids(hf, label_words)
     rows = encode_texts(hf, texts)
@@ -144,6 +145,7 @@ def generate(model, tokenizer, prompt, texts: Sequence[str], max_tokens: int = 6
              top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] | None = None,
              which: Sequence[int] | None = None, use_prefix_cache: bool = True) -> list[str]:
     """Continue each (templated) text through mlx-lm's ``batch_generate``; greedy at temperature 0."""
+    place(prompt, model)
     from mlx_lm.generate import batch_generate
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.sample_utils import make_sampler

@@ -106,9 +106,14 @@ class PromptModule(nn.Module):
         return mx.maximum(z_s, z_i)
 
 
-def prompt_from_adapter(adapter: Adapter, device=None) -> PromptModule:
-    """A trainable module holding the adapter's tensors (float32). ``device`` is unused on MLX."""
+def prompt_from_adapter(adapter: Adapter, model=None) -> PromptModule:
+    """A trainable module holding the adapter's tensors (float32; MLX memory is unified, so
+    ``model`` is only there to mirror the torch backend's placement)."""
     return PromptModule(adapter.spec, adapter.params)
+
+
+def place(prompt, model) -> None:
+    """Nothing to move on MLX (unified memory); mirrors the torch backend."""
 
 
 def prompt_to_adapter(prompt: PromptModule, task: Task | None = None, base_model: BaseModelInfo | None = None) -> Adapter:

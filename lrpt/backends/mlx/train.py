@@ -25,7 +25,7 @@ from ...tokens import label_token_ids, target_tokenize_fn, tokenize_fn
 from ...trainer import TrainConfig, TrainResult, run_training
 from .generate import label_scores, prepare_scoring, target_logprobs, unpack
 from .model import base_model_info, hf_tokenizer, make_batch, prompt_rows
-from .prompts import PromptModule, prompt_to_adapter
+from .prompts import PromptModule, place, prompt_to_adapter
 
 
 def prepare_completion(rows: list[Encoded], n: int, pad_id: int = 0, pad_to_multiple: int = 1) -> dict[str, mx.array]:
@@ -141,6 +141,7 @@ class MLXOps:
 def evaluate(model, tokenizer, prompt: PromptModule, task: Task, data: list[Encoded],
              batch_size: int = 32) -> tuple[dict[str, float], np.ndarray | None]:
     """Metrics on encoded examples, and the (N, K) label scores for classification."""
+    place(prompt, model)
     was = prompt.training
     prompt.eval()
     hf = hf_tokenizer(tokenizer)
@@ -169,6 +170,7 @@ def train(model, tokenizer, prompt: PromptModule, task: Task, train_examples: li
           out_dir: str | Path | None = None, resume: bool = False) -> TrainResult:
     """Train ``prompt`` on ``task`` with a frozen ``model``; see :func:`lrpt.trainer.run_training`."""
     config = config or TrainConfig()
+    place(prompt, model)
     mx.random.seed(config.seed)
     hf = hf_tokenizer(tokenizer)
     tok, tgt = tokenize_fn(hf), target_tokenize_fn(hf)

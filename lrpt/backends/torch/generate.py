@@ -23,7 +23,7 @@ from ...data import target_positions
 from ...tokens import encode_texts, label_token_ids
 from .._common import prompt_lengths, restore_modes, set_eval
 from .model import Batch, embed, forward_hidden, head, logits_at, make_batch, prompt_rows
-from .prompts import PromptModule
+from .prompts import PromptModule, place
 
 
 def prepare_scoring(rows: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]], n: Sequence[int],
@@ -95,6 +95,7 @@ def score_labels(
     batch_size: int = 32,
 ) -> np.ndarray:
     """(N, K) label log-probabilities for already templated ``texts``."""
+    place(prompt, model)
     label_ids = label_token_ids(tokenizer, label_words)
     rows = encode_texts(tokenizer, texts)
     out = []
@@ -180,6 +181,7 @@ def generate(
     Stops at EOS, at any ``stop`` string (cut from the output) or after ``max_tokens``.
     Batched results equal one-by-one results (left padding, exact positions).
     """
+    place(prompt, model)
     rows = encode_texts(tokenizer, texts)
     b, dev = len(rows), model.device
     gen = torch.Generator(device=dev)

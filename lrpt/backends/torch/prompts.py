@@ -17,6 +17,7 @@ from ...adapter import Adapter
 from ...basemodel import BaseModelInfo
 from ...spec import PromptSpec
 from ...tasks import Task
+from .._common import prompt_list
 
 _ACTIVATIONS = {"elu": F.elu, "relu": F.relu, "gelu": F.gelu}
 
@@ -94,10 +95,18 @@ class PromptModule(nn.Module):
         return torch.maximum(z_s, z_i)
 
 
-def prompt_from_adapter(adapter: Adapter, device: torch.device | str | None = None) -> PromptModule:
-    """A trainable module holding the adapter's tensors (float32, on ``device``)."""
+def prompt_from_adapter(adapter: Adapter, model=None) -> PromptModule:
+    """A trainable module holding the adapter's tensors (float32, on ``model``'s device)."""
     module = PromptModule(adapter.spec, adapter.params)
-    return module.to(device) if device is not None else module
+    return module.to(model.device) if model is not None else module
+
+
+def place(prompt, model) -> None:
+    """Move prompt module(s) to the model's device (in place), so no caller has to say where."""
+    for m in prompt_list(prompt):
+        p = next(m.parameters(), None)
+        if p is not None and p.device != model.device:
+            m.to(model.device)
 
 
 def prompt_to_adapter(

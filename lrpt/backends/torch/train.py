@@ -21,7 +21,7 @@ from ...tokens import label_token_ids, target_tokenize_fn, tokenize_fn
 from ...trainer import TrainConfig, TrainResult, run_training
 from .generate import _autocast, _positions, label_scores, prepare_scoring, target_logprobs, unpack
 from .model import base_model_info, make_batch, prompt_rows
-from .prompts import PromptModule, prompt_to_adapter
+from .prompts import PromptModule, place, prompt_to_adapter
 
 
 def prepare_completion(rows: list[Encoded], n: int, pad_id: int = 0, pad_to_multiple: int = 1,
@@ -162,6 +162,7 @@ def evaluate(
     model, tokenizer, prompt: PromptModule, task: Task, data: list[Encoded], batch_size: int = 32
 ) -> tuple[dict[str, float], np.ndarray | None]:
     """Metrics on encoded examples, and the (N, K) label scores for classification."""
+    place(prompt, model)
     was = prompt.training
     prompt.eval()
     pad = tokenizer.pad_token_id or 0
@@ -203,6 +204,7 @@ def train(
     (:func:`~.prompts.prompt_from_adapter`): training continues from its tensors.
     """
     config = config or TrainConfig()
+    place(prompt, model)
     torch.manual_seed(config.seed)
     tok, tgt = tokenize_fn(tokenizer), target_tokenize_fn(tokenizer)
     train_data = encode_examples(task, tok, train_examples, tgt)

@@ -1,0 +1,205 @@
+"""The GPU half of the suite (`make test-gpu`): the same product on a real CUDA device.
+
+CI has no GPU, so these tests skip there; they run on the GPU machine before any backend change
+lands, and the last run is recorded in benchmarks/RESULTS.md ("GPU test suite"). SmolLM2 tests run
+when $LRPT_SMOLLM2 names an HF folder of it (made with `lrpt convert-model`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+from tiny import METHODS, TEXTS, spec_for, toy_data, toy_task  # noqa: E402
+
+from lrpt import Adapter  # noqa: E402
+
+TRAIN = ["--task", "demo", "--method", "lopt1", "--tokens", "4", "--rank", "2", "--batch-size", "8",
+         "--train-limit", "64", "--eval-limit", "16"]
+BF16_ATOL = 0.15  # max |Δ log-prob| of a label score, bf16 CUDA vs fp32 CPU (tiny random models)
+
+
+def lrpt(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "lrpt.cli", *map(str, args)], capture_output=True, text=True, **kw)
+
+
+def ok(r):
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def tb():
+    from lrpt.backends import get_backend
+
+    return get_backend("torch")
+
+
+def _adapter(method, seed=3, dim=32):
+    return Adapter.create(spec_for(method), dim, seed=seed)
+
+
+# -- the CLI end to end on CUDA ---------------------------------------------------------------------
+
+
+def test_cli_train_eval_generate_init_from_resume_convert(tiny_dirs, tmp_path):
+    model = tiny_dirs["llama"]
+    run = tmp_path / "run"
+    r = ok(lrpt("train", "--backend", "torch", "--model", model, *TRAIN, "--steps", 6, "--eval-every", 3, "--out", run))
+    assert "best validation accuracy" in r.stdout
+    assert json.loads((run / "train_config.json").read_text())["backend"] == "torch"
+    ev = json.loads(ok(lrpt("eval", "--backend", "torch", "--model", model, "--adapter", run / "adapter",
+                            "--limit", 16, "--json")).stdout)
+    assert ev["examples"] == 16 and 0 <= ev["accuracy"] <= 1
+    gen = json.loads(ok(lrpt("generate", "--backend", "torch", "--model", model, "--adapter", run / "adapter",
+                             "--max-tokens", 4, "--json", "the plot was fun")).stdout)
+    assert len(gen) == 1 and isinstance(gen[0]["output"], str)
+    ok(lrpt("train", "--backend", "torch", "--model", model, "--init-from", run / "adapter", "--train-limit", 32,
+            "--eval-limit", 0, "--steps", 2, "--out", tmp_path / "cont"))
+    ok(lrpt("convert", run / "adapter", tmp_path / "peft", "--to", "peft", "--method", "prompt"))
+
+
+def test_cli_kill_and_resume_on_cuda(tiny_dirs, tmp_path):
+    """kill -9 after the first checkpoint, then --resume: the run finishes with every step logged once."""
+    model, run = tiny_dirs["llama"], tmp_path / "run"
+    args = ["train", "--backend", "torch", "--model", model, *TRAIN, "--steps", 400, "--save-every", 5,
+            "--eval-limit", 0, "--out", run]
+    proc = subprocess.Popen([sys.executable, "-m", "lrpt.cli", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((run / "checkpoints").glob("step-*")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list((run / "checkpoints").glob("step-*")), "no checkpoint appeared"
+    ok(lrpt(*args, "--resume"))
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if "loss" in x]
+    assert steps[-1] == 400 and len(steps) == len(set(steps))
+
+
+# -- numerics: CUDA vs CPU ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fp32_cuda_scores_equal_cpu(tiny_dirs, tb, method):
+    adapter = _adapter(method)
+    texts = [toy_task().format(r) for r in toy_data(24)]
+    words = toy_task().label_words
+    out = {}
+    for dev in ("cpu", "cuda"):
+        model, tok = tb.load_model(tiny_dirs["llama"], dtype="float32", device=dev, quiet=True)
+        out[dev] = tb.score_labels(model, tok, tb.prompt_from_adapter(adapter, model), texts, words)
+    np.testing.assert_allclose(out["cuda"], out["cpu"], rtol=0, atol=1e-4)
+
+
+def test_bf16_cuda_scores_within_tolerance(tiny_dirs, tb):
+    adapter = _adapter("lopt1")
+    texts = [toy_task().format(r) for r in toy_data(64)]
+    words = toy_task().label_words
+    cpu_model, tok = tb.load_model(tiny_dirs["llama"], dtype="float32", device="cpu", quiet=True)
+    gpu_model, _ = tb.load_model(tiny_dirs["llama"], device="cuda", quiet=True)  # bf16 by default on CUDA
+    assert gpu_model.dtype == torch.bfloat16
+    ref = tb.score_labels(cpu_model, tok, tb.prompt_from_adapter(adapter, cpu_model), texts, words)
+    got = tb.score_labels(gpu_model, tok, tb.prompt_from_adapter(adapter, gpu_model), texts, words)
+    assert np.abs(got - ref).max() <= BF16_ATOL
+
+
+def test_python_api_moves_a_cpu_prompt_to_the_model(tiny_dirs, tb):
+    """A prompt built on the CPU (no device given) still works with a CUDA model."""
+    model, tok = tb.load_model(tiny_dirs["llama"], dtype="float32", device="cuda", quiet=True)
+    prompt = tb.prompt_from_adapter(_adapter("lopa"))  # on the CPU
+    scores = tb.score_labels(model, tok, prompt, TEXTS, [" bad", " good"])
+    assert np.isfinite(scores).all()
+    assert tb.generate(model, tok, prompt, TEXTS[:1], max_tokens=3)
+
+
+def test_mixed_adapters_in_one_batch_on_cuda(tiny_dirs, tb):
+    model, tok = tb.load_model(tiny_dirs["llama"], dtype="float32", device="cuda", quiet=True)
+    prompts = [tb.prompt_from_adapter(_adapter(m, seed=i), model) for i, m in enumerate(METHODS)]
+    which = [i % len(prompts) for i in range(8)]
+    texts = [TEXTS[i % len(TEXTS)] for i in range(8)]
+    mixed = tb.score_labels(model, tok, prompts, texts, [" bad", " good"], which=which)
+    alone = np.concatenate([tb.score_labels(model, tok, prompts[w], [t], [" bad", " good"])
+                            for t, w in zip(texts, which)])
+    np.testing.assert_allclose(mixed, alone, rtol=0, atol=1e-4)
+    gen_mixed = tb.generate(model, tok, prompts, texts, max_tokens=6, which=which)
+    gen_alone = [tb.generate(model, tok, prompts[w], [t], max_tokens=6)[0] for t, w in zip(texts, which)]
+    assert gen_mixed == gen_alone
+
+
+@pytest.mark.parametrize("method", ["lopt1", "lopa"])
+def test_generation_batched_equals_one_by_one_on_cuda(tiny_dirs, tb, method):
+    model, tok = tb.load_model(tiny_dirs["llama"], dtype="float32", device="cuda", quiet=True)
+    prompt = tb.prompt_from_adapter(_adapter(method), model)
+    batched = tb.generate(model, tok, prompt, TEXTS, max_tokens=12)
+    assert batched == [tb.generate(model, tok, prompt, [t], max_tokens=12)[0] for t in TEXTS]
+
+
+# -- compiled vs eager ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_compiled_loss_and_gradients_match_eager(tiny_dirs, tb, mode):
+    from lrpt.backends.torch.train import TorchOps
+    from lrpt.data import encode_examples
+    from lrpt.tokens import tokenize_fn
+    from lrpt.trainer import TrainConfig
+
+    model, tok = tb.load_model(tiny_dirs["llama"], dtype="float32", device="cuda", quiet=True)
+    task = toy_task()
+    data = encode_examples(task, tokenize_fn(tok), toy_data(16))
+    grads = {}
+    for compiled in (False, True):
+        prompt = tb.prompt_from_adapter(_adapter("lopt1"), model)
+        ops = TorchOps(model, tok, prompt, task, data, None, TrainConfig(compile=compiled, compile_mode=mode))
+        for _ in range(3 if compiled else 1):  # compiled: warm up (CUDA graphs record on later calls)
+            prompt.zero_grad(set_to_none=True)
+            loss = ops.loss_fn(ops.prepare(data[:8]))
+            loss.backward()
+        grads[compiled] = (float(loss), [p.grad.detach().clone() for p in prompt.parameters()])
+    assert abs(grads[True][0] - grads[False][0]) <= 1e-4 * max(1.0, abs(grads[False][0]))
+    for a, b in zip(grads[True][1], grads[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+# -- the real model ------------------------------------------------------------------------------------
+
+SMOL = os.environ.get("LRPT_SMOLLM2")
+needs_smol = pytest.mark.skipif(not (SMOL and Path(SMOL, "config.json").is_file()), reason="set LRPT_SMOLLM2")
+
+
+@needs_smol
+def test_smollm2_cli_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    ok(lrpt("train", "--backend", "torch", "--model", SMOL, "--task", "demo", "--steps", 20, "--batch-size", 16,
+            "--train-limit", 320, "--eval-limit", 64, "--out", run))
+    ev = json.loads(ok(lrpt("eval", "--backend", "torch", "--model", SMOL, "--adapter", run / "adapter",
+                            "--limit", 64, "--json")).stdout)
+    assert ev["examples"] == 64
+    ok(lrpt("generate", "--backend", "torch", "--model", SMOL, "--adapter", run / "adapter", "--max-tokens", 8,
+            "the plot was fun"))
+
+
+@needs_smol
+def test_smollm2_bf16_predictions_agree_with_fp32(tb):
+    """bf16 on CUDA vs fp32 on CUDA: identical predictions on >= 99% of rows of a real model."""
+    task = toy_task()
+    texts = [task.format(r) for r in toy_data(400, seed=11)]
+    preds = {}
+    for dtype in ("float32", "bfloat16"):
+        model, tok = tb.load_model(SMOL, dtype=dtype, device="cuda", quiet=True)
+        dim = model.get_input_embeddings().weight.shape[1]
+        prompt = tb.prompt_from_adapter(Adapter.create(spec_for("lopt1", n=8), dim, seed=1), model)
+        preds[dtype] = tb.classify(model, tok, prompt, texts, task.label_words)
+    assert (preds["float32"] == preds["bfloat16"]).mean() >= 0.99
