@@ -317,9 +317,11 @@ def _eos_ids(tokenizer, model) -> set[int]:
 
 
 def _autocast(model):
-    if model.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    """Autocast to the model's own half dtype on CUDA (the float32 prompt math joins it there);
+    a float32 model computes in float32: loading in fp32 must mean fp32 results."""
+    if model.device.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cuda", dtype=model.dtype)
+    return torch.autocast(model.device.type, enabled=False)
 
 
 __all__ = ["classify", "generate", "head", "label_token_ids", "prefix_cache", "score_labels", "score_rows"]

@@ -250,7 +250,7 @@ def prompt_rows(
             if key not in encodings:
                 encodings[key] = encode(model, batch, *key)
             x = p(encodings[key][idx])
-        rows.append((idx, torch.nn.functional.pad(x, (0, 0, 0, n_max - x.shape[1]))))
+        rows.append((idx, torch.nn.functional.pad(x.float(), (0, 0, 0, n_max - x.shape[1]))))
     if len(rows) == 1 and len(rows[0][0]) == len(which):
         return rows[0][1]
     out = torch.empty(len(which), n_max, rows[0][1].shape[-1], device=rows[0][1].device, dtype=rows[0][1].dtype)
