@@ -221,16 +221,19 @@ def test_prefix_cache_equals_full_forward_and_is_reused(llama):
     model, tok = llama
     prompt = M.init_prompt(spec_for("lopt1"), model, tok, seed=0)
     rows = [tok(t)["input_ids"] for t in TEXTS]
+    n = prompt.spec.n_tokens
     with torch.no_grad():
-        cached_logits = G._prefill_cached(model, prompt, rows, 0)[0]
-        full_logits = G._prefill_full(model, prompt, rows, None, 0)[0]
+        c = G._cached_inputs(model, prompt, rows, 0)
+        cached_logits = model(input_ids=c["input_ids"][:, n:], attention_mask=c["attention_mask"],
+                              position_ids=c["position_ids"][:, n:], past_key_values=c["past_key_values"]).logits[:, -1]
+        full_logits = model(**G._embedded_inputs(model, prompt, rows, None, 0)).logits[:, -1]
     torch.testing.assert_close(cached_logits, full_logits, rtol=0, atol=1e-5)
     first = G.prefix_cache(model, prompt)
     assert G.prefix_cache(model, prompt) is first  # computed once per prompt
     with torch.no_grad():
         prompt.lopt.U.add_(0.1)  # a changed prompt invalidates it
     assert G.prefix_cache(model, prompt) is not first
-    a = G.generate(model, tok, prompt, TEXTS, max_tokens=8)
+    a = G.generate(model, tok, prompt, TEXTS, max_tokens=8, use_prefix_cache=True)
     assert a == G.generate(model, tok, prompt, TEXTS, max_tokens=8, use_prefix_cache=False)
 
 

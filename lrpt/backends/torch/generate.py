@@ -5,15 +5,16 @@ templated input. Single-token label words (the common case) need one forward and
 head at one position per row; multi-token words are scored as input+word sequences, summing
 the log-probabilities of the word's tokens. The vocabulary projection never runs anywhere else.
 
-Decoding: for a static prompt (``prompt``, ``lopt1``, ``lopt2``) the prompt's key/value
-cache is computed once per prompt (and recomputed only when its parameters change), then
-each call gets a batch-expanded copy: rows read ``[prompt][pads][tokens]`` with the pads
-masked and token positions starting at n, which is the same function as a full forward.
-LoPA prompts and mixed batches are prefilled in full.
+Decoding runs on transformers' ``generate`` (its logits processors, stopping criteria and
+static-cache compilation), fed the prompted batch as ``inputs_embeds`` with lrpt's positions.
+A static prompt's key/value cache can be computed once and reused (``use_prefix_cache``):
+rows then read ``[prompt][pads][tokens]`` with the pads masked and token positions from n,
+the same function as a full forward.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -119,29 +120,32 @@ def classify(model, tokenizer, prompt, texts, label_words, which=None, batch_siz
 
 # -- decoding ---------------------------------------------------------------------------------
 
+# Reusing the static prompt's KV cache saves prefilling n prompt tokens but costs a cache copy per
+# call; measured on an H100 (benchmarks/RESULTS.md) it pays only for long prompts, so by default
+# (use_prefix_cache=None) it is used from this many prompt tokens on.
+PREFIX_CACHE_MIN_TOKENS = 128
+
+# Prefix caches by prompt module, held weakly: nothing is stored on the user's modules.
+_PREFIX_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 def prefix_cache(model, prompt: PromptModule):
-    """The prompt's KV cache (batch 1), computed once and reused while the prompt is unchanged."""
+    """The static prompt's per-layer (keys, values) at batch 1, computed once and reused while the
+    prompt's parameters and the model are unchanged."""
     from transformers import DynamicCache
 
-    version = tuple(p._version for p in prompt.parameters())
-    key = (id(model), version, str(model.device))
-    held = getattr(prompt, "_prefix_cache", None)
+    key = (id(model), tuple(p._version for p in prompt.parameters()), str(model.device), model.dtype)
+    held = _PREFIX_CACHES.get(prompt)
     if held is not None and held[0] == key:
         return held[1]
     with torch.no_grad(), _autocast(model):
         x = prompt().unsqueeze(0).to(model.dtype)
         n = x.shape[1]
         cache = DynamicCache(config=model.config)
-        model(
-            inputs_embeds=x,
-            position_ids=torch.arange(n, device=model.device)[None],
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        model(inputs_embeds=x, position_ids=torch.arange(n, device=model.device)[None], past_key_values=cache,
+              use_cache=True, logits_to_keep=1)
     kv = _layer_kv(cache)
-    object.__setattr__(prompt, "_prefix_cache", (key, kv))
+    _PREFIX_CACHES[prompt] = (key, kv)
     return kv
 
 
@@ -174,129 +178,91 @@ def generate(
     seed: int | None = None,
     stop: Sequence[str] | None = None,
     which: Sequence[int] | None = None,
-    use_prefix_cache: bool = True,
+    use_prefix_cache: bool | None = None,
+    compile: bool = False,
 ) -> list[str]:
-    """Continue each (templated) text; greedy when ``temperature == 0``.
+    """Continue each (templated) text with transformers' ``generate``; greedy when ``temperature == 0``.
 
-    Stops at EOS, at any ``stop`` string (cut from the output) or after ``max_tokens``.
-    Batched results equal one-by-one results (left padding, exact positions).
+    The prompted batch enters as ``inputs_embeds`` laid out ``[pads][prompt][tokens]`` with explicit
+    position ids (prompt at 0..n−1, tokens from n), which transformers extends step by step, so
+    batched results equal one-by-one results. Stops at EOS or a ``stop`` string (transformers'
+    ``stop_strings``; the string is cut from the output) or after ``max_tokens``. ``compile``
+    decodes with a static cache under ``torch.compile`` (transformers' own auto-compilation);
+    ``use_prefix_cache`` reuses a static prompt's KV cache (None: where it pays, see
+    :data:`PREFIX_CACHE_MIN_TOKENS`). Sampling draws from torch's global generator (``seed``
+    seeds it), as transformers does.
     """
     place(prompt, model)
     rows = encode_texts(tokenizer, texts)
-    b, dev = len(rows), model.device
-    gen = torch.Generator(device=dev)
+    if not rows:
+        return []
+    pad = tokenizer.pad_token_id or 0
+    static = isinstance(prompt, PromptModule) and prompt.spec.is_static
+    if use_prefix_cache is None:
+        use_prefix_cache = static and prompt.spec.n_tokens >= PREFIX_CACHE_MIN_TOKENS
+    # Sliding-window attention measures distance in cache slots, so pads between the cached prompt
+    # and the tokens would shift its window: there, only pad-free batches use the cache.
+    cached = (static and use_prefix_cache and not compile
+              and (not _has_sliding_window(model) or len({len(r) for r in rows}) == 1))
+    eos = sorted(_eos_ids(tokenizer, model))
+    options = dict(max_new_tokens=max_tokens, pad_token_id=pad, eos_token_id=eos or None,
+                   do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
+                   top_p=top_p, top_k=0, repetition_penalty=1.0, num_beams=1)  # no hidden model defaults
+    if stop:
+        options.update(stop_strings=list(stop), tokenizer=tokenizer)
+    if compile:
+        options.update(cache_implementation="static")
     if seed is not None:
-        gen.manual_seed(seed)
-    was_training = set_eval(prompt) if prompt is not None else None
-    with torch.no_grad(), _autocast(model):
-        cached = prompt is not None and isinstance(prompt, PromptModule) and prompt.spec.is_static
-        # Sliding-window attention measures distance in cache slots, so pads between the cached
-        # prompt and the tokens would shift its window: there, only pad-free batches use the cache.
-        cached = cached and use_prefix_cache and (not _has_sliding_window(model) or len({len(r) for r in rows}) == 1)
-        if cached:
-            logits, cache, mask, next_pos = _prefill_cached(model, prompt, rows, tokenizer.pad_token_id or 0)
-        else:
-            logits, cache, mask, next_pos = _prefill_full(model, prompt, rows, which, tokenizer.pad_token_id or 0)
-        eos = _eos_ids(tokenizer, model)
-        done = torch.zeros(b, dtype=torch.bool, device=dev)
-        out_ids: list[list[int]] = [[] for _ in range(b)]
-        texts_out = [""] * b
-        finished = [False] * b
-        for _ in range(max_tokens):
-            nxt = _sample(logits, temperature, top_p, gen)
-            nxt = torch.where(done, torch.full_like(nxt, tokenizer.pad_token_id or 0), nxt)
-            host = nxt.tolist()
-            for i, t in enumerate(host):
-                if finished[i]:
-                    continue
-                if t in eos:
-                    finished[i] = True
-                    continue
-                out_ids[i].append(t)
-                texts_out[i] = tokenizer.decode(out_ids[i], skip_special_tokens=True)
-                if stop and any(s in texts_out[i] for s in stop):
-                    cut = min(texts_out[i].find(s) for s in stop if s in texts_out[i])
-                    texts_out[i] = texts_out[i][:cut]
-                    finished[i] = True
-            if all(finished):
-                break
-            done = torch.tensor(finished, device=dev)
-            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=dev)], dim=1)
-            out = model(
-                input_ids=nxt[:, None],
-                attention_mask=mask,
-                position_ids=next_pos[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            logits = out.logits[:, -1].float()
-            next_pos = next_pos + 1
-    if was_training is not None:
-        restore_modes(prompt, was_training)
-    return texts_out
+        torch.manual_seed(seed)
+    flags = set_eval(prompt)
+    try:
+        with torch.no_grad(), _autocast(model):
+            inputs = _cached_inputs(model, prompt, rows, pad) if cached else _embedded_inputs(model, prompt, rows,
+                                                                                              which, pad)
+            out = model.generate(**inputs, **options)
+    finally:
+        restore_modes(prompt, flags)
+    new = out[:, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else out
+    return [_decode(tokenizer, ids, set(eos), stop) for ids in new.tolist()]
 
 
-def _prefill_cached(model, prompt: PromptModule, rows, pad_id):
-    """Prefill behind the cached prompt: layout [prompt][pads][tokens], positions n.. for tokens."""
-    dev = model.device
-    n = prompt.spec.n_tokens
-    cache = _expanded_cache(model, prefix_cache(model, prompt), len(rows))
-    t = max(len(r) for r in rows)
-    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), n + t), dtype=torch.long)
-    mask[:, :n] = 1
-    pos = torch.zeros((len(rows), t), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, t - len(r) :] = torch.tensor(r)
-        mask[i, n + t - len(r) :] = 1
-        pos[i, t - len(r) :] = n + torch.arange(len(r))
-    ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
-    out = model(
-        input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1
-    )
-    next_pos = torch.tensor([n + len(r) for r in rows], device=dev)
-    return out.logits[:, -1].float(), cache, mask, next_pos
+def _decode(tokenizer, ids: list[int], eos: set[int], stop: Sequence[str] | None) -> str:
+    """Text of one generated row: up to its first EOS, special tokens dropped, cut at a stop string."""
+    end = next((i for i, t in enumerate(ids) if t in eos), len(ids))
+    text = tokenizer.decode(ids[:end], skip_special_tokens=True)
+    hits = [text.find(s) for s in stop or () if s in text]
+    return text[: min(hits)] if hits else text
 
 
-def _prefill_full(model, prompt, rows, which, pad_id):
-    """Prefill prompt and tokens together (LoPA, mixed adapters, or no prompt)."""
-    from transformers import DynamicCache
-
-    if prompt is None:
-        prompt_list, n = [], [0] * len(rows)
-    else:
-        n = prompt_lengths(prompt, len(rows), which)
+def _embedded_inputs(model, prompt, rows, which, pad_id) -> dict[str, torch.Tensor]:
+    """``[pads][prompt][tokens]`` embeddings, mask and positions (LoPA, mixed adapters, no prompt, or
+    a static prompt prefilled in full)."""
+    n = prompt_lengths(prompt, len(rows), which)
     batch: Batch = make_batch(rows, n, "left", pad_id).to(model.device)
     tok = embed(model, batch.token_ids)
-    if prompt is None:
-        prompt_list = torch.zeros(len(rows), 0, tok.shape[-1], device=tok.device, dtype=tok.dtype)
-    else:
-        prompt_list = prompt_rows(model, prompt, batch, which)
-    both = torch.cat([prompt_list.to(tok.dtype), tok], dim=1)
+    rows_x = prompt_rows(model, prompt, batch, which).to(tok.dtype)
+    both = torch.cat([rows_x, tok], dim=1)
     inputs = both.gather(1, batch.src.unsqueeze(-1).expand(-1, -1, both.shape[-1]))
-    cache = DynamicCache(config=model.config)
-    out = model(
-        inputs_embeds=inputs,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    next_pos = batch.n_prompt.to(model.device) + batch.lengths.to(model.device)
-    return out.logits[:, -1].float(), cache, batch.attention_mask, next_pos
+    return {"inputs_embeds": inputs, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the top token
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+def _cached_inputs(model, prompt: PromptModule, rows, pad_id) -> dict:
+    """Tokens behind the cached prompt: layout ``[prompt][pads][tokens]``, the prompt's n slots
+    already in the cache (their ids are placeholders transformers skips), tokens at positions n.."""
+    n, t = prompt.spec.n_tokens, max(len(r) for r in rows)
+    ids = torch.full((len(rows), n + t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), n + t), dtype=torch.long)
+    pos = torch.zeros((len(rows), n + t), dtype=torch.long)
+    mask[:, :n] = 1
+    pos[:, :n] = torch.arange(n)
+    for i, r in enumerate(rows):
+        ids[i, n + t - len(r):] = torch.tensor(r)
+        mask[i, n + t - len(r):] = 1
+        pos[i, n + t - len(r):] = n + torch.arange(len(r))
+    dev = model.device
+    cache = _expanded_cache(model, prefix_cache(model, prompt), len(rows))
+    return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "position_ids": pos.to(dev),
+            "past_key_values": cache}
 
 
 def _has_sliding_window(model) -> bool:
