@@ -339,7 +339,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             texts = [task.template.format(**{task.template_fields()[0]: t}) for t in texts]
     outs = backend.generate(model, tokenizer, prompt, texts, max_tokens=args.max_tokens,
                             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                            stop=args.stop or None)
+                            stop=args.stop or None, compile=args.compile)
     if args.json:
         print(json.dumps([{"input": t, "output": o} for t, o in zip(texts, outs)], indent=2))
     else:
@@ -470,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--raw", action="store_true", help="do not apply the adapter's task template")
+    p.add_argument("--compile", action="store_true",
+                   help="torch: decode with a static cache under torch.compile (pays for long outputs on CUDA)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {input, output}")
     p.add_argument("--force", action="store_true", help="accept an embedding-fingerprint mismatch")
     p.set_defaults(func=cmd_generate)

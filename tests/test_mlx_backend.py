@@ -202,7 +202,7 @@ def test_prefix_cache_matches_full_forward(llama):
     close(model(mx.array([r[-1:]]), cache=fresh)[0, -1], want[-1])
     prompt.lopt.U = prompt.lopt.U + 0.1
     assert G.prefix_cache(model, prompt) is not cache  # a changed prompt invalidates it
-    assert G.generate(model, tok, prompt, TEXTS, max_tokens=6) == G.generate(
+    assert G.generate(model, tok, prompt, TEXTS, max_tokens=6, use_prefix_cache=True) == G.generate(
         model, tok, prompt, TEXTS, max_tokens=6, use_prefix_cache=False)
 
 

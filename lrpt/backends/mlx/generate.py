@@ -1,6 +1,6 @@
 """Classification scoring and decoding on MLX (mirrors ``lrpt/backends/torch/generate.py``).
 
-Decoding goes through mlx-lm's own ``batch_generate`` with one pre-filled KV cache per
+Decoding goes through mlx-lm's own ``BatchGenerator`` with one pre-filled KV cache per
 request. For a static prompt (``prompt``, ``lopt1``, ``lopt2``) the prompt is run once into
 a cache (recomputed only when the prompt's arrays change) and every request gets a copy:
 the tokens then start at position n, exactly as in a full forward. LoPA prompts depend on
@@ -10,12 +10,15 @@ the input, so each request's cache is filled with its prompt and all but its las
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from ...data import target_positions
+from ...decoding import eos_ids, row_text, stop_window, wants_prefix_cache
+from ...errors import LrptError
 from ...tokens import encode_texts, label_token_ids
 from .._common import prompt_lengths, restore_modes, set_eval
 from .model import Batch, attach, forward_hidden, hf_tokenizer, logits_at, make_batch, prompt_rows
@@ -125,65 +128,93 @@ def _fill(model, cache, prompt_embeds: mx.array | None, tokens: Sequence[int]) -
         state.splice = None
 
 
+# Prefix caches by prompt module id, dropped when the module is collected: nothing is stored on
+# the user's modules (MLX modules are dicts, so they cannot key a WeakKeyDictionary).
+_PREFIX_CACHES: dict[int, tuple] = {}
+
+
 def prefix_cache(model, prompt: PromptModule) -> list:
     """The static prompt's KV cache, computed once and reused while the prompt is unchanged."""
     from mlx.utils import tree_flatten
     from mlx_lm.models.cache import make_prompt_cache
 
     arrays = [a for _, a in tree_flatten(prompt.parameters())]
-    held = prompt.__dict__.get("_prefix_cache")
+    held = _PREFIX_CACHES.get(id(prompt))
     if held is not None and held[0] is model and len(held[1]) == len(arrays) and all(
             a is b for a, b in zip(held[1], arrays)):
         return held[2]
     cache = make_prompt_cache(model)
     _fill(model, cache, prompt()[None], [])
-    prompt.__dict__["_prefix_cache"] = (model, arrays, cache)
+    if id(prompt) not in _PREFIX_CACHES:
+        weakref.finalize(prompt, _PREFIX_CACHES.pop, id(prompt), None)
+    _PREFIX_CACHES[id(prompt)] = (model, arrays, cache)
     return cache
 
 
 def generate(model, tokenizer, prompt, texts: Sequence[str], max_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] | None = None,
-             which: Sequence[int] | None = None, use_prefix_cache: bool = True) -> list[str]:
-    """Continue each (templated) text through mlx-lm's ``batch_generate``; greedy at temperature 0."""
-    place(prompt, model)
-    from mlx_lm.generate import batch_generate
+             which: Sequence[int] | None = None, use_prefix_cache: bool | None = None,
+             compile: bool = False) -> list[str]:
+    """Continue each (templated) text with mlx-lm's ``BatchGenerator``; greedy at temperature 0.
+
+    Each request gets its own prefilled cache (the static prompt's, copied, or LoPA's / a mixed
+    batch's prompt and all but its last token), so tokens sit at positions n.. exactly as in
+    training. A row stops at EOS, after ``max_tokens``, or as soon as a ``stop`` string appears
+    (it is then removed from the batch, and the string cut from its text).
+    """
+    from mlx_lm.generate import BatchGenerator
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.sample_utils import make_sampler
 
-    rows = encode_texts(hf_tokenizer(tokenizer), texts)
-    flags = set_eval(prompt) if prompt is not None else None
+    if compile:
+        raise LrptError("compiled generation is the torch backend's (a static cache under torch.compile):"
+                        " drop --compile with --backend mlx")
+    place(prompt, model)
+    hf = hf_tokenizer(tokenizer)
+    rows = encode_texts(hf, texts)
+    if not rows:
+        return []
+    flags = set_eval(prompt)
+    cached = wants_prefix_cache(prompt.spec if isinstance(prompt, PromptModule) else None, use_prefix_cache)
     caches, requests = [], []
-    static = isinstance(prompt, PromptModule) and prompt.spec.is_static
     for i, row in enumerate(rows):
         if prompt is None:
             caches.append(make_prompt_cache(model))
             requests.append(row)
-        elif static and use_prefix_cache:
+        elif cached:
             caches.append(copy.deepcopy(prefix_cache(model, prompt)))
             requests.append(row)
         else:
             p = prompt if isinstance(prompt, PromptModule) else prompt[which[i] if which is not None else 0]
-            enc_batch = make_batch([row], p.spec.n_tokens)
-            x = prompt_rows(model, p, enc_batch)
+            x = prompt_rows(model, p, make_batch([row], p.spec.n_tokens))
             cache = make_prompt_cache(model)
             _fill(model, cache, x, row[:-1])
             caches.append(cache)
             requests.append(row[-1:])
     if seed is not None:
         mx.random.seed(seed)
-    sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0)
-    ids = batch_generate(model, tokenizer, requests, prompt_caches=caches, max_tokens=max_tokens,
-                         sampler=sampler, return_token_ids=True).token_ids
-    # Decode with the HF tokenizer, as the torch backend does (special tokens dropped).
-    out = [hf_tokenizer(tokenizer).decode(t, skip_special_tokens=True) for t in ids]
-    if flags is not None:
+    eos = eos_ids(hf.eos_token_id, getattr(tokenizer, "eos_token_ids", None))
+    gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in sorted(eos)],
+                         sampler=make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0))
+    window = stop_window(stop)
+    try:
+        uids = gen.insert(requests, caches=caches)
+        out: dict[int, list[int]] = {u: [] for u in uids}
+        while responses := gen.next_generated():
+            stopped = []
+            for r in responses:
+                if r.finish_reason != "stop":
+                    out[r.uid].append(r.token)
+                if stop and r.finish_reason is None:
+                    tail = hf.decode(out[r.uid][-window:], skip_special_tokens=True)
+                    if any(s in tail for s in stop):
+                        stopped.append(r.uid)
+            if stopped:
+                gen.remove(stopped)
+    finally:
+        gen.close()
         restore_modes(prompt, flags)
-    if stop:
-        out = [t[: min([t.find(s) for s in stop if s in t], default=len(t))] for t in out]
-    return out
-
-
-
+    return [row_text(hf, out[u], eos, stop) for u in uids]
 
 
 __all__ = ["classify", "generate", "label_token_ids", "prefix_cache", "score_labels", "score_rows"]

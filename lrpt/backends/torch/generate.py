@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ...data import target_positions
+from ...decoding import eos_ids, row_text, wants_prefix_cache
 from ...tokens import encode_texts, label_token_ids
 from .._common import prompt_lengths, restore_modes, set_eval
 from .model import Batch, embed, forward_hidden, head, logits_at, make_batch, prompt_rows
@@ -120,11 +121,6 @@ def classify(model, tokenizer, prompt, texts, label_words, which=None, batch_siz
 
 # -- decoding ---------------------------------------------------------------------------------
 
-# Reusing the static prompt's KV cache saves prefilling n prompt tokens but costs a cache copy per
-# call; measured on an H100 (benchmarks/RESULTS.md) it pays only for long prompts, so by default
-# (use_prefix_cache=None) it is used from this many prompt tokens on.
-PREFIX_CACHE_MIN_TOKENS = 128
-
 # Prefix caches by prompt module, held weakly: nothing is stored on the user's modules.
 _PREFIX_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -189,7 +185,7 @@ def generate(
     ``stop_strings``; the string is cut from the output) or after ``max_tokens``. ``compile``
     decodes with a static cache under ``torch.compile`` (transformers' own auto-compilation);
     ``use_prefix_cache`` reuses a static prompt's KV cache (None: where it pays, see
-    :data:`PREFIX_CACHE_MIN_TOKENS`). Sampling draws from torch's global generator (``seed``
+    :func:`lrpt.decoding.wants_prefix_cache`). Sampling draws from torch's global generator (``seed``
     seeds it), as transformers does.
     """
     place(prompt, model)
@@ -197,14 +193,12 @@ def generate(
     if not rows:
         return []
     pad = tokenizer.pad_token_id or 0
-    static = isinstance(prompt, PromptModule) and prompt.spec.is_static
-    if use_prefix_cache is None:
-        use_prefix_cache = static and prompt.spec.n_tokens >= PREFIX_CACHE_MIN_TOKENS
+    spec = prompt.spec if isinstance(prompt, PromptModule) else None
     # Sliding-window attention measures distance in cache slots, so pads between the cached prompt
     # and the tokens would shift its window: there, only pad-free batches use the cache.
-    cached = (static and use_prefix_cache and not compile
+    cached = (wants_prefix_cache(spec, use_prefix_cache) and not compile
               and (not _has_sliding_window(model) or len({len(r) for r in rows}) == 1))
-    eos = sorted(_eos_ids(tokenizer, model))
+    eos = sorted(eos_ids(tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)))
     options = dict(max_new_tokens=max_tokens, pad_token_id=pad, eos_token_id=eos or None,
                    do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
                    top_p=top_p, top_k=0, repetition_penalty=1.0, num_beams=1)  # no hidden model defaults
@@ -223,15 +217,7 @@ def generate(
     finally:
         restore_modes(prompt, flags)
     new = out[:, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else out
-    return [_decode(tokenizer, ids, set(eos), stop) for ids in new.tolist()]
-
-
-def _decode(tokenizer, ids: list[int], eos: set[int], stop: Sequence[str] | None) -> str:
-    """Text of one generated row: up to its first EOS, special tokens dropped, cut at a stop string."""
-    end = next((i for i, t in enumerate(ids) if t in eos), len(ids))
-    text = tokenizer.decode(ids[:end], skip_special_tokens=True)
-    hits = [text.find(s) for s in stop or () if s in text]
-    return text[: min(hits)] if hits else text
+    return [row_text(tokenizer, ids, eos, stop) for ids in new.tolist()]
 
 
 def _embedded_inputs(model, prompt, rows, which, pad_id) -> dict[str, torch.Tensor]:
@@ -270,16 +256,6 @@ def _has_sliding_window(model) -> bool:
     if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
         return True
     return bool(getattr(cfg, "sliding_window", None)) and getattr(cfg, "use_sliding_window", True) is not False
-
-
-def _eos_ids(tokenizer, model) -> set[int]:
-    ids = set()
-    for src in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(src, int):
-            ids.add(src)
-        elif isinstance(src, (list, tuple)):
-            ids.update(src)
-    return ids
 
 
 def _autocast(model):
