@@ -10,9 +10,7 @@ loss of a 2-way label-word classifier at the last position):
 
 Variants alternate in rounds after warm-up; each figure is the median over rounds of the
 mean step time of a round, timed with CUDA events (wall clock on CPU). Throughput counts
-input tokens (B × L). Inference: time to first token (prefill of one L-token request plus
-the first greedy token) with no prompt, a static prompt prefilled in full, and the same
-prompt from its cached KV prefix; decode tokens/s after it.
+input tokens (B × L). Generation speed is benchmarks/generate.py's.
 
     python benchmarks/speed.py --device cuda --shape smollm2-135m
     python benchmarks/speed.py --device cpu --smoke        # seconds; run by the test suite
@@ -33,14 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lrpt import PromptSpec, Task  # noqa: E402
-from lrpt.backends.torch import generate as _g  # noqa: E402, F401  (the package attribute is the function)
 from lrpt.backends.torch.prompts import PromptModule  # noqa: E402
 from lrpt.backends.torch.train import TorchOps  # noqa: E402
 from lrpt.data import Encoded  # noqa: E402
 from lrpt.reference import init_params  # noqa: E402
 from lrpt.trainer import TrainConfig  # noqa: E402
-
-G = sys.modules["lrpt.backends.torch.generate"]
 
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -131,7 +126,9 @@ def frozen_last_step(model, ids, labels):
 
 
 def _autocast(model):
-    return G._autocast(model)
+    from lrpt.backends.torch.generate import _autocast as autocast  # the one lrpt trains under
+
+    return autocast(model)
 
 
 def time_steps(fn, steps: int, device: str) -> float:
@@ -194,49 +191,6 @@ def bench_training(model, args) -> list[dict]:
     return out
 
 
-def bench_inference(model, args) -> list[dict]:
-    """TTFT of one L-token request and decode tokens/s: no prompt, full prefill, cached prefix."""
-    dev = model.device
-    rng = np.random.default_rng(1)
-    row = [rng.integers(100, model.config.vocab_size, args.infer_len).tolist()]
-    out = []
-    for n in (20, 100):
-        spec = PromptSpec("lopt1", n_tokens=n, rank=4)
-        prompt = PromptModule(spec, init_params(spec, model.config.hidden_size, 0)).to(dev).eval()
-        cases = {
-            "no prompt": lambda: G._prefill_full(model, None, row, None, 0),
-            f"n={n} full prefill": lambda p=prompt: G._prefill_full(model, p, row, None, 0),
-            f"n={n} cached prefix": lambda p=prompt: G._prefill_cached(model, p, row, 0),
-        }
-        times = {k: [] for k in cases}
-        with torch.no_grad(), G._autocast(model):
-            G.prefix_cache(model, prompt)  # computed once per prompt, outside the timed region
-            for fn in cases.values():
-                for _ in range(3):
-                    fn()[0].argmax(-1)
-            for _ in range(args.rounds):
-                for k, fn in cases.items():
-                    times[k].append(time_steps(lambda f=fn: f()[0].argmax(-1), args.steps, dev.type))
-            base = statistics.median(times["no prompt"])
-            for k in cases:
-                ms = statistics.median(times[k])
-                out.append({"case": k, "ttft_ms": round(ms, 3), "vs_no_prompt": round(ms / base - 1, 4)})
-            logits, cache, mask, pos = G._prefill_cached(model, prompt, row, 0)
-            nxt = logits.argmax(-1)
-
-            def decode(k=32, cache=cache):
-                nonlocal nxt, mask, pos
-                for _ in range(k):
-                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-                    o = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-                              past_key_values=cache, use_cache=True)
-                    nxt, pos = o.logits[:, -1].argmax(-1), pos + 1
-
-            ms = time_steps(decode, 1, dev.type)
-            out.append({"case": f"n={n} decode (batch 1, 32 tokens)", "decode_tok_s": round(32 / ms * 1000, 1)})
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -250,14 +204,12 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--infer-len", type=int, default=128)
-    ap.add_argument("--no-inference", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shape, few steps (CPU test)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     if args.smoke:
         args.shape, args.batch, args.seq, args.warmup, args.steps, args.rounds = "tiny", 2, 16, 1, 1, 2
-        args.tokens, args.infer_len = 4, 8
+        args.tokens = 4
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = build_model(args.shape, args.device, dtype)
     info = {"shape": args.shape, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
@@ -268,15 +220,12 @@ def main(argv=None) -> int:
     flops_per_token = 4 * info["nonembedding_params"]  # forward + activation-gradient backward
     for r in train:
         r["tflops"] = round(r["tok_s"] * flops_per_token / 1e12, 1)
-    infer = [] if args.no_inference else bench_inference(model, args)
     print(f"\n{'variant':<34}{'step ms':>10}{'tok/s':>12}{'vs PEFT':>9}{'peak GiB':>10}{'TFLOP/s':>9}")
     for r in train:
         print(f"{r['variant']:<34}{r['step_ms']:>10.2f}{r['tok_s']:>12,}{r['vs_peft']:>9.2f}"
               f"{r['peak_gib']:>10.2f}{r['tflops']:>9.1f}")
-    for r in infer:
-        print("  " + ", ".join(f"{k}={v}" for k, v in r.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({"info": info, "train": train, "inference": infer}, indent=2))
+        Path(args.json).write_text(json.dumps({"info": info, "train": train}, indent=2))
     return 0
 
 

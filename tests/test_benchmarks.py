@@ -24,7 +24,21 @@ def test_speed_smoke(tmp_path):
     data = json.loads((tmp_path / "s.json").read_text())
     assert {r["variant"] for r in data["train"]} == {"frozen-last", "peft", "lrpt-lopt1", "lrpt-lopa"}
     assert all(r["tok_s"] > 0 for r in data["train"]) and "vs PEFT" in out
-    assert any("cached prefix" in r["case"] for r in data["inference"])
+
+
+def test_generate_smoke(tmp_path):
+    run("benchmarks/generate.py", "--smoke", "--json", tmp_path / "g.json")
+    rows = json.loads((tmp_path / "g.json").read_text())["results"]
+    assert {r["bench"] for r in rows} == {"decode b=1", "decode b=3", "ttft"}
+    assert all(r["median_ms"] > 0 for r in rows)
+    assert any(r["case"] == "n=512 cached prefix" for r in rows)
+
+
+def test_generate_mlx_smoke(tmp_path):
+    pytest.importorskip("mlx_lm")
+    run("benchmarks/generate.py", "--smoke", "--backend", "mlx", "--json", tmp_path / "g.json")
+    rows = json.loads((tmp_path / "g.json").read_text())["results"]
+    assert {r["case"] for r in rows} == {"mlx_lm.generate no prompt", "lrpt mlx n=4"}
 
 
 def test_accuracy_smoke(tmp_path):
