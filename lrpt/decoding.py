@@ -8,17 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-# Reusing a static prompt's KV cache saves prefilling its n tokens but costs a cache copy per
-# request; on an H100 it did not pay for short prompts (benchmarks/RESULTS.md), so by default
-# the cache is used only from this many prompt tokens on.
-PREFIX_CACHE_MIN_TOKENS = 128
-
 
 def wants_prefix_cache(spec, requested: bool | None) -> bool:
-    """Whether to decode behind a cached prompt: only static prompts can; ``None`` means where it pays."""
+    """Whether to decode behind a static prompt's reused KV cache. Only static prompts can, and by
+    default (``None``) none does: on an H100 the cache copy made time to first token 9–11% worse
+    than prefilling the prompt again, for prompts of 20, 128 and 512 tokens (benchmarks/RESULTS.md).
+    """
     if spec is None or not spec.is_static:
         return False
-    return spec.n_tokens >= PREFIX_CACHE_MIN_TOKENS if requested is None else bool(requested)
+    return bool(requested)
 
 
 def cut_at_stop(text: str, stop: Sequence[str] | None) -> str:

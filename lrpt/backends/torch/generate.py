@@ -134,7 +134,7 @@ def prefix_cache(model, prompt: PromptModule):
     held = _PREFIX_CACHES.get(prompt)
     if held is not None and held[0] == key:
         return held[1]
-    with torch.no_grad(), _autocast(model):
+    with torch.no_grad():
         x = prompt().unsqueeze(0).to(model.dtype)
         n = x.shape[1]
         cache = DynamicCache(config=model.config)
@@ -210,7 +210,9 @@ def generate(
         torch.manual_seed(seed)
     flags = set_eval(prompt)
     try:
-        with torch.no_grad(), _autocast(model):
+        # No autocast here: the prompt math is float32 and cast once to the model's dtype where it
+        # enters; autocast's per-op dispatch cost made eager decoding ~13% slower on an H100.
+        with torch.no_grad():
             inputs = _cached_inputs(model, prompt, rows, pad) if cached else _embedded_inputs(model, prompt, rows,
                                                                                               which, pad)
             out = model.generate(**inputs, **options)
