@@ -72,6 +72,9 @@ class Scheduler:
         self._stop_at: float | None = None
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.peak_rows = 0  # most rows in one decode step
+        self.peak_prompts = 0  # most different prompts (adapters, or none) in one decode step
+        self.cancelled = 0  # rows dropped because their client went away
 
     # -- called from other threads ------------------------------------------------------------
 
@@ -103,7 +106,9 @@ class Scheduler:
             return list(self.text(text, add_special_tokens=special)["input_ids"])
 
     def stats(self) -> dict[str, int]:
-        return {"running": len(self._active), "queued": len(self._pending), "steps": self.steps}
+        return {"running": len(self._active), "queued": len(self._pending), "steps": self.steps,
+                "peak_rows": self.peak_rows, "peak_prompts": self.peak_prompts,
+                "cancelled": self.cancelled}
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish what is running for up to ``timeout`` seconds, cancel the rest, end the thread."""
@@ -172,9 +177,11 @@ class Scheduler:
 
     def _drop_cancelled(self) -> None:
         if any(c.cancelled for c in self._pending):
+            self.cancelled += sum(c.cancelled for c in self._pending)
             self._pending = deque(c for c in self._pending if not c.cancelled)
         gone = [c for c in self._active if c.cancelled]
         if gone:
+            self.cancelled += len(gone)
             self._active.difference_update(gone)
             self.serving.remove(self._state, gone)
 
@@ -205,6 +212,8 @@ class Scheduler:
         return out
 
     def _step(self) -> None:
+        self.peak_rows = max(self.peak_rows, len(self._active))
+        self.peak_prompts = max(self.peak_prompts, len({id(c.prompt) for c in self._active}))
         try:
             results = self.serving.step(self.model, self._state)
         except Exception as exc:

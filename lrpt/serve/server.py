@@ -73,8 +73,12 @@ def run(args) -> int:
         signal.signal(signal.SIGHUP, lambda *_: setattr(built.scheduler, "reload_requested", True))
     names = ", ".join(sorted(built.registry.adapters)) or "none"
     _stderr(f"lrpt: serving {built.base_name} with adapters: {names} on http://{args.host}:{args.port}")
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal with the handler it found:
+    # a handler that ignores it makes that re-raise a no-op, so a requested stop exits with 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(built.app, host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=args.shutdown_timeout)
+    _stderr("lrpt: server stopped")
     return 0
 
 
