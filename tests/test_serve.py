@@ -335,6 +335,7 @@ def test_a_client_that_disconnects_frees_its_slot(torch_server):
         return real.step(model, state)
 
     sched.serving = SimpleNamespace(**{k: getattr(real, k) for k in ("add", "remove", "start")}, step=slow_step)
+    eos, sched.eos = sched.eos, set()  # and no early end: every request runs to max_tokens unless cancelled
     try:
         before = sched.stats()["cancelled"]
         with httpx.Client(timeout=30) as h, h.stream("POST", s.url + "/v1/completions", json={
@@ -345,8 +346,15 @@ def test_a_client_that_disconnects_frees_its_slot(torch_server):
         while time.monotonic() < deadline and (sched.stats()["running"] or sched.stats()["cancelled"] == before):
             time.sleep(0.05)
         assert sched.stats()["running"] == 0 and sched.stats()["cancelled"] == before + 1
+        with pytest.raises(httpx.ReadTimeout):  # a non-streamed request whose client gives up
+            httpx.post(s.url + "/v1/completions", json={"model": "a1", "prompt": TEXTS[4], "max_tokens": 200,
+                                                        "temperature": 0}, timeout=0.5)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (sched.stats()["running"] or sched.stats()["cancelled"] == before + 1):
+            time.sleep(0.05)
+        assert sched.stats()["running"] == 0 and sched.stats()["cancelled"] == before + 2
     finally:
-        sched.serving = real
+        sched.serving, sched.eos = real, eos
 
 
 def test_one_failing_request_does_not_break_its_batch(torch_server):

@@ -195,13 +195,18 @@ def create_app(scheduler: Scheduler, registry: Registry, config: ServerConfig, b
     async def _collect(request, events, choices, body, ident, chat, usage_prompt):
         texts = {c.index: [] for c in choices}
         ends: dict[int, tuple[str, int]] = {}
+        checked = time.monotonic()
         try:
             while len(ends) < len(choices):
                 try:
                     event = await asyncio.wait_for(events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    event = None
+                if time.monotonic() - checked >= 0.5:  # text keeps coming: look at the client now and then
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return JSONResponse(error_body("client disconnected"), status_code=499)
+                if event is None:
                     continue
                 if event[0] == "text":
                     texts[event[1]].append(event[2])

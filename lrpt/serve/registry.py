@@ -49,26 +49,30 @@ class Registry:
         return self.adapters.get(name)
 
     def reload(self) -> ReloadReport:
-        """Rescan the directory (framework work: call it on the thread that owns the model)."""
+        """Rescan the directory (framework work: call it on the thread that owns the model).
+
+        The new set of adapters replaces the old one in one assignment, so readers on other
+        threads see either the old set or the new one.
+        """
         report = ReloadReport()
         found = {} if self.directory is None else {
             p.name: p for p in sorted(self.directory.iterdir()) if p.is_dir() and (p / "adapter_config.json").is_file()
         }
-        for name in sorted(set(self.adapters) - set(found)):
-            del self.adapters[name]
-            report.removed.append(name)
+        adapters = {}
+        report.removed = sorted(set(self.adapters) - set(found))
         for name, path in found.items():
             stamp = tuple(f.stat().st_mtime_ns for f in sorted(path.iterdir()) if f.is_file())
             held = self.adapters.get(name)
             if held is not None and held.stamp == stamp:
+                adapters[name] = held
                 report.kept.append(name)
                 continue
             try:
-                self.adapters[name] = self._load(name, path, stamp)
+                adapters[name] = self._load(name, path, stamp)
                 report.loaded.append(name)
             except (LrptError, OSError) as exc:
-                self.adapters.pop(name, None)
                 report.refused[name] = str(exc)
+        self.adapters = adapters
         return report
 
     def _load(self, name: str, path: Path, stamp: tuple) -> Served:
