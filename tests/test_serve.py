@@ -505,3 +505,11 @@ def test_benchmark_smoke(tiny_dirs, tmp_path):
     for run in result["runs"].values():
         assert run["requests"] == 4 and run["p50_latency_s"] <= run["p99_latency_s"]
         assert 0 < run["p50_ttft_s"] <= run["p50_latency_s"]
+
+
+def test_serve_with_a_missing_adapter_directory_is_one_clear_line(tiny_dirs, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "lrpt.cli", "serve", "--backend", "torch", "--model",
+                          str(tiny_dirs["llama"]), "--adapters", str(tmp_path / "nope")], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"lrpt: error: --adapters {tmp_path / 'nope'}: not a directory"

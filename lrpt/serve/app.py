@@ -17,6 +17,7 @@ line per message followed by ``assistant:``, tokenized like a raw completion pro
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -282,6 +283,4 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def _sse(obj: dict) -> bytes:
-    import json
-
     return ServerSentEvent(data=json.dumps(obj, ensure_ascii=False)).encode()

@@ -121,9 +121,6 @@ def from_validation(errors: list[dict[str, Any]]) -> ServeError:
     """The first pydantic error as one readable line, naming the parameter."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    ctx = (first.get("ctx") or {}).get("error")
-    if isinstance(ctx, ServeError):
-        return ctx
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     param = loc[0] if loc else None
     where = ".".join(loc)
