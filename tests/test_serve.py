@@ -228,6 +228,17 @@ def test_streamed_chunks_concatenate_to_the_completion(backend_name, request):
     assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_seeded_sampling_reproduces_generate(torch_server):
+    s = torch_server
+    r = s.client.completions.create(model="a2", prompt=TEXTS[10], max_tokens=10, temperature=0.9, top_p=0.95,
+                                    seed=5, n=2)
+    for choice in r.choices:  # choice i samples with seed + i, as `lrpt generate --seed` would alone
+        want = s.backend.generate(s.ref_model, s.ref_tok, s.prompts["a2"], [TEXTS[10]], max_tokens=10,
+                                  temperature=0.9, top_p=0.95, seed=5 + choice.index)[0]
+        assert choice.text == want
+    assert r.choices[0].text != r.choices[1].text
+
+
 def test_stop_strings_end_generation_as_they_appear(torch_server):
     s = torch_server
     full = s.generate("a1", TEXTS[2], 16)
