@@ -507,15 +507,18 @@ def test_stream_text_holds_back_what_may_change():
 
 
 def test_benchmark_smoke(tiny_dirs, tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--smoke", "--model",
-                          str(tiny_dirs["llama"]), "--json", str(tmp_path / "r.json")],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "benchmarks" / "serve.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--model", str(tiny_dirs["llama"]), "--json", str(tmp_path / "r.json")]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert set(result["runs"]) == {"8 adapters", "1 adapter", "one at a time"}
     for run in result["runs"].values():
         assert run["requests"] == 4 and run["p50_latency_s"] <= run["p99_latency_s"]
         assert 0 < run["p50_ttft_s"] <= run["p50_latency_s"]
+        assert run["completion_tokens"] > 0
 
 
 def test_serve_with_a_missing_adapter_directory_is_one_clear_line(tiny_dirs, tmp_path):
@@ -524,3 +527,17 @@ def test_serve_with_a_missing_adapter_directory_is_one_clear_line(tiny_dirs, tmp
                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert out.returncode == 2
     assert out.stderr.strip() == f"lrpt: error: --adapters {tmp_path / 'nope'}: not a directory"
+
+
+def test_serving_modules_mirror_each_other():
+    import importlib
+    import inspect
+
+    if not (is_available("torch") and is_available("mlx")):
+        pytest.skip("needs both backends")
+    mods = [importlib.import_module(f"lrpt.backends.{b}.serving") for b in ("torch", "mlx")]
+    assert mods[0].__all__ == mods[1].__all__
+    for name in mods[0].__all__:
+        a, b = (getattr(m, name) for m in mods)
+        if inspect.isfunction(a):
+            assert list(inspect.signature(a).parameters) == list(inspect.signature(b).parameters), name
