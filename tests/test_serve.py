@@ -327,6 +327,15 @@ def test_bad_requests_get_clear_openai_errors(torch_server):
     assert resp.status_code == 400 and _error(resp)["param"] == "messages"
     resp = post("/v1/classify", {"model": "tiny", "input": "x"})
     assert resp.status_code == 400 and _error(resp)["code"] == "no_task"
+    resp = post("/v1/classify", {"model": "a2", "input": "x " * 300})
+    assert resp.status_code == 400 and _error(resp)["code"] == "context_length_exceeded"
+    bad_template = "{{ raise_exception('roles must alternate') }}"
+    s.built.scheduler.text.chat_template = bad_template
+    try:
+        resp = post("/v1/chat/completions", {"model": "a0", "messages": [{"role": "user", "content": "x"}]})
+    finally:
+        s.built.scheduler.text.chat_template = None
+    assert resp.status_code == 400 and "roles must alternate" in _error(resp)["message"]
     resp = httpx.post(s.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert resp.status_code == 400 and _error(resp)["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError):

@@ -71,6 +71,11 @@ def create_app(scheduler: Scheduler, registry: Registry, config: ServerConfig, b
         err = from_validation(list(exc.errors()))
         return JSONResponse(error_body(str(err), err.kind, err.param, err.code), status_code=err.status)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # still OpenAI's shape, one line, no traceback
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        return JSONResponse(error_body(f"internal error: {first}", "server_error"), status_code=500)
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "backend": config.backend, "model": config.base_name,
@@ -105,8 +110,13 @@ def create_app(scheduler: Scheduler, registry: Registry, config: ServerConfig, b
         hf = scheduler.text
         if getattr(hf, "chat_template", None):
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            with scheduler.tokenizer_lock:
-                text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            try:
+                with scheduler.tokenizer_lock:
+                    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # jinja errors: e.g. a template that wants alternating roles
+                first = (str(exc).splitlines() or [type(exc).__name__])[0]
+                raise ServeError(f"the chat template cannot render these messages: {first}",
+                                 param="messages") from None
             row = scheduler.encode(text, special=False)
         else:
             row = scheduler.encode(plain_chat(body.messages))
@@ -127,6 +137,11 @@ def create_app(scheduler: Scheduler, registry: Registry, config: ServerConfig, b
             raise ServeError(f"adapter {body.model!r} has no single-field classification task", param="model",
                              code="no_task")
         texts = [task.template.format(**{task.template_fields()[0]: x}) for x in body.input]
+        longest = max(len(scheduler.encode(t)) for t in texts) + max(len(scheduler.encode(w, special=False))
+                                                                     for w in task.label_words)
+        if config.context_length is not None and _n(served.prompt) + longest > config.context_length:
+            raise ServeError(f"this model's maximum context length is {config.context_length} tokens; an input needs"
+                             f" {_n(served.prompt) + longest}", param="input", code="context_length_exceeded")
         fut = scheduler.call(lambda: backend.score_labels(scheduler.model, scheduler.tokenizer, served.prompt, texts,
                                                           task.label_words))
         try:
