@@ -107,7 +107,7 @@ TEXTS = sentences(16, seed=11, length=(2, 10))
 # -- the batch primitives alone: rows join and leave mid-decode, outputs stay exact -------------
 
 
-@pytest.mark.parametrize("backend_name,arch", [("torch", "llama"), ("torch", "gemma3"), ("mlx", "llama")])
+@pytest.mark.parametrize("backend_name,arch", [("torch", "llama"), ("torch", "gemma3"), ("mlx", "llama"), ("mlx", "gemma3")])
 def test_rows_join_and_leave_between_steps(backend_name, arch, tiny_dirs):
     if not is_available(backend_name):
         pytest.skip(f"{backend_name} not installed")
