@@ -35,6 +35,7 @@ from lrpt.backends import get_backend, is_available  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"a0": ("lopt1", 3), "a1": ("prompt", 4), "a2": ("lopa", 5)}
+METHODS_LIST = [m for m, _ in METHODS.values()]
 BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not is_available(b), reason=f"{b} not installed"))
             for b in ("torch", "mlx")]
 
@@ -107,7 +108,8 @@ TEXTS = sentences(16, seed=11, length=(2, 10))
 # -- the batch primitives alone: rows join and leave mid-decode, outputs stay exact -------------
 
 
-@pytest.mark.parametrize("backend_name,arch", [("torch", "llama"), ("torch", "gemma3"), ("mlx", "llama"), ("mlx", "gemma3")])
+@pytest.mark.parametrize("backend_name,arch",
+                         [("torch", "llama"), ("torch", "gemma3"), ("mlx", "llama"), ("mlx", "gemma3")])
 def test_rows_join_and_leave_between_steps(backend_name, arch, tiny_dirs):
     if not is_available(backend_name):
         pytest.skip(f"{backend_name} not installed")
@@ -161,8 +163,6 @@ def test_rows_join_and_leave_between_steps(backend_name, arch, tiny_dirs):
     assert len(state) == 0
     assert [hf.decode(outs[i], skip_special_tokens=True) for i in range(8)] == ref
 
-
-METHODS_LIST = [m for m, _ in METHODS.values()]
 
 
 # -- the API ------------------------------------------------------------------------------------
@@ -530,12 +530,24 @@ def test_benchmark_smoke(tiny_dirs, tmp_path):
         assert run["completion_tokens"] > 0
 
 
-def test_serve_with_a_missing_adapter_directory_is_one_clear_line(tiny_dirs, tmp_path):
+def test_serve_with_a_missing_adapter_directory_or_a_busy_port_is_one_clear_line(tiny_dirs, tmp_path):
     out = subprocess.run([sys.executable, "-m", "lrpt.cli", "serve", "--backend", "torch", "--model",
                           str(tiny_dirs["llama"]), "--adapters", str(tmp_path / "nope")], capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert out.returncode == 2
     assert out.stderr.strip() == f"lrpt: error: --adapters {tmp_path / 'nope'}: not a directory"
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "lrpt.cli", "serve", "--backend", "torch", "--model",
+                              str(tiny_dirs["llama"]), "--port", str(port)], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith(f"lrpt: error: cannot listen on 127.0.0.1:{port}: ")
+    assert len(out.stderr.strip().splitlines()) == 1
 
 
 def test_serving_modules_mirror_each_other():
@@ -550,3 +562,52 @@ def test_serving_modules_mirror_each_other():
         a, b = (getattr(m, name) for m in mods)
         if inspect.isfunction(a):
             assert list(inspect.signature(a).parameters) == list(inspect.signature(b).parameters), name
+
+
+class _FakeServing:
+    """A framework-free stand-in for a backend's serving module: every row emits token 7 forever."""
+
+    @staticmethod
+    def text_tokenizer(tokenizer):
+        return SimpleNamespace(decode=lambda ids, skip_special_tokens=True: "x" * len(ids))
+
+    @staticmethod
+    def eos_token_ids(model, tokenizer):
+        return {2}
+
+    @staticmethod
+    def start(model, tokenizer, max_batch):
+        return []
+
+    @staticmethod
+    def add(model, state, keys, prompts, rows, temperatures, top_ps, seeds):
+        state.extend(keys)
+        return []
+
+    @staticmethod
+    def step(model, state):
+        time.sleep(0.005)
+        return [(k, 7) for k in state]
+
+    @staticmethod
+    def remove(state, keys):
+        state[:] = [k for k in state if k not in keys]
+
+
+def test_shutdown_finishes_what_it_can_and_cancels_the_rest():
+    from lrpt.serve.scheduler import Choice, Scheduler
+
+    events = []
+    sched = Scheduler(_FakeServing, None, None, max_batch=4)
+    sched.start()
+    short = Choice(index=0, ids=[1], prompt=None, max_tokens=3, sink=events.append)
+    endless = Choice(index=1, ids=[1], prompt=None, max_tokens=10**9, sink=events.append)
+    sched.submit([short, endless])
+    time.sleep(0.1)
+    began = time.monotonic()
+    sched.stop(timeout=0.3)
+    assert time.monotonic() - began < 5 and not sched._thread.is_alive()
+    assert ("end", 0, "length", 3) in events
+    assert events[-1] == ("error", 1, "the server shut down before this request finished")
+    with pytest.raises(Exception, match="shutting down"):
+        sched.submit([Choice(index=0, ids=[1], prompt=None, max_tokens=1)])

@@ -79,6 +79,8 @@ class Scheduler:
     # -- called from other threads ------------------------------------------------------------
 
     def start(self) -> None:
+        """Make the (empty) batch here, so a model the backend cannot batch fails at once; then start."""
+        self._state = self.serving.start(self.model, self.tokenizer, self.max_batch)
         self._thread = threading.Thread(target=self._run, name="lrpt-scheduler", daemon=True)
         self._thread.start()
 
@@ -120,27 +122,40 @@ class Scheduler:
     # -- the thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
-        self._state = self.serving.start(self.model, self.tokenizer, self.max_batch)
         while True:
-            self._take_inbox(block=not self._active and not self._pending)
-            if self.reload_requested and self.on_reload is not None:
-                self.reload_requested = False
-                try:
-                    self.on_reload()
-                except Exception:  # a reload must never stop the server
-                    log.exception("adapter reload failed")
-            if self._stop_at is not None and (time.monotonic() > self._stop_at
-                                              or not (self._active or self._pending)):
+            try:
+                if self._iterate():
+                    return
+            except Exception as exc:  # a bug must not leave every client waiting forever
+                log.exception("the scheduler failed; failing its requests and starting over")
                 for c in [*self._active, *self._pending]:
-                    self._fail(c, "the server shut down before this request finished", remove=False)
-                self._pending.clear()
+                    self._fail(c, f"scheduler error: {exc}", remove=False)
                 self._active.clear()
-                self._fail_calls()
-                return
-            self._drop_cancelled()
-            self._admit()
-            if self._active:
-                self._step()
+                self._pending.clear()
+                self._state = self.serving.start(self.model, self.tokenizer, self.max_batch)
+
+    def _iterate(self) -> bool:
+        """One round: inbox, reload, shutdown check, admissions, one decode step. True when done."""
+        self._take_inbox(block=not self._active and not self._pending)
+        if self.reload_requested and self.on_reload is not None:
+            self.reload_requested = False
+            try:
+                self.on_reload()
+            except Exception:  # a reload must never stop the server
+                log.exception("adapter reload failed")
+        if self._stop_at is not None and (time.monotonic() > self._stop_at
+                                          or not (self._active or self._pending)):
+            for c in [*self._active, *self._pending]:
+                self._fail(c, "the server shut down before this request finished", remove=False)
+            self._pending.clear()
+            self._active.clear()
+            self._fail_calls()
+            return True
+        self._drop_cancelled()
+        self._admit()
+        if self._active:
+            self._step()
+        return False
 
     def _take_inbox(self, block: bool) -> None:
         try:

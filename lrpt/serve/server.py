@@ -65,6 +65,7 @@ def run(args) -> int:
 
     from ..models import resolve_model
 
+    _check_port(args.host, args.port)  # before minutes of model loading, not after
     path = resolve_model(args.model, log=_stderr)
     built = build(args.backend, path, args.adapters, model_name=args.model, dtype=args.dtype,
                   max_batch=args.max_batch, max_tokens_limit=args.max_tokens_limit,
@@ -80,6 +81,17 @@ def run(args) -> int:
                 timeout_graceful_shutdown=args.shutdown_timeout)
     _stderr("lrpt: server stopped")
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        raise LrptError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _log_refused(report, log: Callable[[str], None]) -> None:
