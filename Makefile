@@ -11,7 +11,7 @@ TORCH  ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" -e '.[torch,mlx,dev]'
+	$(PY) -m pip install -q "$(TORCH)" -e '.[torch,mlx,serve,dev]'
 	touch $@
 
 lint: $(VENV)/.installed

@@ -387,6 +387,17 @@ def cmd_convert_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "sse_starlette") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise LrptError(f"lrpt serve needs {', '.join(missing)}, which is not installed: pip install 'lrpt[serve]'")
+    from .serve.server import run
+
+    return run(args)
+
+
 def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"], help="framework (default: auto)")
     if model:
@@ -475,6 +486,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list of {input, output}")
     p.add_argument("--force", action="store_true", help="accept an embedding-fingerprint mismatch")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve the adapters of a directory behind an OpenAI-compatible API")
+    _common(p)
+    p.add_argument("--adapters", help="directory whose subfolders are adapters, served under their folder names")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=32, help="rows decoded together (default 32)")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds running requests get to finish on SIGTERM before they are cancelled")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="convert adapters: lrpt <-> HF PEFT, prompt <-> lopt1, smaller dtypes")
     p.add_argument("src", help="lrpt or HF PEFT adapter directory")

@@ -37,3 +37,12 @@ class TrainingError(LrptError):
 
 class ConversionError(LrptError):
     """An adapter or base model cannot be converted as asked."""
+
+
+class ServeError(LrptError):
+    """A request to ``lrpt serve`` cannot be served; carries the HTTP status and OpenAI error fields."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
