@@ -31,13 +31,12 @@ sys.path.insert(0, str(ROOT))
 
 from lrpt import PromptSpec, Task, TrainingError  # noqa: E402
 from lrpt.backends.torch import model as M  # noqa: E402
-from lrpt.backends.torch.train import evaluate  # noqa: E402
 from lrpt.data import encode_examples, epoch_batches, load_examples, lr_factor, metric  # noqa: E402
+from lrpt.scoring import evaluate, score_labels  # noqa: E402
 from lrpt.tokens import label_token_ids, tokenize_fn  # noqa: E402
 from lrpt.trainer import TrainConfig  # noqa: E402
+from lrpt.training import train  # noqa: E402
 
-G = sys.modules["lrpt.backends.torch.generate"]
-TRAIN = sys.modules["lrpt.backends.torch.train"]
 TASK = Task("sst2", template="Review: {sentence}\nSentiment:", label_words=[" negative", " positive"])
 
 # name -> (kind, settings). lopa: h′=128, r=2 keeps it under LoRA's 460,800 parameters.
@@ -63,7 +62,7 @@ def run_lrpt(model, tok, train_rows, val, cfg, args) -> dict:
     prompt = M.init_prompt(spec, model, tok, seed=args.seed)
     config = TrainConfig(epochs=args.epochs, lr=cfg["lr"], batch_size=args.batch, seed=args.seed,
                          progress=False, log_every=50, compile=args.compile, compile_mode=args.compile_mode)
-    TRAIN.train(model, tok, prompt, TASK, train_rows, None, config)
+    train(model, tok, prompt, TASK, train_rows, None, config)
     metrics, _ = evaluate(model, tok, prompt, TASK, val, batch_size=64)
     return {"accuracy": metrics["accuracy"], "params": spec.param_count(prompt.dim)}
 
@@ -99,7 +98,7 @@ def run_peft(model, tok, train_rows, val, kind, cfg, args) -> dict:
         for i, r in enumerate(rows):
             ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
         ids, mask = ids.to(model.device), mask.to(model.device)
-        with G._autocast(model):
+        with M.autocast(model):
             logits = pm(input_ids=ids, attention_mask=mask).logits
         last = torch.tensor([len(r) - 1 + n for r in rows], device=model.device)
         logp = torch.log_softmax(logits[torch.arange(len(rows), device=model.device), last].float(), -1)
@@ -181,7 +180,7 @@ def main(argv=None) -> int:
     results = []
     t0 = time.perf_counter()
     if not args.no_zero_shot:
-        zero = G.score_labels(model, tok, None, [TASK.format(r) for r in val_rows], TASK.label_words, batch_size=64)
+        zero = score_labels(model, tok, None, [TASK.format(r) for r in val_rows], TASK.label_words, batch_size=64)
         acc = metric("accuracy", [e.target for e in val], zero.argmax(-1), 2)
         results.append({"run": "zero-shot", "accuracy": acc, "params": 0, "lr": None,
                         "seconds": round(time.perf_counter() - t0, 1)})

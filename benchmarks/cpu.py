@@ -1,7 +1,7 @@
 """CPU training-step time: MLX eager vs ``mx.compile``d, and MLX vs PyTorch, on one small model.
 
 A random Llama-shaped model is written once as an HF folder and loaded by both backends; each
-variant runs lrpt's real training step (``MLXOps.step`` / ``TorchOps.step``, lopt1, a 2-label
+variant runs lrpt's real training step (``lrpt.training.Training.step`` on each backend, lopt1, a 2-label
 classifier) on the same fixed batch. Variants alternate in rounds after warm-up; figures are
 medians of per-round means (wall clock).
 
@@ -60,11 +60,11 @@ def steps(args, path: Path) -> dict:
     import torch
     from mlx_lm.utils import load_model
 
+    from lrpt.backends import get_backend
     from lrpt.backends.mlx.model import attach
     from lrpt.backends.mlx.prompts import PromptModule as MLXPrompt
-    from lrpt.backends.mlx.train import MLXOps
     from lrpt.backends.torch.prompts import PromptModule as TorchPrompt
-    from lrpt.backends.torch.train import TorchOps
+    from lrpt.training import Training
 
     rng = np.random.default_rng(0)
     rows = [rng.integers(100, args.vocab, args.seq).tolist() for _ in range(args.batch)]
@@ -78,15 +78,16 @@ def steps(args, path: Path) -> dict:
     mmodel.freeze()
     attach(mmodel)
 
-    class Wrap:  # MLXOps reads the HF tokenizer through mlx-lm's wrapper
+    class Wrap:  # the MLX backend reads the HF tokenizer through mlx-lm's wrapper
         _tokenizer = LabelTokenizer()
 
     variants = {}
     for compile_ in (False, True):
-        ops = MLXOps(mmodel, Wrap(), MLXPrompt(spec, params), task, data, None,
-                     TrainConfig(compile=compile_, pad_to_multiple=1))
+        ops = Training(get_backend("mlx"), mmodel, Wrap(), MLXPrompt(spec, params), task, data, None,
+                       TrainConfig(compile=compile_, pad_to_multiple=1))
         variants["mlx compiled" if compile_ else "mlx eager"] = (lambda o=ops: mx.eval(o.step([list(range(len(data)))], 1e-3)))
-    tops = TorchOps(tmodel, LabelTokenizer(), TorchPrompt(spec, params), task, data, None, TrainConfig(pad_to_multiple=1))
+    tops = Training(get_backend("torch"), tmodel, LabelTokenizer(), TorchPrompt(spec, params), task, data, None,
+                    TrainConfig(pad_to_multiple=1))
     variants["torch eager"] = lambda: tops.step([list(range(len(data)))], 1e-3)
     for fn in variants.values():
         for _ in range(args.warmup):

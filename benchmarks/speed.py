@@ -6,7 +6,7 @@ loss of a 2-way label-word classifier at the last position):
 - ``peft``: HF PEFT prompt tuning (PeftModelForCausalLM), logits at every position, as PEFT does;
 - ``frozen-last``: the frozen model alone with the head at the last position only (anchor: the
   cost of a forward and an activation-gradient backward, no prompt machinery);
-- ``lrpt-<method>``: lrpt's real training step (``TorchOps.step``), eager or compiled.
+- ``lrpt-<method>``: lrpt's real training step (``lrpt.training.Training.step``), eager or compiled.
 
 Variants alternate in rounds after warm-up; each figure is the median over rounds of the
 mean step time of a round, timed with CUDA events (wall clock on CPU). Throughput counts
@@ -31,11 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lrpt import PromptSpec, Task  # noqa: E402
+from lrpt.backends import get_backend  # noqa: E402
 from lrpt.backends.torch.prompts import PromptModule  # noqa: E402
-from lrpt.backends.torch.train import TorchOps  # noqa: E402
 from lrpt.data import Encoded  # noqa: E402
 from lrpt.reference import init_params  # noqa: E402
 from lrpt.trainer import TrainConfig  # noqa: E402
+from lrpt.training import Training  # noqa: E402
 
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -84,7 +85,7 @@ def lrpt_step(model, method: str, rows: list[list[int]], labels: list[int], n: i
     task = Task("bench", template="{text}", label_words=[" 0", " 1"])
     data = [Encoded(r, y) for r, y in zip(rows, labels)]
     cfg = TrainConfig(compile=compile_mode is not None, compile_mode=compile_mode or None, pad_to_multiple=1)
-    ops = TorchOps(model, LabelTokenizer(), prompt, task, data, None, cfg)
+    ops = Training(get_backend("torch"), model, LabelTokenizer(), prompt, task, data, None, cfg)
     batch = [list(range(len(rows)))]
     return lambda: ops.step(batch, 1e-3)
 
@@ -126,7 +127,7 @@ def frozen_last_step(model, ids, labels):
 
 
 def _autocast(model):
-    from lrpt.backends.torch.generate import _autocast as autocast  # the one lrpt trains under
+    from lrpt.backends.torch.model import autocast  # the one lrpt trains under
 
     return autocast(model)
 

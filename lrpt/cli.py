@@ -298,7 +298,7 @@ def _eval_completion(args, backend, model, tokenizer, prompt, task: Task, rows: 
     from .data import encode_examples
     from .tokens import target_tokenize_fn, tokenize_fn
 
-    hf = backend.model.hf_tokenizer(tokenizer)
+    hf = backend.hf_tokenizer(tokenizer)
     data = encode_examples(task, tokenize_fn(hf), rows, target_tokenize_fn(hf))
     metrics, _ = backend.evaluate(model, tokenizer, prompt, task, data, args.batch_size)
     result = {"task": task.name, "split": args.split, "examples": len(rows), "loss": metrics["loss"],

@@ -9,8 +9,9 @@ layout, and with it every result, is the same on PyTorch and MLX.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -32,10 +33,11 @@ class Layout:
     attention_mask: np.ndarray  # (B, W) 1 at real (prompt or token) slots
     position_ids: np.ndarray  # (B, W)
     token_ids: np.ndarray  # (B, T) right-padded real tokens
-    token_pos: np.ndarray  # (B, T) packed index of each token
+    token_pos: np.ndarray  # (B, T) packed index of each token (padded slots: the last token's)
     lengths: np.ndarray  # (B,) tokens per row
     n_prompt: np.ndarray  # (B,) prompt length per row
     left_pad: np.ndarray  # (B,) pads before each row's content
+    last_pos: np.ndarray  # (B,) packed index of each row's last token
 
 
 def pack(tokens: Sequence[Sequence[int]], n_prompt: int | Sequence[int], padding_side: str = "left",
@@ -71,4 +73,86 @@ def pack(tokens: Sequence[Sequence[int]], n_prompt: int | Sequence[int], padding
         pos[i, start : start + ci] = np.arange(ci)
         token_ids[i, :li] = row
         token_pos[i, :li] = start + ni + np.arange(li)
-    return Layout(ids, src, is_prompt, mask, pos, token_ids, token_pos, lengths, n, left)
+        token_pos[i, li:] = start + ci - 1  # padded token slots repeat the row's last token
+    last = token_pos[np.arange(b), lengths - 1]
+    return Layout(ids, src, is_prompt, mask, pos, token_ids, token_pos, lengths, n, left, last)
+
+
+@dataclass
+class Batch:
+    """A :class:`Layout` on a framework: the same fields as arrays of that framework (converted once by
+    a backend's ``make_batch``), plus whether it is left padded, known on the host so compiled code
+    never reads it back. Both backends use this one class; each reads the fields it needs."""
+
+    ids: Any
+    src: Any
+    is_prompt: Any
+    attention_mask: Any
+    position_ids: Any
+    token_ids: Any
+    token_pos: Any
+    lengths: Any
+    n_prompt: Any
+    left_pad: Any
+    last_pos: Any
+    left_padded: bool = False
+
+    @classmethod
+    def from_layout(cls, lay: Layout, asarray: Callable[[np.ndarray], Any]) -> Batch:
+        return cls(**{f.name: asarray(getattr(lay, f.name)) for f in fields(lay)},
+                   left_padded=bool(lay.left_pad.max() > 0))
+
+    def arrays(self, prefix: str = "") -> dict[str, Any]:
+        """The array fields (for a compiled function, which takes pytrees of arrays), keys prefixed."""
+        return {prefix + f.name: getattr(self, f.name) for f in fields(self) if f.name != "left_padded"}
+
+    @classmethod
+    def unpack(cls, arrays: dict[str, Any], prefix: str) -> Batch:
+        """The batch whose :meth:`arrays` were stored under ``prefix`` (scoring and training are right padded)."""
+        return cls(**{k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+
+
+def scoring_arrays(rows: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]], n: Sequence[int],
+                   pad_id: int = 0, pad_to_multiple: int = 1) -> dict[str, Any]:
+    """Host-side layout for label scoring (right padded), as ``{name: Layout or array}``.
+
+    Single-token label words need the input batch only (``in``) and the ids (``label_ids``);
+    multi-token words add one input+word sequence per (row, label) (``seq``) and the positions of
+    the word's tokens (``index``, ``target``, ``weight``).
+    """
+    out: dict[str, Any] = {"in": pack(rows, n, "right", pad_id, pad_to_multiple)}
+    if all(len(ids) == 1 for ids in label_ids):
+        out["label_ids"] = np.array([ids[0] for ids in label_ids], np.int64)
+        return out
+    k = len(label_ids)
+    long_rows = [list(r) + list(ids) for r in rows for ids in label_ids]
+    out["seq"] = pack(long_rows, [x for x in n for _ in range(k)], "right", pad_id, pad_to_multiple)
+    return {**out, **_targets(long_rows, [len(label_ids[j % k]) for j in range(len(long_rows))])}
+
+
+def completion_arrays(inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], n: int, pad_id: int = 0,
+                      pad_to_multiple: int = 1) -> dict[str, Any]:
+    """Host-side layout for the completion loss: the input alone (``in``, LoPA encodes it) and
+    input+target (``seq``) with the target tokens' positions."""
+    seqs = [list(a) + list(t) for a, t in zip(inputs, targets)]
+    return {"in": pack(inputs, n, "right", pad_id), "seq": pack(seqs, n, "right", pad_id, pad_to_multiple),
+            **_targets(seqs, [len(t) for t in targets])}
+
+
+def _targets(seqs, n_targets) -> dict[str, np.ndarray]:
+    from .data import target_positions
+
+    index, target, weight = target_positions(seqs, n_targets)
+    return {"index": index, "target": target, "weight": weight}
+
+
+def to_arrays(host: dict[str, Any], asarray: Callable[[np.ndarray], Any]) -> dict[str, Any]:
+    """A flat dict of framework arrays from :func:`scoring_arrays` / :func:`completion_arrays`
+    (layouts become ``in_*`` / ``seq_*`` fields): one pytree, ready for a compiled step."""
+    out: dict[str, Any] = {}
+    for key, value in host.items():
+        if isinstance(value, Layout):
+            out.update(Batch.from_layout(value, asarray).arrays(f"{key}_"))
+        else:
+            out[key] = asarray(value)
+    return out

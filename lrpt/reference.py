@@ -1,40 +1,30 @@
 """NumPy reference of every method: initialisation and materialisation. This is the truth.
 
 Backends initialise their parameters from :func:`init_params` (so the same seed gives the
-same prompt on every backend) and are tested against :func:`materialize`. Everything here is
-float32 in and out; internal arithmetic is float64 where it is cheap, to stay a good
-reference for float32 backends.
+same prompt on every backend) and are tested against :func:`materialize`, which is the core's
+one implementation (:mod:`lrpt.methods`) run with the NumPy op set (:mod:`lrpt.ops`) in float64:
+not a third transcription. Arrays are float32 in and out.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
+from . import methods, ops
 from .errors import SpecError
 from .spec import PromptSpec
 
 DEFAULT_SIGMA = 0.02  # embedding scale assumed when no embedding matrix is given
 HEAD_INIT_STD = 0.02  # LoPA second-layer weights: small, so u vᵀ ≈ 0 at init
 
-_erf = np.frompyfunc(math.erf, 1, 1)
 
 
 def activation(name: str, x: np.ndarray) -> np.ndarray:
-    """σ of LoPT-2. ``gelu`` is the exact (erf) form, as ``torch.nn.functional.gelu``."""
-    x = np.asarray(x, dtype=np.float64)
-    if name == "elu":
-        return np.where(x > 0, x, np.expm1(np.minimum(x, 0.0)))
-    if name == "relu":
-        return np.maximum(x, 0.0)
-    if name == "gelu":
-        return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)).astype(np.float64))
-    raise SpecError(f"unknown activation {name!r}")
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+    """σ of LoPT-2 in float64 (``gelu`` is the exact, erf form, as ``torch.nn.functional.gelu``)."""
+    return methods.activation(ops, name, np.asarray(x, dtype=np.float64))
 
 
 # -- initialisation -------------------------------------------------------------------------
@@ -46,19 +36,28 @@ def init_params(
     seed: int,
     embedding_matrix: np.ndarray | None = None,
     init_token_ids: list[int] | np.ndarray | None = None,
+    *,
+    sigma: float | None = None,
+    vocab_size: int | None = None,
+    embed_rows: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Seeded initial parameters for ``spec`` on a model of width ``dim`` (see spec.py).
 
-    ``embedding_matrix`` (vocab, dim) sets the scale σ and is needed by ``init="vocab"``
-    and ``init="text"``; ``init_token_ids`` are the tokens of ``spec.init_text`` (the
-    caller tokenises, the core has no tokenizer).
+    The model enters in one of two ways. ``embedding_matrix`` (vocab, dim), the whole table, sets
+    the scale σ (its std) and gives the rows ``init="vocab"`` and ``init="text"`` start from. Or,
+    so that a backend never copies the whole table to the host, ``sigma`` (computed where the
+    table lives), ``vocab_size`` and ``embed_rows(ids) -> (len(ids), dim)`` for just the rows
+    needed. ``init_token_ids`` are the tokens of ``spec.init_text`` (the caller tokenises).
     """
     shapes = spec.param_shapes(dim)
     rng = np.random.default_rng(seed)
     emb = None if embedding_matrix is None else np.asarray(embedding_matrix, dtype=np.float32)
     if emb is not None and (emb.ndim != 2 or emb.shape[1] != dim):
         raise SpecError(f"embedding matrix has shape {emb.shape}, expected (vocab, {dim})")
-    sigma = float(emb.std()) if emb is not None else DEFAULT_SIGMA
+    if emb is not None:
+        sigma, vocab_size = float(emb.std()), emb.shape[0]
+        embed_rows = emb.__getitem__
+    sigma = DEFAULT_SIGMA if sigma is None else float(sigma)
     n, r = spec.n_tokens, spec.rank
 
     def normal(shape: tuple[int, ...], std: float) -> np.ndarray:
@@ -68,18 +67,18 @@ def init_params(
         """The (n, d) matrix the prompt starts from for vocab/text init, else None."""
         if spec.init == "normal":
             return None
-        if emb is None:
-            raise SpecError(f'init="{spec.init}" needs the model\'s embedding matrix')
+        if embed_rows is None or vocab_size is None:
+            raise SpecError(f'init="{spec.init}" needs the model\'s embedding rows')
         if spec.init == "vocab":
-            rows = rng.integers(0, emb.shape[0], size=n)
+            rows = rng.integers(0, vocab_size, size=n)
         else:
             if init_token_ids is None or len(init_token_ids) == 0:
                 raise SpecError('init="text" needs the token ids of init_text (it tokenised to nothing?)')
             ids = np.asarray(init_token_ids, dtype=np.int64)
             rows = np.resize(ids, n)  # repeat or cut to n
-            if rows.min() < 0 or rows.max() >= emb.shape[0]:
+            if rows.min() < 0 or rows.max() >= vocab_size:
                 raise SpecError("init token ids fall outside the embedding matrix")
-        return emb[rows].copy()
+        return np.array(embed_rows(rows), dtype=np.float32)
 
     start = start_matrix()
     if spec.method == "prompt":
@@ -115,45 +114,12 @@ def init_params(
 # -- materialisation ------------------------------------------------------------------------
 
 
-def lopa_head(params: dict[str, np.ndarray], head: str, x: np.ndarray) -> np.ndarray:
-    """One LoPA head in eval mode: Linear → tanh → Linear, on (B, h) encodings."""
-    p = {k: np.asarray(v, np.float64) for k, v in params.items() if k.startswith(f"lopa.{head}.")}
-    hidden = np.tanh(x @ p[f"lopa.{head}.0.weight"].T + p[f"lopa.{head}.0.bias"])
-    return hidden @ p[f"lopa.{head}.1.weight"].T + p[f"lopa.{head}.1.bias"]
-
-
-def gate(name: str, z_s: np.ndarray, z_i: np.ndarray) -> np.ndarray:
-    """Combine the shared part Z_S with the instance part Z_I."""
-    if name == "sigmoid":
-        return z_s * sigmoid(z_i)
-    if name == "add":
-        return z_s + z_i
-    if name == "max":
-        return np.maximum(z_s, z_i)
-    raise SpecError(f"unknown gate {name!r}")
-
-
 def materialize(spec: PromptSpec, params: dict[str, np.ndarray], encoding: np.ndarray | None = None) -> np.ndarray:
-    """The prompt matrix: (n, d) for static methods, (B, n, d) for lopa given (B, h) encodings."""
+    """The prompt matrix: (n, d) for static methods, (B, n, d) for lopa given (B, h) encodings.
+
+    This is :func:`lrpt.methods.materialize` (the code every backend runs) with the NumPy op set,
+    in float64, in evaluation mode (no dropout).
+    """
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
-    if spec.method == "prompt":
-        out = p["prompt_embeddings"]
-    elif spec.method == "lopt1":
-        out = p["lopt.U"] @ p["lopt.V"]
-    elif spec.method == "lopt2":
-        out = activation(spec.activation, p["lopt.X0"] @ p["lopt.U"]) @ p["lopt.V"]
-    elif spec.method == "lopa":
-        if encoding is None:
-            raise SpecError("lopa is instance-dependent: materialize needs the (B, h) encodings")
-        x = np.asarray(encoding, np.float64)
-        if x.ndim != 2:
-            raise SpecError(f"lopa encodings must be (B, h), got shape {x.shape}")
-        n, r = spec.n_tokens, spec.rank
-        d = p["lopa.Z_S"].shape[1]
-        u = lopa_head(params, "u", x).reshape(-1, n, r)
-        v = lopa_head(params, "v", x).reshape(-1, d, r)
-        z_i = u @ v.transpose(0, 2, 1)
-        out = gate(spec.gate, p["lopa.Z_S"][None], z_i)
-    else:
-        raise SpecError(f"unknown method {spec.method!r}")
-    return out.astype(np.float32)
+    x = None if encoding is None else np.asarray(encoding, np.float64)
+    return np.asarray(methods.materialize(ops, spec, p, x), dtype=np.float32)

@@ -23,7 +23,6 @@ from lrpt.trainer import TrainConfig  # noqa: E402
 
 B = {name: importlib.import_module(f"lrpt.backends.{name}") for name in ("torch", "mlx")}
 MODEL = {name: importlib.import_module(f"lrpt.backends.{name}.model") for name in B}
-GEN = {name: importlib.import_module(f"lrpt.backends.{name}.generate") for name in B}
 TASK = toy_task()
 TEXTS = sentences(16, seed=11)
 
@@ -37,12 +36,12 @@ def data(n=48):
     return toy_data(n)
 
 
-def logits(backend, model, tok, adapter):
+def logits(backend, model, tok, adapter, side="right"):
     prompt = B[backend].prompt_from_adapter(adapter)
     prompt.eval()
     hf = MODEL[backend].hf_tokenizer(tok)
     rows = [hf(TASK.template.format(text=t))["input_ids"] for t in TEXTS]
-    batch = MODEL[backend].make_batch(rows, adapter.spec.n_tokens, "right")
+    batch = MODEL[backend].make_batch(rows, adapter.spec.n_tokens, side)
     if backend == "torch":
         with torch.no_grad():
             return MODEL[backend].forward_logits(model, prompt, batch).numpy()
@@ -69,19 +68,28 @@ def test_trained_adapter_gives_the_same_answers_on_the_other_backend(tiny_dirs, 
     adapter = Adapter.load(tmp_path / "a")
     other, otok = load(dst, str(tiny_dirs[arch]))
     adapter.base_model.check_compatible(B[dst].base_model_info(other))  # the fingerprint holds across backends
-    a, b = logits(src, model, tok, adapter), logits(dst, other, otok, adapter)
-    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-4
+    # Per position, fp32: every row's logits at every real token, both paddings. Gemma 3 gets 1e-3: mlx-lm
+    # scales its token embeddings by sqrt(d) rounded to bf16 (5.65625 at d=32) where transformers uses
+    # fp32 (5.656854), a 1e-4 relative difference of the two frameworks' own Gemma that lrpt cannot remove.
+    tol = 1e-3 if arch == "gemma3" else 1e-4
+    for side in ("right", "left"):
+        a, b = logits(src, model, tok, adapter, side), logits(dst, other, otok, adapter, side)
+        diff = np.abs(a - b).max(-1)
+        assert (diff <= tol * (1 + np.abs(a).max(-1))).all(), (side, diff.max())
+    texts = [TASK.template.format(text=t) for t in TEXTS]
+    sa = B[src].score_labels(model, tok, B[src].prompt_from_adapter(adapter), texts, TASK.label_words)
+    sb = B[dst].score_labels(other, otok, B[dst].prompt_from_adapter(adapter), texts, TASK.label_words)
+    assert np.abs(sa - sb).max() <= tol * (1 + np.abs(sa).max())
     assert answers(src, model, tok, adapter) == answers(dst, other, otok, adapter)
 
 
 def _train_loss(backend, model, tok, adapter, rows):
-    ev = importlib.import_module(f"lrpt.backends.{backend}.train")
     from lrpt.data import encode_examples
     from lrpt.tokens import target_tokenize_fn, tokenize_fn
 
     hf = MODEL[backend].hf_tokenizer(tok)
     enc = encode_examples(TASK, tokenize_fn(hf), rows, target_tokenize_fn(hf))
-    scores = ev.evaluate(model, tok, B[backend].prompt_from_adapter(adapter), TASK, enc)[1]
+    scores = B[backend].evaluate(model, tok, B[backend].prompt_from_adapter(adapter), TASK, enc)[1]
     labels = np.array([r["label"] for r in rows])
     return float(np.mean(np.log(np.exp(scores).sum(1)) - scores[np.arange(len(rows)), labels]))
 
@@ -144,3 +152,49 @@ def test_resume_is_bitwise_exact(tiny_dirs, tmp_path, backend, method):
     strip = [[{k: v for k, v in __import__("json").loads(x).items() if k != "elapsed_s"}
               for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("a", "b")]
     assert strip[0] == strip[1]
+
+
+# Adam divides by the gradients' own scale, so fp32 differences between the two frameworks' kernels
+# (~1e-7 per op) grow with every step; at lr 0.01 twelve steps stay within the 1e-5 relative target
+# (measured: lopt1 2.6e-6, LoPA 5 steps 7.8e-6), at lr 0.05 they reach 2e-5.
+CONSTANT = dict(lr=0.01, batch_size=8, warmup=0, schedule="constant", log_every=2, progress=False)
+
+
+def _relative_close(a: dict, b: dict, tol: float = 1e-5) -> bool:
+    return all(np.linalg.norm(a[k] - b[k]) <= tol * max(np.linalg.norm(a[k]), 1e-12) for k in a)
+
+
+@pytest.mark.parametrize("method", ["prompt", "lopt1", "lopt2", "lopa"])
+def test_training_trajectories_agree_across_backends(tiny_dirs, method):
+    """Same init, same batches, 5 steps (fp32, no dropout): the same parameters within 1e-5 on both."""
+    spec = spec_for(method, dropout=0.0)
+    rows = data(40)
+    out = {}
+    for backend in B:
+        model, tok = load(backend, str(tiny_dirs["llama"]))
+        prompt = B[backend].init_prompt(spec, model, tok, seed=0)
+        B[backend].train(model, tok, prompt, TASK, rows, None, TrainConfig(steps=5, **CONSTANT))
+        out[backend] = prompt.to_params()
+    assert _relative_close(out["mlx"], out["torch"])
+
+
+@pytest.mark.parametrize("src, dst", [("torch", "mlx"), ("mlx", "torch")])
+def test_a_run_started_on_one_backend_resumes_on_the_other(tiny_dirs, tmp_path, src, dst):
+    """6 steps on one backend, resumed to 12 on the other == 12 straight steps on either (1e-5 per tensor)."""
+    spec = spec_for("lopt1")
+    rows = data(64)
+    straight = {}
+    for backend in B:
+        model, tok = load(backend, str(tiny_dirs["llama"]))
+        prompt = B[backend].init_prompt(spec, model, tok, seed=0)
+        B[backend].train(model, tok, prompt, TASK, rows, None, TrainConfig(steps=12, **CONSTANT))
+        straight[backend] = prompt.to_params()
+    model, tok = load(src, str(tiny_dirs["llama"]))
+    B[src].train(model, tok, B[src].init_prompt(spec, model, tok, seed=0), TASK, rows, None,
+                 TrainConfig(steps=6, **CONSTANT), tmp_path / "run")
+    other, otok = load(dst, str(tiny_dirs["llama"]))
+    moved = B[dst].init_prompt(spec, other, otok, seed=99)  # resuming overwrites it
+    result = B[dst].train(other, otok, moved, TASK, rows, None, TrainConfig(steps=12, **CONSTANT), tmp_path / "run",
+                          resume=True)
+    assert result.step == 12 and Adapter.load(tmp_path / "run" / "adapter").created_by["backend"] == dst
+    assert _relative_close(moved.to_params(), straight[src]) and _relative_close(moved.to_params(), straight[dst])

@@ -2,7 +2,8 @@
 
 ``get_backend("torch")`` returns the module ``lrpt.backends.torch``; ``"mlx"`` returns
 ``lrpt.backends.mlx``; ``"auto"`` picks MLX on Apple silicon when it is installed, else
-PyTorch, else MLX. Both modules expose the same functions with the same arguments.
+PyTorch, else MLX. Both modules satisfy :class:`Backend`: the same names, the same arguments
+(checked by a test), so the mirror enforces itself.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import importlib
 import importlib.util
 import platform
 import sys
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any, Protocol
 
 from ..errors import BackendUnavailableError
 
@@ -47,3 +50,45 @@ def get_backend(name: str = "auto") -> ModuleType:
             f"the {name} backend needs {', '.join(missing)}, which is not installed: pip install 'lrpt[{name}]'"
         )
     return importlib.import_module(f"lrpt.backends.{name}")
+
+
+def backend_for(model: Any) -> ModuleType:
+    """The backend a loaded model belongs to (mlx-lm models are MLX modules; everything else is torch)."""
+    return get_backend("mlx" if type(model).__module__.split(".")[0] in ("mlx", "mlx_lm") else "torch")
+
+
+class Backend(Protocol):
+    """What a backend module provides: framework work only (the algorithm is the core's).
+
+    ``ops`` is the core's op set (:mod:`lrpt.ops`). The rest: load a model; place, create, load and
+    snapshot prompts; lay a batch out in the framework's arrays; run the model's blocks on prompted
+    embeddings and its own head at chosen positions; generate with the framework's machinery; and
+    a ``Stepper`` for autograd, the optimizer and compilation. ``score_labels``, ``classify``,
+    ``evaluate`` and ``train`` are the core's own, re-exported.
+    """
+
+    NAME: str
+    ops: ModuleType
+    PromptModule: type
+    Stepper: type
+    load_model: Callable[..., tuple[Any, Any]]
+    hf_tokenizer: Callable[[Any], Any]
+    base_model_info: Callable[[Any], Any]
+    init_prompt: Callable[..., Any]
+    prompt_from_adapter: Callable[..., Any]
+    prompt_to_adapter: Callable[..., Any]
+    place: Callable[[Any, Any], None]
+    make_batch: Callable[..., Any]
+    asarray_for: Callable[[Any], Callable[[Any], Any]]
+    inference: Callable[[Any], Any]
+    embed: Callable[[Any, Any], Any]
+    prompt_rows: Callable[..., Any]
+    forward_hidden: Callable[[Any, Any, Any], Any]
+    logits_at: Callable[[Any, Any, Any], Any]
+    forward_logits: Callable[..., Any]
+    generate: Callable[..., list[str]]
+    prefix_cache: Callable[[Any, Any], Any]
+    score_labels: Callable[..., Any]
+    classify: Callable[..., Any]
+    evaluate: Callable[..., Any]
+    train: Callable[..., Any]

@@ -1,6 +1,6 @@
 """Text of a generation as tokens arrive: stop strings, and what is safe to stream yet.
 
-Framework-free. The rules are those of :func:`lrpt.backends.torch.generate.generate`: the text is
+Framework-free. The rules are those of :func:`lrpt.backends.torch.decode.generate`: the text is
 the decode of all tokens so far (special tokens skipped); a stop string ends the generation as
 soon as it appears and is cut with everything after it. While streaming, text that may still
 change is held back: trailing replacement characters (an incomplete UTF-8 sequence) and a

@@ -23,19 +23,21 @@ mechanism as mlx-lm's batched generation.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ... import methods
 from ...basemodel import BaseModelInfo, fingerprint_from_rows, fingerprint_rows
 from ...errors import LrptError
-from ...layout import pack
+from ...layout import Batch, pack
 from ...reference import init_params
 from ...spec import PromptSpec
+from . import ops
 from .prompts import PromptModule
 
 _DTYPES = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16,
@@ -196,12 +198,23 @@ def embed(model, ids: mx.array) -> mx.array:
     return out * state.scale if state.scale != 1.0 else out
 
 
-def embedding_matrix(model) -> np.ndarray:
-    """The whole input-embedding table in prompt space, float32."""
+def embedding_std(model) -> float:
+    """The std of the input-embedding table in prompt space, in two chunked passes (mean, then
+    squared deviations), so no copy of the table is ever held."""
     vocab = _rows(_embedding(model))
-    parts = [np.array(embed(model, mx.arange(i, min(i + 8192, vocab))).astype(mx.float32))
-             for i in range(0, vocab, 8192)]
-    return np.concatenate(parts)
+
+    def chunks():
+        for i in range(0, vocab, 8192):
+            yield embed(model, mx.arange(i, min(i + 8192, vocab))).astype(mx.float32)
+
+    count = vocab * hidden_size(model)
+    mean = sum(float(c.sum()) for c in chunks()) / count
+    return (sum(float(mx.square(c - mean).sum()) for c in chunks()) / count) ** 0.5
+
+
+def embedding_rows(model, ids) -> np.ndarray:
+    """Rows of the input-embedding table in prompt space, float32 on the host."""
+    return np.array(embed(model, mx.array(np.asarray(ids, dtype=np.int32))).astype(mx.float32))
 
 
 def base_model_info(model) -> BaseModelInfo:
@@ -224,36 +237,12 @@ def init_prompt(spec: PromptSpec, model, tokenizer=None, seed: int = 0) -> Promp
     ids = None
     if spec.init == "text":
         ids = hf_tokenizer(tokenizer)(spec.init_text, add_special_tokens=False)["input_ids"]
-    return PromptModule(spec, init_params(spec, dim, seed, embedding_matrix(model), ids))
+    params = init_params(spec, dim, seed, None, ids, sigma=embedding_std(model), vocab_size=_rows(_embedding(model)),
+                         embed_rows=lambda rows: embedding_rows(model, rows))
+    return PromptModule(spec, params)
 
 
 # -- batches ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Batch:
-    """A padded batch of prompted sequences (see the torch backend's ``Batch``)."""
-
-    ids: mx.array  # (B, W) token ids at token slots, 0 elsewhere
-    src: mx.array  # (B, W) row of the prompt matrix at prompt slots
-    is_prompt: mx.array  # (B, W) bool
-    token_ids: mx.array  # (B, T) right-padded real tokens
-    token_pos: mx.array  # (B, T) packed index of each token
-    lengths: mx.array  # (B,) real tokens per row
-    n_prompt: mx.array  # (B,) prompt length per row
-    left_pad: mx.array  # (B,) pads before each row (all 0 with right padding)
-    left_padded: bool = False  # known on the host, so compiled code never reads it back
-
-    @property
-    def last_pos(self) -> mx.array:
-        return mx.take_along_axis(self.token_pos, (self.lengths - 1)[:, None], axis=1)[:, 0]
-
-    def arrays(self) -> dict[str, mx.array]:
-        """The array fields, for passing a batch through ``mx.compile``."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "left_padded"}
-
-    def to(self, device=None) -> Batch:
-        return self
 
 
 def make_batch(
@@ -262,14 +251,21 @@ def make_batch(
     padding_side: str = "right",
     pad_id: int = 0,
     pad_to_multiple: int = 1,
+    device=None,
 ) -> Batch:
-    """Lay out rows of token ids behind prompts of ``n_prompt`` tokens (see :func:`lrpt.layout.pack`)."""
-    lay = pack(tokens, n_prompt, padding_side, pad_id, pad_to_multiple)
-    # Here ``src`` indexes the prompt rows alone (tokens come from the embedding lookup), so every
-    # other slot must point at a valid row: MLX does not bounds-check gathers.
-    src = np.where(lay.is_prompt, lay.src, 0)
-    arrays = (lay.ids, src, lay.is_prompt, lay.token_ids, lay.token_pos, lay.lengths, lay.n_prompt, lay.left_pad)
-    return Batch(*(mx.array(a.astype(np.int32) if a.dtype != bool else a) for a in arrays), bool(lay.left_pad.max() > 0))
+    """Rows of token ids behind prompts of ``n_prompt`` tokens (:func:`lrpt.layout.pack`), as arrays
+    (``device`` mirrors the torch backend; MLX memory is unified)."""
+    return Batch.from_layout(pack(tokens, n_prompt, padding_side, pad_id, pad_to_multiple), ops.asarray)
+
+
+def asarray_for(model):
+    """Host arrays → MLX arrays (unified memory: no device to choose)."""
+    return ops.asarray
+
+
+def inference(model):
+    """The context scoring runs in: nothing to switch on MLX (gradients exist only under value_and_grad)."""
+    return contextlib.nullcontext()
 
 
 class _LeftPadCache:
@@ -294,15 +290,6 @@ class _LeftPadCache:
 # -- prompts for a batch ----------------------------------------------------------------------
 
 
-def pool(hidden: mx.array, lengths: mx.array, pooling: str) -> mx.array:
-    """Pool (B, T, d) right-padded states over each row's real tokens, in float32."""
-    hidden = hidden.astype(mx.float32)
-    if pooling == "last":
-        return mx.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    valid = (mx.arange(hidden.shape[1])[None] < lengths[:, None]).astype(mx.float32)
-    return (hidden * valid[..., None]).sum(1) / lengths[:, None].astype(mx.float32)
-
-
 def encode(model, batch: Batch, kind: str = "base", pooling: str = "mean") -> mx.array:
     """LoPA's x′: the frozen model on the input alone (``base``) or the token embeddings (``embed``)."""
     state = attach(model)
@@ -311,36 +298,13 @@ def encode(model, batch: Batch, kind: str = "base", pooling: str = "mean") -> mx
     else:
         state.splice = state.gather = state.override = None
         states = backbone(model)(batch.token_ids)  # right padded: causal, exact
-    return mx.stop_gradient(pool(states, batch.lengths, pooling))
+    return mx.stop_gradient(methods.pool(ops, states.astype(mx.float32), batch.lengths, pooling))
 
 
-def prompt_rows(model, prompt: PromptModule | Sequence[PromptModule], batch: Batch,
-                which: Sequence[int] | None = None) -> mx.array:
-    """(B, n_max, d) float32 prompt rows for the batch: one prompt for all, or ``prompt[which[b]]``."""
-    if prompt is None:  # the plain model: an empty prompt
-        return _empty_prompt(model, batch)
-    prompts = [prompt] if isinstance(prompt, PromptModule) else list(prompt)
-    b = batch.token_ids.shape[0]
-    which = [0] * b if which is None else list(which)
-    n_max = max(prompts[w].spec.n_tokens for w in set(which))
-    pieces = []
-    encodings: dict[tuple[str, str], mx.array] = {}
-    for k, p in enumerate(prompts):
-        idx = [i for i, w in enumerate(which) if w == k]
-        if not idx:
-            continue
-        if p.spec.is_static:
-            x = mx.broadcast_to(p()[None], (len(idx), p.spec.n_tokens, p.dim))
-        else:
-            key = (p.spec.encoder, p.spec.pooling)
-            if key not in encodings:
-                encodings[key] = encode(model, batch, *key)
-            x = p(encodings[key][mx.array(idx)])
-        pieces.append((idx, mx.pad(x, [(0, 0), (0, n_max - x.shape[1]), (0, 0)])))
-    if len(pieces) == 1 and len(pieces[0][0]) == b:
-        return pieces[0][1]
-    order = np.argsort(np.concatenate([np.array(i) for i, _ in pieces]))
-    return mx.concatenate([x for _, x in pieces])[mx.array(order)]
+def prompt_rows(model, prompt, batch: Batch, which: Sequence[int] | None = None) -> mx.array:
+    """(B, n_max, d) float32 prompt rows: one prompt for all, ``prompt[which[b]]``, or none (the core's)."""
+    return methods.prompt_rows(ops, prompt, which, batch.token_ids.shape[0], lambda key: encode(model, batch, *key),
+                               lambda: _empty_prompt(model, batch))
 
 
 def _empty_prompt(model, batch: Batch) -> mx.array:
@@ -351,7 +315,10 @@ def _call_backbone(model, prompt_embeds: mx.array, batch: Batch, gather: mx.arra
     state = attach(model)
     rows = prompt_embeds if state.scale == 1.0 else prompt_embeds / state.scale
     # No prompt (the plain model): nothing to splice, and no row a gather could read.
-    state.splice = (rows, batch.src, batch.is_prompt) if rows.shape[1] else None
+    # ``src`` also indexes token slots (past the prompt rows): point those at row 0 before the
+    # gather, since MLX does not bounds-check gathers and the splice reads only prompt slots.
+    src = mx.where(batch.is_prompt, batch.src, 0)
+    state.splice = (rows, src, batch.is_prompt) if rows.shape[1] else None
     state.gather, state.override = gather, None
     try:
         cache = None
@@ -385,7 +352,7 @@ def head(model, hidden: mx.array) -> mx.array:
 
 def forward_logits(model, prompt, batch: Batch, which: Sequence[int] | None = None) -> mx.array:
     """Float32 logits (B, T, V) at every real token of every row (for tests and tools)."""
-    index = mx.minimum(batch.token_pos, batch.last_pos[:, None])
+    index = batch.token_pos  # padded token slots point at the last real token
     rows = prompt_rows(model, prompt, batch, which)
     hidden = _call_backbone(model, rows, batch, index)
     return head(model, hidden)

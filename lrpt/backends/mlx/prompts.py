@@ -15,28 +15,14 @@ from mlx.utils import tree_flatten
 
 from ...adapter import Adapter
 from ...basemodel import BaseModelInfo
+from ...methods import materialize
 from ...spec import PromptSpec
 from ...tasks import Task
-
-_ACTIVATIONS = {"elu": nn.elu, "relu": nn.relu, "gelu": nn.gelu}
+from . import ops
 
 
 class _Namespace(nn.Module):
     """An empty module that only gives its children a name prefix (``lopt.``, ``lopa.``)."""
-
-
-class _Heads(nn.Module):
-    """LoPA's two heads: Dropout → Linear(h, h′) → tanh → Linear(h′, k), as lists ``u`` and ``v``."""
-
-    def __init__(self, dim: int, hidden: int, k_u: int, k_v: int, dropout: float):
-        super().__init__()
-        self.Z_S = mx.zeros((1, 1))  # replaced by load_params
-        self.u = [nn.Linear(dim, hidden), nn.Linear(hidden, k_u)]
-        self.v = [nn.Linear(dim, hidden), nn.Linear(hidden, k_v)]
-        self.drop = nn.Dropout(dropout)
-
-    def head(self, layers: list[nn.Linear], x: mx.array) -> mx.array:
-        return layers[1](mx.tanh(layers[0](self.drop(x))))
 
 
 class PromptModule(nn.Module):
@@ -50,8 +36,10 @@ class PromptModule(nn.Module):
         if spec.method in ("lopt1", "lopt2"):
             self.lopt = _Namespace()
         elif spec.method == "lopa":
-            n, r = spec.n_tokens, spec.rank
-            self.lopa = _Heads(self.dim, spec.head_hidden, n * r, self.dim * r, spec.dropout)
+            n, r, h2 = spec.n_tokens, spec.rank, spec.head_hidden
+            self.lopa = _Namespace()  # LoPA heads: indices 0 and 1 as in the file (the math is the core's)
+            self.lopa.u = [nn.Linear(self.dim, h2), nn.Linear(h2, n * r)]
+            self.lopa.v = [nn.Linear(self.dim, h2), nn.Linear(h2, self.dim * r)]
         self.load_params(params)
 
     def load_params(self, params: dict[str, np.ndarray]) -> None:
@@ -83,27 +71,14 @@ class PromptModule(nn.Module):
         flat = dict(tree_flatten(self.parameters()))
         return {k: np.array(v.astype(mx.float32)) for k, v in flat.items()}
 
+    def tensors(self) -> dict[str, mx.array]:
+        """Every array by canonical name (parameters and the frozen X0), for the core's math."""
+        return dict(tree_flatten(self.parameters()))
+
     def __call__(self, encoding: mx.array | None = None) -> mx.array:
-        spec = self.spec
-        if spec.method == "prompt":
-            return self.prompt_embeddings
-        if spec.method == "lopt1":
-            return self.lopt.U @ self.lopt.V
-        if spec.method == "lopt2":
-            return _ACTIVATIONS[spec.activation](self.lopt.X0 @ self.lopt.U) @ self.lopt.V
-        if encoding is None:
-            raise ValueError("lopa needs the pooled encodings of the inputs")
-        enc = encoding.astype(mx.float32)
-        b = enc.shape[0]
-        u = self.lopa.head(self.lopa.u, enc).reshape(b, spec.n_tokens, spec.rank)
-        v = self.lopa.head(self.lopa.v, enc).reshape(b, self.dim, spec.rank)
-        z_i = u @ v.transpose(0, 2, 1)
-        z_s = self.lopa.Z_S[None]
-        if spec.gate == "sigmoid":
-            return z_s * mx.sigmoid(z_i)
-        if spec.gate == "add":
-            return z_s + z_i
-        return mx.maximum(z_s, z_i)
+        drop = self.spec.dropout if self.training and self.spec.method == "lopa" else 0.0
+        enc = None if encoding is None else encoding.astype(mx.float32)
+        return materialize(ops, self.spec, self.tensors(), enc, drop)
 
 
 def prompt_from_adapter(adapter: Adapter, model=None) -> PromptModule:

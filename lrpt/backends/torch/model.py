@@ -13,18 +13,21 @@ position; the LM head runs only where logits are needed (:func:`logits_at`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ... import methods
 from ...basemodel import BaseModelInfo, fingerprint_from_rows, fingerprint_rows
 from ...errors import LrptError
-from ...layout import pack
+from ...layout import Batch, pack
 from ...reference import init_params
 from ...spec import PromptSpec
+from . import ops
 from .prompts import PromptModule
 
 
@@ -115,15 +118,25 @@ def embed(model, ids: torch.Tensor) -> torch.Tensor:
     return model.get_input_embeddings()(ids)
 
 
-def embedding_matrix(model) -> np.ndarray:
-    """The whole input-embedding table in prompt space (Gemma's √d scale included), float32."""
+def embedding_std(model) -> float:
+    """The std of the input-embedding table in prompt space, computed on the model's device in
+    two chunked passes (mean, then squared deviations), so no copy of the table is ever held."""
+    weight = model.get_input_embeddings().weight
+
+    def chunks():
+        for i in range(0, weight.shape[0], 8192):
+            yield embed(model, torch.arange(i, min(i + 8192, weight.shape[0]), device=weight.device)).double()
+
+    with torch.no_grad():
+        mean = sum(float(c.sum()) for c in chunks()) / weight.numel()
+        return (sum(float(((c - mean) ** 2).sum()) for c in chunks()) / weight.numel()) ** 0.5
+
+
+def embedding_rows(model, ids) -> np.ndarray:
+    """Rows of the input-embedding table in prompt space (Gemma's √d scale included), float32 on the host."""
     weight = model.get_input_embeddings().weight
     with torch.no_grad():
-        rows = [
-            embed(model, torch.arange(i, min(i + 8192, weight.shape[0]), device=weight.device)).float().cpu()
-            for i in range(0, weight.shape[0], 8192)
-        ]
-    return torch.cat(rows).numpy()
+        return embed(model, torch.as_tensor(np.asarray(ids), device=weight.device)).float().cpu().numpy()
 
 
 def base_model_info(model) -> BaseModelInfo:
@@ -145,71 +158,57 @@ def init_prompt(spec: PromptSpec, model, tokenizer=None, seed: int = 0) -> Promp
     """A new prompt for ``model`` initialised by the core (same seed, same prompt on MLX)."""
     dim = hidden_size(model)
     spec.validate(dim)
-    emb = embedding_matrix(model)  # its std sets the init scale
     ids = None
     if spec.init == "text":
         ids = tokenizer(spec.init_text, add_special_tokens=False)["input_ids"]
-    params = init_params(spec, dim, seed, emb, ids)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    params = init_params(spec, dim, seed, None, ids, sigma=embedding_std(model), vocab_size=vocab,
+                         embed_rows=lambda rows: embedding_rows(model, rows))
     return PromptModule(spec, params).to(model.device)
 
 
 # -- batches ----------------------------------------------------------------------------------
 
 
-@dataclass
-class Batch:
-    """A padded batch of prompted sequences, laid out on the CPU once.
+def make_batch(
+    tokens: Sequence[Sequence[int]],
+    n_prompt: int | Sequence[int],
+    padding_side: str = "right",
+    pad_id: int = 0,
+    pad_to_multiple: int = 1,
+    device=None,
+) -> Batch:
+    """Rows of token ids behind prompts of ``n_prompt`` tokens (:func:`lrpt.layout.pack`), as tensors.
 
     Row b's packed sequence reads the concatenation ``[prompt rows (n_max)] + [tokens (T)]``
     through ``src``; ``token_pos[b, t]`` is where its token t landed.
     """
-
-    token_ids: torch.Tensor  # (B, T) right-padded real tokens
-    src: torch.Tensor  # (B, W) gather index into [prompt (n_max); tokens (T)]
-    attention_mask: torch.Tensor  # (B, W)
-    position_ids: torch.Tensor  # (B, W)
-    token_pos: torch.Tensor  # (B, T) packed index of each token
-    lengths: torch.Tensor  # (B,) real tokens per row
-    n_prompt: torch.Tensor  # (B,) prompt length per row
-
-    def to(self, device) -> Batch:
-        if device is None:
-            return self
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
-
-    def arrays(self) -> dict[str, torch.Tensor]:
-        """The tensor fields, for passing a batch through a compiled function."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @property
-    def last_pos(self) -> torch.Tensor:
-        """(B,) packed index of each row's last real token."""
-        return self.token_pos.gather(1, (self.lengths - 1).clamp(min=0)[:, None])[:, 0]
+    return Batch.from_layout(pack(tokens, n_prompt, padding_side, pad_id, pad_to_multiple),
+                             lambda a: ops.asarray(a, device))
 
 
-def make_batch(
-    tokens: Sequence[Sequence[int]],
-    n_prompt: int | Sequence[int],
-    padding_side: str = "left",
-    pad_id: int = 0,
-    pad_to_multiple: int = 1,
-) -> Batch:
-    """Lay out rows of token ids behind prompts of ``n_prompt`` tokens (see :func:`lrpt.layout.pack`)."""
-    lay = pack(tokens, n_prompt, padding_side, pad_id, pad_to_multiple)
-    return Batch(*(torch.from_numpy(a) for a in (lay.token_ids, lay.src, lay.attention_mask, lay.position_ids,
-                                                 lay.token_pos, lay.lengths, lay.n_prompt)))
+def asarray_for(model):
+    """Host arrays → tensors on the model's device (the boundary the core's layouts cross)."""
+    return lambda a: ops.asarray(a, model.device)
+
+
+def inference(model):
+    """The context scoring runs in: no gradients, and the model's half dtype where it has one."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    stack.enter_context(autocast(model))
+    return stack
+
+
+def autocast(model):
+    """Autocast to the model's own half dtype on CUDA (the float32 prompt math joins it there);
+    a float32 model computes in float32: loading in fp32 must mean fp32 results."""
+    if model.device.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cuda", dtype=model.dtype)
+    return torch.autocast(model.device.type, enabled=False)
 
 
 # -- prompts for a batch ----------------------------------------------------------------------
-
-
-def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Pool (B, T, d) right-padded states over each row's real tokens, in float32."""
-    hidden = hidden.float()
-    if pooling == "last":
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
-    valid = (torch.arange(hidden.shape[1], device=hidden.device)[None] < lengths[:, None]).float()
-    return (hidden * valid[..., None]).sum(1) / lengths[:, None].float()
 
 
 def encode(model, batch: Batch, kind: str = "base", pooling: str = "mean") -> torch.Tensor:
@@ -224,39 +223,13 @@ def encode(model, batch: Batch, kind: str = "base", pooling: str = "mean") -> to
             states = model.base_model(
                 input_ids=batch.token_ids, attention_mask=valid, use_cache=False
             ).last_hidden_state
-        return pool(states, batch.lengths, pooling)
+        return methods.pool(ops, states.float(), batch.lengths, pooling)
 
 
-def prompt_rows(
-    model, prompt: PromptModule | Sequence[PromptModule], batch: Batch, which: Sequence[int] | None = None
-) -> torch.Tensor:
-    """(B, n_max, d) float32 prompt rows for the batch: one prompt for all, or ``prompt[which[b]]``."""
-    if prompt is None:  # the plain model: an empty prompt
-        return _empty_prompt(model, batch)
-    prompts = [prompt] if isinstance(prompt, PromptModule) else list(prompt)
-    if which is None:
-        which = [0] * batch.token_ids.shape[0]
-    n_max = max(prompts[w].spec.n_tokens for w in set(which))
-    rows = []
-    encodings: dict[tuple[str, str], torch.Tensor] = {}
-    for k, p in enumerate(prompts):
-        idx = [b for b, w in enumerate(which) if w == k]
-        if not idx:
-            continue
-        if p.spec.is_static:
-            x = p().unsqueeze(0).expand(len(idx), -1, -1)
-        else:
-            key = (p.spec.encoder, p.spec.pooling)
-            if key not in encodings:
-                encodings[key] = encode(model, batch, *key)
-            x = p(encodings[key][idx])
-        rows.append((idx, torch.nn.functional.pad(x.float(), (0, 0, 0, n_max - x.shape[1]))))
-    if len(rows) == 1 and len(rows[0][0]) == len(which):
-        return rows[0][1]
-    out = torch.empty(len(which), n_max, rows[0][1].shape[-1], device=rows[0][1].device, dtype=rows[0][1].dtype)
-    for idx, x in rows:
-        out[torch.tensor(idx, device=out.device)] = x
-    return out
+def prompt_rows(model, prompt, batch: Batch, which: Sequence[int] | None = None) -> torch.Tensor:
+    """(B, n_max, d) float32 prompt rows: one prompt for all, ``prompt[which[b]]``, or none (the core's)."""
+    return methods.prompt_rows(ops, prompt, which, batch.token_ids.shape[0], lambda key: encode(model, batch, *key),
+                               lambda: _empty_prompt(model, batch))
 
 
 def _empty_prompt(model, batch: Batch) -> torch.Tensor:
@@ -302,5 +275,5 @@ def forward_logits(
     Row b's logits[t] predict its token t+1; padded token slots repeat the last real one.
     """
     hidden = forward_hidden(model, prompt_rows(model, prompt, batch, which), batch)
-    index = torch.minimum(batch.token_pos, batch.last_pos[:, None])
+    index = batch.token_pos  # padded token slots point at the last real token
     return logits_at(model, hidden, index)

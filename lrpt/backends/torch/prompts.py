@@ -10,32 +10,23 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...adapter import Adapter
 from ...basemodel import BaseModelInfo
+from ...methods import materialize, prompt_list
 from ...spec import PromptSpec
 from ...tasks import Task
-from .._common import prompt_list
-
-_ACTIVATIONS = {"elu": F.elu, "relu": F.relu, "gelu": F.gelu}
+from . import ops
 
 
 class _Namespace(nn.Module):
     """An empty module that only gives its children a name prefix (``lopt.``, ``lopa.``)."""
 
 
-class _Head(nn.ModuleList):
-    """LoPA head: Dropout → Linear(h, h′) → tanh → Linear(h′, k); indices 0 and 1 as in the file."""
-
-    def __init__(self, h: int, hidden: int, k: int, dropout: float):
-        super().__init__([nn.Linear(h, hidden), nn.Linear(hidden, k)])
-        self.dropout = dropout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.dropout(x, self.dropout, self.training)
-        return self[1](torch.tanh(self[0](x)))
+def _head(h: int, hidden: int, k: int) -> nn.ModuleList:
+    """A LoPA head's two linear layers, indices 0 and 1 as in the file (the math is the core's)."""
+    return nn.ModuleList([nn.Linear(h, hidden), nn.Linear(hidden, k)])
 
 
 class PromptModule(nn.Module):
@@ -59,8 +50,8 @@ class PromptModule(nn.Module):
             self.lopa = _Namespace()
             self.lopa.Z_S = nn.Parameter(torch.empty(shapes["lopa.Z_S"]))
             n, r, h2 = spec.n_tokens, spec.rank, spec.head_hidden
-            self.lopa.u = _Head(self.dim, h2, n * r, spec.dropout)
-            self.lopa.v = _Head(self.dim, h2, self.dim * r, spec.dropout)
+            self.lopa.u = _head(self.dim, h2, n * r)
+            self.lopa.v = _head(self.dim, h2, self.dim * r)
         self.load_params(params)
 
     def load_params(self, params: dict[str, np.ndarray]) -> None:
@@ -72,27 +63,13 @@ class PromptModule(nn.Module):
         """Canonical-named float32 NumPy copies of every tensor (X0 included)."""
         return {k: v.detach().float().cpu().numpy().copy() for k, v in self.state_dict().items()}
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor by canonical name (parameters and the fixed X0), for the core's math."""
+        return {**dict(self.named_parameters()), **dict(self.named_buffers())}
+
     def forward(self, encoding: torch.Tensor | None = None) -> torch.Tensor:
-        spec = self.spec
-        if spec.method == "prompt":
-            return self.prompt_embeddings
-        if spec.method == "lopt1":
-            return self.lopt.U @ self.lopt.V
-        if spec.method == "lopt2":
-            return _ACTIVATIONS[spec.activation](self.lopt.X0 @ self.lopt.U) @ self.lopt.V
-        if encoding is None:
-            raise ValueError("lopa needs the pooled encodings of the inputs")
-        encoding = encoding.float()
-        b = encoding.shape[0]
-        u = self.lopa.u(encoding).view(b, spec.n_tokens, spec.rank)
-        v = self.lopa.v(encoding).view(b, self.dim, spec.rank)
-        z_i = u @ v.transpose(1, 2)
-        z_s = self.lopa.Z_S.unsqueeze(0)
-        if spec.gate == "sigmoid":
-            return z_s * torch.sigmoid(z_i)
-        if spec.gate == "add":
-            return z_s + z_i
-        return torch.maximum(z_s, z_i)
+        drop = self.spec.dropout if self.training and self.spec.method == "lopa" else 0.0
+        return materialize(ops, self.spec, self.tensors(), None if encoding is None else encoding.float(), drop)
 
 
 def prompt_from_adapter(adapter: Adapter, model=None) -> PromptModule:

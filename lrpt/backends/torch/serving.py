@@ -18,7 +18,7 @@ Sliding-window layers keep only their last ``window − 1`` slots; because every
 ends at the same slot, merging and trimming keep their windows aligned too.
 
 Sampling is per row (temperature, top-p, seed), with the same arithmetic as
-:func:`lrpt.backends.torch.generate.generate`, so a seeded request alone samples what
+:func:`lrpt.backends.torch.decode.generate`, so a seeded request alone samples what
 ``generate`` samples for it alone.
 """
 
@@ -109,7 +109,7 @@ def add(model, state: DecodeState, keys: Sequence[Hashable], prompts: Sequence, 
         return []
     dev = model.device
     n = [0 if p is None else p.spec.n_tokens for p in prompts]
-    batch = make_batch(rows, n, "left", state.pad_id).to(dev)
+    batch = make_batch(rows, n, "left", state.pad_id, device=dev)
     with torch.no_grad(), _autocast(model):
         tok = embed(model, batch.token_ids)
         x = torch.zeros(len(rows), max(n), tok.shape[-1], device=dev, dtype=tok.dtype)
@@ -120,7 +120,7 @@ def add(model, state: DecodeState, keys: Sequence[Hashable], prompts: Sequence, 
                 if not any(prompts[i] is u for u in uniq):
                     uniq.append(prompts[i])
             which = [next(k for k, u in enumerate(uniq) if u is prompts[i]) for i in prompted]
-            sub = make_batch([rows[i] for i in prompted], [n[i] for i in prompted], "left", state.pad_id).to(dev)
+            sub = make_batch([rows[i] for i in prompted], [n[i] for i in prompted], "left", state.pad_id, device=dev)
             px = prompt_rows(model, uniq, sub, which).to(tok.dtype)
             x[torch.tensor(prompted, device=dev), : px.shape[1]] = px
         both = torch.cat([x, tok], dim=1)

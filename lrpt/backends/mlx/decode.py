@@ -1,10 +1,11 @@
-"""Classification scoring and decoding on MLX (mirrors ``lrpt/backends/torch/generate.py``).
+"""Decoding on MLX: mlx-lm's ``BatchGenerator`` fed lrpt's prompted caches (mirrors ``torch/decode.py``).
 
 Decoding goes through mlx-lm's own ``BatchGenerator`` with one pre-filled KV cache per
-request. For a static prompt (``prompt``, ``lopt1``, ``lopt2``) the prompt is run once into
+request. For a static prompt (``prompt``, ``lopt1``, ``lopt2``) the prompt can be run once into
 a cache (recomputed only when the prompt's arrays change) and every request gets a copy:
-the tokens then start at position n, exactly as in a full forward. LoPA prompts depend on
-the input, so each request's cache is filled with its prompt and all but its last token.
+the tokens then start at position n, exactly as in a full forward. Otherwise each request's
+cache is filled with its prompt and all but its last token. What a row's text is, is
+:mod:`lrpt.decoding`'s.
 """
 
 from __future__ import annotations
@@ -14,97 +15,13 @@ import weakref
 from collections.abc import Sequence
 
 import mlx.core as mx
-import numpy as np
 
-from ...data import target_positions
 from ...decoding import eos_ids, row_text, stop_window, wants_prefix_cache
 from ...errors import LrptError
-from ...tokens import encode_texts, label_token_ids
-from .._common import prompt_lengths, restore_modes, set_eval
-from .model import Batch, attach, forward_hidden, hf_tokenizer, logits_at, make_batch, prompt_rows
+from ...scoring import restore_modes, set_eval
+from ...tokens import encode_texts
+from .model import attach, hf_tokenizer, make_batch, prompt_rows
 from .prompts import PromptModule, place
-
-
-def prepare_scoring(rows: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]], n: Sequence[int],
-                    pad_id: int = 0, pad_to_multiple: int = 1) -> dict[str, mx.array]:
-    """Host-side layout for :func:`label_scores` (kept apart so the device part can be compiled).
-
-    Single-token label words need the input batch only; multi-token words add one
-    input+word sequence per (row, label) and the positions to read.
-    """
-    batch = make_batch(rows, n, "right", pad_id, pad_to_multiple)
-    arrays = {f"in_{k}": v for k, v in batch.arrays().items()}
-    if all(len(ids) == 1 for ids in label_ids):
-        arrays["label_ids"] = mx.array([ids[0] for ids in label_ids], dtype=mx.int32)
-        return arrays
-    k = len(label_ids)
-    long_rows = [list(r) + list(ids) for r in rows for ids in label_ids]
-    long = make_batch(long_rows, [x for x in n for _ in range(k)], "right", pad_id, pad_to_multiple)
-    index, target, weight = target_positions(long_rows, [len(label_ids[j % k]) for j in range(len(long_rows))])
-    arrays.update({f"seq_{k_}": v for k_, v in long.arrays().items()})
-    arrays.update(index=mx.array(index.astype(np.int32)), target=mx.array(target.astype(np.int32)),
-                  weight=mx.array(weight))
-    return arrays
-
-
-def unpack(arrays: dict[str, mx.array], prefix: str) -> Batch:
-    return Batch(**{k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
-
-
-def target_logprobs(model, prompts: mx.array, arrays: dict[str, mx.array]) -> mx.array:
-    """(B', K) log-probabilities of the target tokens of the ``seq_`` batch (0 where weight is 0)."""
-    seq = unpack(arrays, "seq_")
-    hidden = forward_hidden(model, prompts, seq)
-    packed = mx.take_along_axis(seq.token_pos, arrays["index"], axis=1)
-    logits = logits_at(model, hidden, packed)
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return mx.take_along_axis(logp, arrays["target"][..., None], axis=2)[..., 0] * arrays["weight"]
-
-
-def label_scores(model, prompt, arrays: dict[str, mx.array], num_labels: int,
-                 which: Sequence[int] | None = None) -> mx.array:
-    """(B, K) label log-probabilities from :func:`prepare_scoring`'s arrays (differentiable)."""
-    inputs = unpack(arrays, "in_")
-    prompts = prompt_rows(model, prompt, inputs, which)
-    if "label_ids" in arrays:
-        hidden = forward_hidden(model, prompts, inputs)
-        logits = logits_at(model, hidden, inputs.last_pos[:, None])[:, 0]
-        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return logp[:, arrays["label_ids"]]
-    picked = target_logprobs(model, mx.repeat(prompts, num_labels, axis=0), arrays)
-    return picked.sum(1).reshape(-1, num_labels)
-
-
-def score_rows(model, prompt, rows: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]],
-               which: Sequence[int] | None = None, pad_id: int = 0, pad_to_multiple: int = 1) -> mx.array:
-    """(B, K) float32 label log-probabilities for token rows (differentiable w.r.t. the prompt)."""
-    arrays = prepare_scoring(rows, label_ids, prompt_lengths(prompt, len(rows), which), pad_id, pad_to_multiple)
-    return label_scores(model, prompt, arrays, len(label_ids), which)
-
-
-def score_labels(model, tokenizer, prompt, texts: Sequence[str], label_words: Sequence[str],
-                 which: Sequence[int] | None = None, batch_size: int = 32) -> np.ndarray:
-    """(N, K) label log-probabilities for already templated ``texts``."""
-    place(prompt, model)
-    hf = hf_tokenizer(tokenizer)
-    label_ids = label_token_ids(hf, label_words)
-    rows = encode_texts(hf, texts)
-    flags = set_eval(prompt)
-    out = []
-    for i in range(0, len(rows), batch_size):
-        sub = None if which is None else which[i : i + batch_size]
-        s = score_rows(model, prompt, rows[i : i + batch_size], label_ids, sub, hf.pad_token_id or 0)
-        out.append(np.array(s.astype(mx.float32)))
-    restore_modes(prompt, flags)
-    return np.concatenate(out) if out else np.zeros((0, len(label_words)), np.float32)
-
-
-def classify(model, tokenizer, prompt, texts, label_words, which=None, batch_size=32) -> np.ndarray:
-    """Predicted label index for each templated text (argmax of :func:`score_labels`)."""
-    return score_labels(model, tokenizer, prompt, texts, label_words, which, batch_size).argmax(-1)
-
-
-# -- decoding ---------------------------------------------------------------------------------
 
 
 def _fill(model, cache, prompt_embeds: mx.array | None, tokens: Sequence[int]) -> None:
@@ -215,6 +132,3 @@ def generate(model, tokenizer, prompt, texts: Sequence[str], max_tokens: int = 6
         gen.close()
         restore_modes(prompt, flags)
     return [row_text(hf, out[u], eos, stop) for u in uids]
-
-
-__all__ = ["classify", "generate", "label_token_ids", "prefix_cache", "score_labels", "score_rows"]

@@ -1,15 +1,10 @@
-"""Classification scoring and decoding.
-
-Scoring: the score of a label is the log-probability of its label word(s) after the
-templated input. Single-token label words (the common case) need one forward and the LM
-head at one position per row; multi-token words are scored as input+word sequences, summing
-the log-probabilities of the word's tokens. The vocabulary projection never runs anywhere else.
+"""Decoding on PyTorch: transformers' ``generate`` fed lrpt's prompted batches.
 
 Decoding runs on transformers' ``generate`` (its logits processors, stopping criteria and
 static-cache compilation), fed the prompted batch as ``inputs_embeds`` with lrpt's positions.
 A static prompt's key/value cache can be computed once and reused (``use_prefix_cache``):
 rows then read ``[prompt][pads][tokens]`` with the pads masked and token positions from n,
-the same function as a full forward.
+the same function as a full forward. What a row's text is, is :mod:`lrpt.decoding`'s.
 """
 
 from __future__ import annotations
@@ -17,109 +12,13 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
-from ...data import target_positions
 from ...decoding import eos_ids, row_text, wants_prefix_cache
-from ...tokens import encode_texts, label_token_ids
-from .._common import prompt_lengths, restore_modes, set_eval
-from .model import Batch, embed, forward_hidden, head, logits_at, make_batch, prompt_rows
+from ...scoring import prompt_lengths, restore_modes, set_eval
+from ...tokens import encode_texts
+from .model import embed, make_batch, prompt_rows
 from .prompts import PromptModule, place
-
-
-def prepare_scoring(rows: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]], n: Sequence[int],
-                    pad_id: int = 0, pad_to_multiple: int = 1, device=None) -> dict[str, torch.Tensor]:
-    """Host-side layout for :func:`label_scores`, moved to ``device`` (the device part can be compiled).
-
-    Single-token label words need the input batch only; multi-token words add one
-    input+word sequence per (row, label) and the positions to read.
-    """
-    batch = make_batch(rows, n, "right", pad_id, pad_to_multiple).to(device)
-    arrays = {f"in_{k}": v for k, v in batch.arrays().items()}
-    if all(len(ids) == 1 for ids in label_ids):
-        arrays["label_ids"] = torch.tensor([ids[0] for ids in label_ids], device=device)
-        return arrays
-    k = len(label_ids)
-    long_rows = [list(r) + list(ids) for r in rows for ids in label_ids]
-    long = make_batch(long_rows, [x for x in n for _ in range(k)], "right", pad_id, pad_to_multiple).to(device)
-    arrays.update({f"seq_{key}": v for key, v in long.arrays().items()})
-    return {**arrays, **_positions(long_rows, [len(label_ids[j % k]) for j in range(len(long_rows))], device)}
-
-
-def _positions(seqs, n_targets, device) -> dict[str, torch.Tensor]:
-    index, target, weight = target_positions(seqs, n_targets)
-    return {"index": torch.from_numpy(index).to(device), "target": torch.from_numpy(target).to(device),
-            "weight": torch.from_numpy(weight).to(device)}
-
-
-def unpack(arrays: dict[str, torch.Tensor], prefix: str) -> Batch:
-    return Batch(**{k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
-
-
-def target_logprobs(model, prompts: torch.Tensor, arrays: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B', K) log-probabilities of the target tokens of the ``seq_`` batch (0 where weight is 0)."""
-    seq = unpack(arrays, "seq_")
-    hidden = forward_hidden(model, prompts, seq)
-    packed = seq.token_pos.gather(1, arrays["index"])
-    logp = torch.log_softmax(logits_at(model, hidden, packed), dim=-1)
-    return logp.gather(2, arrays["target"][..., None])[..., 0] * arrays["weight"]
-
-
-def label_scores(model, prompt, arrays: dict[str, torch.Tensor], num_labels: int,
-                 which: Sequence[int] | None = None) -> torch.Tensor:
-    """(B, K) label log-probabilities from :func:`prepare_scoring`'s arrays (differentiable)."""
-    inputs = unpack(arrays, "in_")
-    prompts = prompt_rows(model, prompt, inputs, which)
-    if "label_ids" in arrays:
-        hidden = forward_hidden(model, prompts, inputs)
-        logp = torch.log_softmax(logits_at(model, hidden, inputs.last_pos[:, None])[:, 0], dim=-1)
-        return logp[:, arrays["label_ids"]]
-    picked = target_logprobs(model, prompts.repeat_interleave(num_labels, 0), arrays)
-    return picked.sum(1).view(-1, num_labels)
-
-
-def score_rows(model, prompt, rows: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]],
-               which: Sequence[int] | None = None, pad_id: int = 0, pad_to_multiple: int = 1) -> torch.Tensor:
-    """(B, K) float32 label log-probabilities for token rows (differentiable w.r.t. the prompt)."""
-    n = prompt_lengths(prompt, len(rows), which)
-    arrays = prepare_scoring(rows, label_ids, n, pad_id, pad_to_multiple, model.device)
-    return label_scores(model, prompt, arrays, len(label_ids), which)
-
-
-def score_labels(
-    model,
-    tokenizer,
-    prompt: PromptModule | Sequence[PromptModule],
-    texts: Sequence[str],
-    label_words: Sequence[str],
-    which: Sequence[int] | None = None,
-    batch_size: int = 32,
-) -> np.ndarray:
-    """(N, K) label log-probabilities for already templated ``texts``."""
-    place(prompt, model)
-    label_ids = label_token_ids(tokenizer, label_words)
-    rows = encode_texts(tokenizer, texts)
-    out = []
-    was_training = set_eval(prompt)
-    with torch.no_grad(), _autocast(model):
-        for i in range(0, len(rows), batch_size):
-            sub_which = None if which is None else which[i : i + batch_size]
-            out.append(
-                score_rows(model, prompt, rows[i : i + batch_size], label_ids, sub_which, tokenizer.pad_token_id or 0)
-                .float()
-                .cpu()
-            )
-    restore_modes(prompt, was_training)
-    return torch.cat(out).numpy() if out else np.zeros((0, len(label_words)), np.float32)
-
-
-def classify(model, tokenizer, prompt, texts, label_words, which=None, batch_size=32) -> np.ndarray:
-    """Predicted label index for each templated text (argmax of :func:`score_labels`)."""
-    return score_labels(model, tokenizer, prompt, texts, label_words, which, batch_size).argmax(-1)
-
-
-# -- decoding ---------------------------------------------------------------------------------
 
 # Prefix caches by prompt module, held weakly: nothing is stored on the user's modules.
 _PREFIX_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -226,7 +125,7 @@ def _embedded_inputs(model, prompt, rows, which, pad_id) -> dict[str, torch.Tens
     """``[pads][prompt][tokens]`` embeddings, mask and positions (LoPA, mixed adapters, no prompt, or
     a static prompt prefilled in full)."""
     n = prompt_lengths(prompt, len(rows), which)
-    batch: Batch = make_batch(rows, n, "left", pad_id).to(model.device)
+    batch = make_batch(rows, n, "left", pad_id, device=model.device)
     tok = embed(model, batch.token_ids)
     rows_x = prompt_rows(model, prompt, batch, which).to(tok.dtype)
     both = torch.cat([rows_x, tok], dim=1)
@@ -258,14 +157,3 @@ def _has_sliding_window(model) -> bool:
     if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
         return True
     return bool(getattr(cfg, "sliding_window", None)) and getattr(cfg, "use_sliding_window", True) is not False
-
-
-def _autocast(model):
-    """Autocast to the model's own half dtype on CUDA (the float32 prompt math joins it there);
-    a float32 model computes in float32: loading in fp32 must mean fp32 results."""
-    if model.device.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast("cuda", dtype=model.dtype)
-    return torch.autocast(model.device.type, enabled=False)
-
-
-__all__ = ["classify", "generate", "head", "label_token_ids", "prefix_cache", "score_labels", "score_rows"]

@@ -1,0 +1,92 @@
+"""Training on MLX: autograd, AdamW and compilation for the core's step (mirrors ``torch/step.py``).
+
+``nn.value_and_grad`` over the prompt, mlx's AdamW with the same update rule as torch's
+(bias-corrected moments, decoupled weight decay), ``mx.compile`` of the loss and gradients
+(traced once per batch shape), and optionally gradient checkpointing of the model's layers.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from ...errors import TrainingError
+from ...trainer import TrainConfig
+
+
+class Stepper:
+    """One optimizer step over micro-batches; the AdamW moments in the core's checkpoint schema."""
+
+    def __init__(self, model, prompt, loss: Callable[[dict[str, Any]], mx.array], config: TrainConfig):
+        if config.compile_mode:
+            raise TrainingError("compile_mode is torch.compile's: with --backend mlx use --compile alone")
+        self.model, self.prompt, self.config = model, prompt, config
+        self.opt = optim.AdamW(learning_rate=config.lr, betas=[0.9, 0.999], eps=1e-8,
+                               weight_decay=config.weight_decay, bias_correction=True)
+        self.opt.init(prompt.trainable_parameters())
+        if config.grad_checkpoint:
+            _checkpoint_layers(model)
+        self.grad_fn = nn.value_and_grad(prompt, loss)
+        if config.compile:
+            state = [prompt.state, mx.random.state]
+            self.grad_fn = mx.compile(self.grad_fn, inputs=state, outputs=state)
+
+    def step(self, batches: list[dict[str, mx.array]], lr: float, seed: int) -> mx.array:
+        mx.random.seed(seed)  # dropout from (seed, step) only
+        self.opt.learning_rate = mx.array(lr, dtype=mx.float32)
+        total, grads, scale = mx.array(0.0), None, 1.0 / len(batches)
+        for arrays in batches:
+            loss, g = self.grad_fn(arrays)
+            g = tree_map(lambda x: x * scale, g)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            total = total + loss * scale
+        if self.config.max_grad_norm:
+            grads, _ = optim.clip_grad_norm(grads, self.config.max_grad_norm)
+        self.opt.update(self.prompt, grads)
+        mx.eval(self.prompt.parameters(), self.opt.state, total)  # bound the lazy graph; no read-back
+        return total
+
+    def loss_value(self, handles: list[mx.array]) -> float:
+        return float(mx.stack(handles).mean().item())
+
+    def finite(self) -> bool:
+        return all(bool(mx.isfinite(v).all().item()) for _, v in tree_flatten(self.prompt.trainable_parameters()))
+
+    def moments(self) -> dict[str, np.ndarray]:
+        flat = dict(tree_flatten(self.opt.state))
+        names = {"m": "exp_avg", "v": "exp_avg_sq"}
+        return {f"{k.rsplit('.', 1)[0]}.{names[k.rsplit('.', 1)[1]]}": np.array(v.astype(mx.float32))
+                for k, v in flat.items() if k.rsplit(".", 1)[-1] in names}
+
+    def load_moments(self, tensors: dict[str, np.ndarray], step: int) -> None:
+        self.opt = optim.AdamW(learning_rate=self.config.lr, betas=[0.9, 0.999], eps=1e-8,
+                               weight_decay=self.config.weight_decay, bias_correction=True)
+        self.opt.init(self.prompt.trainable_parameters())
+        if not step:
+            return
+        names = {"exp_avg": "m", "exp_avg_sq": "v"}
+        state = tree_unflatten([(f"{k.rsplit('.', 1)[0]}.{names[k.rsplit('.', 1)[1]]}", mx.array(v))
+                                for k, v in tensors.items()])
+        state["step"] = mx.array(step, dtype=mx.uint64)
+        state["learning_rate"] = mx.array(self.config.lr, dtype=mx.float32)
+        self.opt.state = state
+
+
+_CHECKPOINTED: set[int] = set()  # models whose layers recompute in the backward pass (by id: no attribute on them)
+
+
+def _checkpoint_layers(model) -> None:
+    """Recompute each transformer layer in the backward pass (once per model)."""
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    if id(model) not in _CHECKPOINTED:
+        grad_checkpoint(model.layers[0])
+        _CHECKPOINTED.add(id(model))
+        weakref.finalize(model, _CHECKPOINTED.discard, id(model))

@@ -1,0 +1,152 @@
+"""Label scoring, the completion loss and evaluation: written once, run by every backend.
+
+The score of a label is the log-probability of its label word(s) after the templated input.
+Single-token label words (the common case) need one forward and the model's head at one
+position per row; multi-token words are scored as input+word sequences, summing the
+log-probabilities of the word's tokens. The vocabulary projection never runs anywhere else.
+
+Functions here take ``be``, a backend module: its op set (``be.ops``) for the math and its
+framework work (``prompt_rows``, ``forward_hidden``, ``logits_at``, ``inference``, ...). The
+public entry points (:func:`score_labels`, :func:`classify`, :func:`evaluate`) find the
+backend from the model they are given, so each backend exports them as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .data import Encoded, classification_metrics
+from .layout import Batch, completion_arrays, scoring_arrays, to_arrays
+from .methods import prompt_list
+from .tasks import Task
+from .tokens import encode_texts, label_token_ids
+
+
+def label_scores(be, model, prompt, arrays: dict[str, Any], num_labels: int, which: Sequence[int] | None = None):
+    """(B, K) label log-probabilities from :func:`lrpt.layout.scoring_arrays` (differentiable)."""
+    xp = be.ops
+    inputs = Batch.unpack(arrays, "in_")
+    prompts = be.prompt_rows(model, prompt, inputs, which)
+    if "label_ids" in arrays:
+        hidden = be.forward_hidden(model, prompts, inputs)
+        logits = be.logits_at(model, hidden, inputs.last_pos[:, None])[:, 0]
+        return xp.index_last(xp.log_softmax(logits), arrays["label_ids"])
+    picked = target_logprobs(be, model, xp.repeat_rows(prompts, num_labels), arrays)
+    return xp.reshape(xp.sum(picked, 1), (-1, num_labels))
+
+
+def target_logprobs(be, model, prompts, arrays: dict[str, Any]):
+    """(B', K) log-probabilities of the target tokens of the ``seq_`` batch (0 where weight is 0)."""
+    xp = be.ops
+    seq = Batch.unpack(arrays, "seq_")
+    hidden = be.forward_hidden(model, prompts, seq)
+    logits = be.logits_at(model, hidden, xp.take_last(seq.token_pos, arrays["index"]))
+    return xp.take_last(xp.log_softmax(logits), arrays["target"][..., None])[..., 0] * arrays["weight"]
+
+
+def completion_nll(be, model, prompt, arrays: dict[str, Any]):
+    """Summed negative log-likelihood of the completion tokens, and their count (targets only)."""
+    xp = be.ops
+    prompts = be.prompt_rows(model, prompt, Batch.unpack(arrays, "in_"))
+    return -xp.sum(target_logprobs(be, model, prompts, arrays)), xp.sum(arrays["weight"])
+
+
+def cross_entropy(xp, scores, labels):
+    """Mean cross-entropy of (B, K) label scores against (B,) label indices."""
+    return -xp.mean(xp.take_last(xp.log_softmax(scores), labels[:, None]))
+
+
+def task_loss(be, model, prompt, task: Task, arrays: dict[str, Any], num_labels: int):
+    """The training loss of one batch: cross-entropy over label scores, or the mean completion NLL."""
+    if task.kind == "classification":
+        return cross_entropy(be.ops, label_scores(be, model, prompt, arrays, num_labels), arrays["labels"])
+    nll, count = completion_nll(be, model, prompt, arrays)
+    return nll / be.ops.clamp_min(count, 1.0)
+
+
+def prompt_lengths(prompt: Any, b: int, which: Sequence[int] | None) -> list[int]:
+    """Prompt length of each of ``b`` rows (0 for the plain model)."""
+    if prompt is None:
+        return [0] * b
+    prompts = prompt_list(prompt)
+    return [prompts[w].spec.n_tokens for w in (which if which is not None else [0] * b)]
+
+
+def set_eval(prompt: Any) -> list[bool]:
+    """Put prompt modules in eval mode (no dropout); returns their previous modes."""
+    flags = [m.training for m in prompt_list(prompt)]
+    for m in prompt_list(prompt):
+        m.eval()
+    return flags
+
+
+def restore_modes(prompt: Any, flags: list[bool]) -> None:
+    for m, f in zip(prompt_list(prompt), flags):
+        m.train(f)
+
+
+def _backend(model):
+    from .backends import backend_for
+
+    return backend_for(model)
+
+
+def score_rows(be, model, prompt, rows: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]],
+               which: Sequence[int] | None = None, pad_id: int = 0, batch_size: int = 32) -> np.ndarray:
+    """(N, K) float32 label log-probabilities of token rows, in batches, without gradients."""
+    asarray = be.asarray_for(model)
+    out = []
+    with be.inference(model):
+        for i in range(0, len(rows), batch_size):
+            sub, sw = rows[i : i + batch_size], None if which is None else which[i : i + batch_size]
+            host = scoring_arrays(sub, label_ids, prompt_lengths(prompt, len(sub), sw), pad_id)
+            out.append(be.ops.to_numpy(label_scores(be, model, prompt, to_arrays(host, asarray), len(label_ids), sw)))
+    return np.concatenate(out) if out else np.zeros((0, len(label_ids)), np.float32)
+
+
+def score_labels(model, tokenizer, prompt, texts: Sequence[str], label_words: Sequence[str],
+                 which: Sequence[int] | None = None, batch_size: int = 32) -> np.ndarray:
+    """(N, K) label log-probabilities for already templated ``texts`` (one prompt, mixed prompts
+    chosen per row by ``which``, or None for the plain model)."""
+    be = _backend(model)
+    be.place(prompt, model)
+    hf = be.hf_tokenizer(tokenizer)
+    flags = set_eval(prompt)
+    try:
+        return score_rows(be, model, prompt, encode_texts(hf, texts), label_token_ids(hf, label_words), which,
+                          hf.pad_token_id or 0, batch_size)
+    finally:
+        restore_modes(prompt, flags)
+
+
+def classify(model, tokenizer, prompt, texts, label_words, which=None, batch_size=32) -> np.ndarray:
+    """Predicted label index for each templated text (argmax of :func:`score_labels`)."""
+    return score_labels(model, tokenizer, prompt, texts, label_words, which, batch_size).argmax(-1)
+
+
+def evaluate(model, tokenizer, prompt, task: Task, data: list[Encoded],
+             batch_size: int = 32) -> tuple[dict[str, float], np.ndarray | None]:
+    """Metrics on encoded examples, and the (N, K) label scores for classification."""
+    be = _backend(model)
+    be.place(prompt, model)
+    hf = be.hf_tokenizer(tokenizer)
+    pad = hf.pad_token_id or 0
+    flags = set_eval(prompt)
+    try:
+        if task.kind == "classification":
+            scores = score_rows(be, model, prompt, [r.ids for r in data], label_token_ids(hf, task.label_words),
+                                None, pad, batch_size)
+            return classification_metrics(task, [r.target for r in data], scores), scores
+        nll, count, asarray = 0.0, 0.0, be.asarray_for(model)
+        with be.inference(model):
+            for i in range(0, len(data), batch_size):
+                rows = data[i : i + batch_size]
+                host = completion_arrays([r.ids for r in rows], [r.target for r in rows], prompt.spec.n_tokens, pad)
+                a, b = completion_nll(be, model, prompt, to_arrays(host, asarray))
+                nll, count = nll + float(be.ops.to_numpy(a)), count + float(be.ops.to_numpy(b))
+        return {"metric": nll / max(count, 1.0), "loss": nll / max(count, 1.0)}, None
+    finally:
+        restore_modes(prompt, flags)

@@ -1,0 +1,115 @@
+"""The training step's bookkeeping, written once: what a batch is, what the loss is, what state a
+checkpoint holds. A backend supplies only its ``Stepper`` (autograd, AdamW, compilation).
+
+Checkpoints hold one schema on every backend, so a run started with ``--backend torch`` resumes
+with ``--backend mlx`` and the other way round: the AdamW moments as ``{param}.exp_avg`` and
+``{param}.exp_avg_sq`` (canonical parameter names, float32) and ``{"schema": 1, "adam_step": t}``.
+Data order comes from seeded generators (:func:`lrpt.data.epoch_batches`) and dropout is reseeded
+from (seed, step) at every step, so no random-generator state needs saving.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .adapter import Adapter
+from .data import Encoded, encode_examples
+from .errors import TrainingError
+from .layout import completion_arrays, scoring_arrays, to_arrays
+from .scoring import evaluate, task_loss
+from .tasks import Task
+from .tokens import label_token_ids, target_tokenize_fn, tokenize_fn
+from .trainer import TrainConfig, TrainResult, run_training
+
+CHECKPOINT_SCHEMA = 1
+
+
+class Training:
+    """:class:`lrpt.trainer.TrainOps` for any backend: the core's loss and layouts, the backend's Stepper."""
+
+    def __init__(self, be, model, tokenizer, prompt, task: Task, train_data: list[Encoded],
+                 eval_data: list[Encoded] | None, config: TrainConfig):
+        self.be, self.model, self.tokenizer, self.prompt, self.task = be, model, tokenizer, prompt, task
+        self.train_data, self.eval_data, self.config = train_data, eval_data or [], config
+        self.lengths = [len(e.ids) + (len(e.target) if isinstance(e.target, list) else 0) for e in train_data]
+        hf = be.hf_tokenizer(tokenizer)
+        self.pad_id = hf.pad_token_id or 0
+        self.label_ids = label_token_ids(hf, task.label_words) if task.kind == "classification" else None
+        self.asarray = be.asarray_for(model)
+        self.base = be.base_model_info(model)
+        self.t = 0  # optimizer steps taken
+        self.stepper = be.Stepper(model, prompt, self.loss, config)
+
+    def loss(self, arrays: dict[str, Any]):
+        """The loss of one prepared batch (what the Stepper differentiates, and may compile)."""
+        k = len(self.label_ids) if self.label_ids is not None else 0
+        return task_loss(self.be, self.model, self.prompt, self.task, arrays, k)
+
+    def prepare(self, rows: list[Encoded]) -> dict[str, Any]:
+        """One batch laid out on the host, then moved to the backend once, as a flat pytree."""
+        n, ptm = self.prompt.spec.n_tokens, self.config.pad_to_multiple
+        if self.task.kind == "classification":
+            host = scoring_arrays([r.ids for r in rows], self.label_ids, [n] * len(rows), self.pad_id, ptm)
+            host["labels"] = np.array([r.target for r in rows], np.int64)
+        else:
+            host = completion_arrays([r.ids for r in rows], [r.target for r in rows], n, self.pad_id, ptm)
+        return to_arrays(host, self.asarray)
+
+    def step(self, micro_batches: list[list[int]], lr: float) -> Any:
+        self.prompt.train()
+        batches = [self.prepare([self.train_data[i] for i in idx]) for idx in micro_batches]
+        handle = self.stepper.step(batches, lr, seed=self.config.seed * 1_000_003 + self.t)
+        self.t += 1
+        return handle
+
+    def loss_value(self, handles: list[Any]) -> float:
+        return self.stepper.loss_value(handles)
+
+    def finite(self) -> bool:
+        return self.stepper.finite()
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.eval_data:
+            return {}
+        return evaluate(self.model, self.tokenizer, self.prompt, self.task, self.eval_data,
+                        self.config.eval_batch_size)[0]
+
+    def adapter(self) -> Adapter:
+        return self.be.prompt_to_adapter(self.prompt, self.task, self.base)
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        return self.stepper.moments(), {"schema": CHECKPOINT_SCHEMA, "adam_step": self.t}
+
+    def load_state(self, adapter: Adapter, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        if meta.get("schema") != CHECKPOINT_SCHEMA:
+            raise TrainingError("the checkpoint was written by an older lrpt (another optimizer-state schema):"
+                                " start a new run with --init-from RUN/adapter")
+        names = set(self.prompt.spec.trainable_names())
+        want = {f"{n}.{m}" for n in names for m in ("exp_avg", "exp_avg_sq")} if meta["adam_step"] else set()
+        if set(tensors) != want:
+            raise TrainingError(f"the checkpoint's optimizer state does not match this prompt ({sorted(tensors)[:3]}"
+                                "...): resume with the run's own --method, --tokens and --rank")
+        self.prompt.load_params(adapter.params)
+        self.stepper.load_moments(tensors, int(meta["adam_step"]))
+        self.t = int(meta["adam_step"])
+
+
+def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval_examples: list[dict] | None = None,
+          config: TrainConfig | None = None, out_dir: str | Path | None = None, resume: bool = False) -> TrainResult:
+    """Train ``prompt`` on ``task`` with a frozen ``model`` on the model's backend; see
+    :func:`lrpt.trainer.run_training`. ``prompt`` may be new (``init_prompt``) or any saved adapter
+    (``prompt_from_adapter``): training continues from its tensors."""
+    from .backends import backend_for
+
+    be = backend_for(model)
+    config = (config or TrainConfig()).validate()
+    be.place(prompt, model)
+    hf = be.hf_tokenizer(tokenizer)
+    tok, tgt = tokenize_fn(hf), target_tokenize_fn(hf)
+    train_data = encode_examples(task, tok, train_examples, tgt)
+    eval_data = encode_examples(task, tok, eval_examples, tgt) if eval_examples else None
+    ops = Training(be, model, tokenizer, prompt, task, train_data, eval_data, config)
+    return run_training(ops, config, out_dir, resume, higher_is_better=task.kind == "classification", backend=be.NAME)
