@@ -1,0 +1,527 @@
+"""Both backends, one suite: every test runs on PyTorch and on MLX (tiny random fp32 models, CPU).
+
+The NumPy reference (:mod:`lrpt.reference`, the core run with NumPy ops) is the oracle where it
+applies. What differs between frameworks in a test (running the plain model, spying on its head)
+sits in :class:`Kit`, so a test body reads the same for both.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+from functools import cache
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_lm")
+
+from tiny import ARCHS, METHODS, TEXTS, sentences, spec_for, toy_data, toy_task  # noqa: E402
+
+from lrpt import Adapter, PromptSpec, Task, TrainingError  # noqa: E402
+from lrpt.backends import BACKENDS, Backend, get_backend  # noqa: E402
+from lrpt.reference import materialize  # noqa: E402
+from lrpt.tokens import label_token_ids  # noqa: E402
+from lrpt.trainer import TrainConfig  # noqa: E402
+
+TASK = toy_task()
+
+
+class Kit:
+    """The few framework-specific things the tests need, with the same names on both backends."""
+
+    def __init__(self, name: str):
+        self.be = get_backend(name)
+        self.name = name
+        self.M = importlib.import_module(f"lrpt.backends.{name}.model")
+        self.D = importlib.import_module(f"lrpt.backends.{name}.decode")
+
+    def no_grad(self):
+        if self.name == "torch":
+            import torch
+
+            return torch.no_grad()
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def np(self, x) -> np.ndarray:
+        return self.be.ops.to_numpy(x)
+
+    def array(self, x):
+        return self.be.ops.asarray(np.asarray(x))
+
+    def ids(self, tok, texts) -> list[list[int]]:
+        hf = self.be.hf_tokenizer(tok)
+        return [hf(t)["input_ids"] for t in texts]
+
+    def logits(self, model, prompt, rows, n, side="right", which=None, pad_to_multiple=1) -> np.ndarray:
+        with self.be.inference(model):
+            batch = self.be.make_batch(rows, n, side, pad_to_multiple=pad_to_multiple)
+            return self.np(self.be.forward_logits(model, prompt, batch, which))
+
+    def plain_logits(self, model, ids) -> np.ndarray:
+        """The model run on token ids by its own framework, no lrpt in the way."""
+        if self.name == "torch":
+            import torch
+
+            with torch.no_grad():
+                return model(torch.tensor([ids])).logits[0].float().numpy()
+        return self.np(model(self.array([ids]))[0])
+
+    def plain_hidden(self, model, ids) -> np.ndarray:
+        if self.name == "torch":
+            import torch
+
+            with torch.no_grad():
+                return model.base_model(torch.tensor([ids])).last_hidden_state[0].numpy()
+        return self.np(self.M.backbone(model)(self.array([ids]))[0])
+
+    def head_shapes(self, model, run) -> list[tuple]:
+        """The input shapes the model's output head saw while ``run()`` ran."""
+        seen: list[tuple] = []
+        if self.name == "torch":
+            hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+            try:
+                run()
+            finally:
+                hook.remove()
+            return seen
+        cls = type(model.lm_head)
+        model.lm_head.__class__ = type("Spy", (cls,), {"__call__": lambda s, x: seen.append(tuple(x.shape)) or cls.__call__(s, x)})
+        try:
+            run()
+        finally:
+            model.lm_head.__class__ = cls
+        return seen
+
+    def trainable(self, module) -> set[str]:
+        if self.name == "torch":
+            return {n for n, p in module.named_parameters() if p.requires_grad}
+        from mlx.utils import tree_flatten
+
+        return {k for k, _ in tree_flatten(module.trainable_parameters())}
+
+
+@pytest.fixture(params=BACKENDS, scope="module")
+def kit(request) -> Kit:
+    return Kit(request.param)
+
+
+@cache
+def _load(name, path):
+    return get_backend(name).load_model(path)
+
+
+@pytest.fixture(params=ARCHS)
+def arch_model(request, kit, tiny_dirs):
+    return _load(kit.name, str(tiny_dirs[request.param]))
+
+
+@pytest.fixture
+def llama(kit, tiny_dirs):
+    return _load(kit.name, str(tiny_dirs["llama"]))
+
+
+def close(a, b, atol=1e-5):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=atol)
+
+
+# -- the mirror enforces itself --------------------------------------------------------------------
+
+
+def test_both_backends_satisfy_the_protocol_with_the_same_signatures():
+    mods = {name: get_backend(name) for name in BACKENDS}
+    for name in Backend.__annotations__:
+        for mod in mods.values():
+            assert hasattr(mod, name), f"lrpt.backends.{mod.NAME} lacks {name}"
+        objs = [getattr(m, name) for m in mods.values()]
+        if callable(objs[0]) and not isinstance(objs[0], type):
+            sigs = [list(inspect.signature(o).parameters) for o in objs]
+            assert sigs[0] == sigs[1], f"{name}: {sigs[0]} vs {sigs[1]}"
+    ops = [set(n for n in dir(m.ops) if not n.startswith("_") and callable(getattr(m.ops, n))) for m in mods.values()]
+    core = importlib.import_module("lrpt.ops")
+    core_ops = {n for n in dir(core) if not n.startswith("_") and callable(getattr(core, n))}
+    for names in ops:
+        assert core_ops - names <= {"annotations"}, f"ops missing {core_ops - names}"
+
+
+def test_mirrored_files():
+    from pathlib import Path
+
+    root = Path(importlib.import_module("lrpt.backends").__file__).parent
+    files = [{p.name for p in (root / b).glob("*.py")} for b in BACKENDS]
+    assert files[0] == files[1]
+
+
+def test_get_backend(kit):
+    assert get_backend(kit.name).NAME == kit.name
+
+
+# -- prompt modules --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_module_names_and_reference(kit, method):
+    spec = spec_for(method)
+    adapter = Adapter.create(spec, 16, seed=2)
+    module = kit.be.prompt_from_adapter(adapter)
+    assert set(module.to_params()) == set(spec.param_shapes(16))
+    assert kit.trainable(module) == set(spec.trainable_names())
+    enc = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32) if method == "lopa" else None
+    module.eval()
+    with kit.no_grad():
+        got = kit.np(module(None if enc is None else kit.array(enc)))
+    close(got, materialize(spec, adapter.params, enc), atol=1e-6)
+    back = kit.be.prompt_to_adapter(module)
+    assert back.created_by["backend"] == kit.name
+    assert all(np.array_equal(back.params[k], adapter.params[k]) for k in adapter.params)
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "add", "max"])
+def test_lopa_gates_match_reference(kit, gate):
+    spec = spec_for("lopa", gate=gate)
+    adapter = Adapter.create(spec, 16, seed=1)
+    enc = np.random.default_rng(1).standard_normal((2, 16)).astype(np.float32)
+    module = kit.be.prompt_from_adapter(adapter)
+    module.eval()
+    with kit.no_grad():
+        close(kit.np(module(kit.array(enc))), materialize(spec, adapter.params, enc), atol=1e-6)
+
+
+def test_same_seed_same_init_and_text_init(kit, llama):
+    model, tok = llama
+    a = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=7).to_params()
+    b = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=7).to_params()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    c = kit.be.init_prompt(spec_for("prompt", init="text", init_text="the movie"), model, tok).to_params()
+    ids = kit.be.hf_tokenizer(tok)("the movie", add_special_tokens=False)["input_ids"]
+    close(c["prompt_embeddings"], kit.M.embedding_rows(model, np.resize(np.array(ids), 4)), atol=0)
+    table = kit.M.embedding_rows(model, np.arange(320))
+    assert abs(kit.M.embedding_std(model) - float(table.std())) <= 1e-5 * float(table.std())
+
+
+BF16_ATOL = 0.15  # max |Δ log-prob| of a label score, bf16 vs fp32 (tiny random models; as the GPU suite)
+
+
+def test_bf16_scores_within_stated_tolerance(kit, tiny_dirs):
+    path = str(tiny_dirs["llama"])
+    m32, tok = _load(kit.name, path)
+    m16, _ = kit.be.load_model(path, dtype="bfloat16")
+    adapter = kit.be.prompt_to_adapter(kit.be.init_prompt(spec_for("lopt1"), m32, tok, seed=0))
+    texts = sentences(32, seed=4)
+    s32, s16 = (kit.be.score_labels(m, tok, kit.be.prompt_from_adapter(adapter), texts, [" good", " bad"])
+                for m in (m32, m16))
+    assert 0 < np.abs(s32 - s16).max() <= BF16_ATOL
+
+
+# -- positions, padding and prompt space -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_padding_and_batch_invariance(kit, arch_model, method):
+    """Per position: every real token's logits, left- and right-padded in a batch, equal the row alone."""
+    model, tok = arch_model
+    prompt = kit.be.init_prompt(spec_for(method), model, tok, seed=0)
+    prompt.eval()
+    rows = kit.ids(tok, TEXTS)
+    batched = {side: kit.logits(model, prompt, rows, 4, side, pad_to_multiple=8) for side in ("left", "right")}
+    for i, r in enumerate(rows):
+        alone = kit.logits(model, prompt, [r], 4)[0]
+        for side, out in batched.items():
+            assert np.abs(out[i, : len(r)] - alone).max() <= 1e-5, f"{side} row {i}"
+
+
+def test_prompt_space_is_input_embedding_output(kit, arch_model):
+    """A prompt made of the embeddings of tokens A behaves exactly like the tokens A (Gemma's √d too)."""
+    model, tok = arch_model
+    hf = kit.be.hf_tokenizer(tok)
+    a = hf("the plot", add_special_tokens=True)["input_ids"]
+    b = hf(" was great fun", add_special_tokens=False)["input_ids"]
+    rows = kit.M.embedding_rows(model, a)
+    prompt = kit.be.PromptModule(PromptSpec("prompt", n_tokens=len(a)), {"prompt_embeddings": rows})
+    prompt.eval()
+    close(kit.logits(model, prompt, [b], len(a))[0], kit.plain_logits(model, a + b)[len(a):], atol=2e-5)
+
+
+def test_lopa_encoders_and_per_instance_prompts(kit, llama):
+    model, tok = llama
+    rows = kit.ids(tok, TEXTS)
+    batch = kit.be.make_batch(rows, 4)
+    with kit.be.inference(model):
+        for kind, pooling in (("base", "mean"), ("base", "last"), ("embed", "mean")):
+            enc = kit.np(kit.M.encode(model, batch, kind, pooling))
+            for i, r in enumerate(rows):
+                states = kit.plain_hidden(model, r) if kind == "base" else kit.M.embedding_rows(model, r)
+                close(enc[i], states.mean(0) if pooling == "mean" else states[-1])
+        prompt = kit.be.init_prompt(spec_for("lopa", encoder="embed"), model, tok)
+        prompt.eval()
+        z = kit.np(kit.be.prompt_rows(model, prompt, batch))
+    assert z.shape == (3, 4, 32) and not np.allclose(z[0], z[1])
+
+
+def test_mixed_adapters_in_one_batch(kit, llama):
+    model, tok = llama
+    prompts = [kit.be.init_prompt(spec_for("lopt1", n=3), model, tok, seed=1),
+               kit.be.init_prompt(spec_for("lopa", n=5), model, tok, seed=2),
+               kit.be.init_prompt(spec_for("prompt", n=2), model, tok, seed=3)]
+    for p in prompts:
+        p.eval()
+    texts = TEXTS + ["fun film", "dull"]
+    which = [0, 1, 2, 1, 0]
+    rows = kit.ids(tok, texts)
+    n = [prompts[w].spec.n_tokens for w in which]
+    mixed = kit.logits(model, prompts, rows, n, "left", which)
+    for i, (r, w) in enumerate(zip(rows, which)):
+        close(mixed[i, : len(r)], kit.logits(model, prompts[w], [r], n[i])[0])
+    scores = kit.be.score_labels(model, tok, prompts, texts, [" good", " bad"], which=which)
+    for i, w in enumerate(which):
+        close(scores[i], kit.be.score_labels(model, tok, prompts[w], [texts[i]], [" good", " bad"])[0])
+    assert kit.be.generate(model, tok, prompts, texts, max_tokens=5, which=which) == [
+        kit.be.generate(model, tok, prompts[w], [t], max_tokens=5)[0] for t, w in zip(texts, which)]
+
+
+# -- scoring ---------------------------------------------------------------------------------------
+
+
+def test_scoring_runs_the_head_only_at_answer_positions(kit, llama):
+    from lrpt.scoring import score_rows
+
+    model, tok = llama
+    prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok)
+    prompt.eval()
+    rows = kit.ids(tok, TEXTS)
+    out = {}
+    shapes = kit.head_shapes(model, lambda: out.setdefault("s", score_rows(kit.be, model, prompt, rows, [[5], [9]])))
+    assert shapes == [(3, 1, 32)]  # one position per row, never (B, W, d)
+    for i, r in enumerate(rows):
+        last = kit.logits(model, prompt, [r], 4)[0, -1].astype(np.float64)
+        logp = last - np.log(np.exp(last - last.max()).sum()) - last.max()
+        close(out["s"][i], logp[[5, 9]])
+
+
+def test_multi_token_label_words_sum_logprobs(kit, llama):
+    model, tok = llama
+    prompt = kit.be.init_prompt(spec_for("lopt2"), model, tok)
+    prompt.eval()
+    words = [" good", " really bad film"]
+    ids = label_token_ids(kit.be.hf_tokenizer(tok), words)
+    assert max(len(i) for i in ids) > 1
+    got = kit.be.score_labels(model, tok, prompt, TEXTS, words)
+    for i, r in enumerate(kit.ids(tok, TEXTS)):
+        for k, w in enumerate(ids):
+            logits = kit.logits(model, prompt, [r + w], 4)[0].astype(np.float64)
+            logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+                - logits.max(-1, keepdims=True)
+            assert abs(got[i, k] - sum(logp[len(r) - 1 + j, w[j]] for j in range(len(w)))) < 1e-4
+    assert list(kit.be.classify(model, tok, prompt, TEXTS, words)) == list(got.argmax(-1))
+
+
+# -- generation ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["lopt1", "lopa"])
+def test_batched_generation_equals_one_by_one(kit, arch_model, method):
+    model, tok = arch_model
+    prompt = kit.be.init_prompt(spec_for(method), model, tok, seed=0)
+    batched = kit.be.generate(model, tok, prompt, TEXTS, max_tokens=8)
+    assert batched == [kit.be.generate(model, tok, prompt, [t], max_tokens=8)[0] for t in TEXTS]
+
+
+def test_prefix_cache_is_reused_invalidated_and_exact(kit, llama):
+    model, tok = llama
+    prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+    first = kit.be.prefix_cache(model, prompt)
+    assert kit.be.prefix_cache(model, prompt) is first  # computed once per prompt
+    params = prompt.to_params()
+    prompt.load_params({**params, "lopt.U": params["lopt.U"] + 0.1})  # a changed prompt invalidates it
+    assert kit.be.prefix_cache(model, prompt) is not first
+    assert kit.be.generate(model, tok, prompt, TEXTS, max_tokens=8, use_prefix_cache=True) == \
+        kit.be.generate(model, tok, prompt, TEXTS, max_tokens=8, use_prefix_cache=False)
+
+
+def test_sampling_seed_and_stop_strings(kit, llama):
+    model, tok = llama
+    prompt = kit.be.init_prompt(spec_for("prompt"), model, tok, seed=0)
+    a = kit.be.generate(model, tok, prompt, TEXTS, max_tokens=12, temperature=1.0, top_p=0.9, seed=3)
+    assert a == kit.be.generate(model, tok, prompt, TEXTS, max_tokens=12, temperature=1.0, top_p=0.9, seed=3)
+    full = kit.be.generate(model, tok, prompt, TEXTS[:1], max_tokens=12)[0]
+    assert len(full) > 2
+    stop = full[1:3]
+    assert kit.be.generate(model, tok, prompt, TEXTS[:1], max_tokens=12, stop=[stop])[0] == full[: full.find(stop)]
+
+
+# -- training --------------------------------------------------------------------------------------
+
+
+def cfg(**kw):
+    return TrainConfig(**{**dict(steps=12, lr=0.05, batch_size=8, eval_every=4, log_every=2, progress=False), **kw})
+
+
+def _encoded(kit, tok, rows):
+    from lrpt.data import encode_examples
+    from lrpt.tokens import target_tokenize_fn, tokenize_fn
+
+    hf = kit.be.hf_tokenizer(tok)
+    return encode_examples(TASK, tokenize_fn(hf), rows, target_tokenize_fn(hf))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_training_lowers_loss_and_writes_run_dir(kit, llama, tmp_path, method):
+    model, tok = llama
+    data = toy_data()
+    prompt = kit.be.init_prompt(spec_for(method), model, tok, seed=0)
+    res = kit.be.train(model, tok, prompt, TASK, data[:80], data[80:], cfg(steps=16, lr=0.1), tmp_path / "run")
+    losses = [h["loss"] for h in res.history if "loss" in h]
+    assert np.mean(losses[-2:]) < np.mean(losses[:2])
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_accuracy" in x for x in lines) and lines[-1]["step"] == 16
+    saved = Adapter.load(tmp_path / "run" / "adapter")
+    assert saved.task == TASK and saved.spec == prompt.spec and saved.created_by["backend"] == kit.name
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step-000012", "step-000016"]  # keep_checkpoints=2
+    assert {p.name for p in (tmp_path / "run" / "checkpoints" / "step-000016").iterdir()} == {
+        "adapter", "optimizer.safetensors", "trainer_state.json"}
+
+
+def test_existing_run_needs_resume_and_resume_needs_checkpoint(kit, llama, tmp_path):
+    model, tok = llama
+    data = toy_data(32)
+    prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok)
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        kit.be.train(model, tok, prompt, TASK, data, None, cfg(steps=2), tmp_path / "r", resume=True)
+    kit.be.train(model, tok, prompt, TASK, data, None, cfg(steps=2), tmp_path / "r")
+    with pytest.raises(TrainingError, match="--resume"):
+        kit.be.train(model, tok, prompt, TASK, data, None, cfg(steps=2), tmp_path / "r")
+
+
+def test_continue_training_a_saved_adapter(kit, llama, tmp_path):
+    model, tok = llama
+    data = toy_data()
+    prompt = kit.be.init_prompt(spec_for("prompt"), model, tok, seed=0)
+    kit.be.train(model, tok, prompt, TASK, data[:80], None, cfg(steps=6), tmp_path / "one")
+    again = kit.be.prompt_from_adapter(Adapter.load(tmp_path / "one" / "adapter"))
+    enc = _encoded(kit, tok, data[:80])
+    labels = [d["label"] for d in data[:80]]
+
+    def ce(scores):
+        return float(np.mean(np.log(np.exp(scores).sum(1)) - scores[np.arange(80), labels]))
+
+    before = ce(kit.be.evaluate(model, tok, again, TASK, enc)[1])
+    res = kit.be.train(model, tok, again, TASK, data[:80], None, cfg(steps=10, warmup=0), tmp_path / "two")
+    assert res.step == 10 and ce(kit.be.evaluate(model, tok, again, TASK, enc)[1]) < before
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(kit, llama, tmp_path, monkeypatch):
+    from lrpt.training import Training
+
+    model, tok = llama
+    real = Training.step
+
+    def poisoned(self, micro_batches, lr):
+        handle = real(self, micro_batches, lr)
+        if self.t >= 5:
+            self.prompt.load_params({k: v * np.float32("nan") for k, v in self.prompt.to_params().items()})
+        return handle
+
+    monkeypatch.setattr(Training, "step", poisoned)
+    with pytest.raises(TrainingError, match="last good checkpoint is .*step-000004"):
+        kit.be.train(model, tok, kit.be.init_prompt(spec_for("lopt1"), model, tok), TASK, toy_data(48), None,
+                     cfg(steps=12, save_every=4, log_every=1), tmp_path / "r")
+    Adapter.load(tmp_path / "r" / "checkpoints" / "step-000004" / "adapter")  # intact and finite
+
+
+def test_keep_best_and_early_stopping(kit, llama, tmp_path):
+    model, tok = llama
+    data = toy_data()
+    prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok)
+    res = kit.be.train(model, tok, prompt, TASK, data[:80], data[80:], cfg(steps=40, lr=1e-6, eval_every=2,
+                                                                            early_stopping=2), tmp_path / "r")
+    assert res.stopped_early and res.step < 40
+    assert res.best_step is not None and Adapter.load(tmp_path / "r" / "adapter")
+
+
+def test_completion_task_trains_on_targets(kit, llama, tmp_path):
+    model, tok = llama
+    task = Task("echo", kind="completion", template="Q: {prompt}\nA:")
+    data = [{"prompt": s, "completion": " " + s.split()[0]} for s in sentences(48, seed=2)]
+    prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok)
+    res = kit.be.train(model, tok, prompt, task, data[:40], data[40:], cfg(steps=12, lr=0.1), tmp_path / "r")
+    losses = [h["loss"] for h in res.history if "loss" in h]
+    assert losses[-1] < losses[0] and "eval_loss" in res.history[-1]
+
+
+def test_accumulation_equals_one_big_batch(kit, llama):
+    """grad_accum=2 micro-batches of 4 rows is the same step as one batch of the same 8 rows."""
+    model, tok = llama
+    out = []
+    for accum in (1, 2):
+        prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+        kit.be.train(model, tok, prompt, TASK, toy_data(32), None,
+                     cfg(steps=3, batch_size=8 // accum, grad_accum=accum, bucket=False, pad_to_multiple=16, eval_every=0))
+        out.append(prompt.to_params())
+    for k in out[0]:
+        close(out[0][k], out[1][k], atol=2e-5)
+
+
+def test_compiled_step_matches_eager(kit, llama):
+    model, tok = llama
+    out = []
+    for compile_ in (False, True):
+        prompt = kit.be.init_prompt(spec_for("lopa", dropout=0.0), model, tok, seed=0)  # compiled RNG differs
+        res = kit.be.train(model, tok, prompt, TASK, toy_data(48), None, cfg(steps=4, compile=compile_,
+                                                                                pad_to_multiple=16))
+        out.append((res.final_loss, prompt.to_params()))
+    assert abs(out[0][0] - out[1][0]) < 1e-4
+    for k in out[0][1]:
+        close(out[0][1][k], out[1][1][k], atol=1e-4)
+
+
+def test_options_of_one_backend_are_refused_by_the_other(kit, llama):
+    """No silent no-ops: grad_checkpoint is MLX's, compile_mode is torch.compile's."""
+    model, tok = llama
+    other = {"torch": dict(grad_checkpoint=True), "mlx": dict(compile=True, compile_mode="reduce-overhead")}[kit.name]
+    prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok)
+    with pytest.raises(TrainingError, match="drop|use --compile alone"):
+        kit.be.train(model, tok, prompt, TASK, toy_data(16), None, cfg(steps=1, **other))
+
+
+# -- MLX only: features torch has no counterpart for ---------------------------------------------
+
+
+def test_mlx_grad_checkpoint_gives_the_same_step(tiny_dirs):
+    be = get_backend("mlx")
+    model, tok = _load("mlx", str(tiny_dirs["llama"]))
+    out = []
+    for gc in (False, True):
+        prompt = be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+        be.train(model, tok, prompt, TASK, toy_data(48), None, cfg(steps=4, grad_accum=2, grad_checkpoint=gc))
+        out.append(prompt.to_params())
+    for k in out[0]:
+        close(out[0][k], out[1][k])
+
+
+def test_mlx_gemma_scale_is_measured(tiny_dirs):
+    M = importlib.import_module("lrpt.backends.mlx.model")
+    assert M.attach(_load("mlx", str(tiny_dirs["gemma3"]))[0]).scale == pytest.approx(32 ** 0.5, rel=1e-3)
+    assert M.attach(_load("mlx", str(tiny_dirs["llama"]))[0]).scale == 1.0
+
+
+def test_mlx_trains_through_a_4bit_quantized_model(tiny_dirs, tmp_path):
+    import mlx.nn as nn
+    import mlx_lm
+
+    be = get_backend("mlx")
+    q = tmp_path / "q4"
+    mlx_lm.convert(str(tiny_dirs["llama"]), str(q), quantize=True, q_group_size=32, q_bits=4)
+    model, tok = be.load_model(q)
+    assert isinstance(model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    prompt = be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+    before = prompt.to_params()
+    res = be.train(model, tok, prompt, TASK, toy_data(48), None, cfg(steps=8, lr=0.1))
+    losses = [h["loss"] for h in res.history if "loss" in h]
+    assert losses[-1] < losses[0]
+    assert any(not np.array_equal(before[k], v) for k, v in prompt.to_params().items())
