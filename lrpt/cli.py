@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, flags
 from .adapter import DTYPE_ALIASES, Adapter
 from .data import load_examples
 from .errors import DataError, LrptError
@@ -23,6 +23,7 @@ from .fileio import atomic_write
 from .models import DEFAULT_MODEL
 from .spec import PromptSpec
 from .tasks import REGISTRY, Task, get_task
+from .trainer import TrainConfig
 
 EXIT_USAGE = 2
 
@@ -178,32 +179,86 @@ def _check_base(adapter: Adapter, backend, model, force: bool) -> None:
 # -- train / eval / generate ----------------------------------------------------------------------
 
 
+# The data a run trains on, stored beside train_config.json so --resume reads the same rows.
+# (--data may be another path on another machine, and --eval-limit only changes the evaluation.)
+DATA_ARGS = ("task", "text_field", "label_field", "labels", "template", "train_limit")
+DATA_ARGS_FILE = "data_args.json"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LrptError(f"--resume: {path} is unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise LrptError(f"--resume: {path} is not a JSON object")
+    return data
+
+
+def _check_data_args(args: argparse.Namespace, out: Path) -> None:
+    """A new run records its data flags; a resumed one must use the same."""
+    mine = {k: getattr(args, k) for k in DATA_ARGS}
+    from .trainer import RunDir
+
+    if not args.resume:
+        if RunDir(out).latest_checkpoint() is not None:
+            return  # the trainer refuses this run: leave the existing run's record alone
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / DATA_ARGS_FILE, json.dumps(mine, indent=1).encode())
+        return
+    stored = _read_json(out / DATA_ARGS_FILE)
+    changed = [f"{k} {stored[k]!r} → {mine[k]!r}" for k in DATA_ARGS if k in stored and stored[k] != mine[k]]
+    if changed:
+        raise LrptError(f"--resume with other data than the run's ({'; '.join(changed)}): drop those flags")
+
+
+def _run_settings(out: Path) -> tuple[dict[str, Any], Adapter | None]:
+    """What ``--resume`` starts from: the run's stored TrainConfig and its checkpoint's spec and task,
+    so ``lrpt train --resume --out RUN`` needs no other flag (flags typed must agree with them)."""
+    from .trainer import RunDir
+
+    stored = _read_json(out / "train_config.json")
+    stored.pop("backend", None)
+    stored.update(_read_json(out / DATA_ARGS_FILE))
+    ckpt = RunDir(out).latest_checkpoint()
+    adapter = Adapter.load(ckpt / "adapter") if ckpt else None
+    if adapter is not None:
+        stored.update(adapter.spec.to_dict())
+        if stored.get("rank") is None:
+            stored.pop("rank")  # the CLI's default rank applies to a prompt-method run's flags
+    return stored, adapter
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import time
 
-    from .trainer import TrainConfig
-
+    config = flags.load_config(args.config) if getattr(args, "config", None) else {}
+    out = getattr(args, "out", None) or config.get("out")
+    if not out:
+        raise LrptError("say where the run goes: --out DIR")
+    run_settings, resumed = _run_settings(Path(out)) if getattr(args, "resume", False) else ({}, None)
+    flags.resolve(args, args.train_defaults, {**run_settings, **config}, args.config or "--resume",
+                  args.train_actions)
     out = Path(args.out)
+    _check_data_args(args, out)
     start_from = Adapter.load(args.init_from) if args.init_from else None
-    task = _task_from_args(args, start_from.task if start_from else None)
+    known = start_from or resumed
+    task = _task_from_args(args, known.task if known else None)
     train_rows = _examples(args, task, "train", args.train_limit)
     eval_rows = _examples(args, task, "validation", args.eval_limit) if args.eval_limit != 0 else None
+    spec = None if start_from else flags.build(PromptSpec, args, rank=None if args.method == "prompt" else args.rank)
+    if spec is not None:
+        spec.validate()
+    train_config = flags.build(TrainConfig, args, compile=args.compile or bool(args.compile_mode)).validate()
     backend, model, tokenizer, name = _backend_and_model(args)
     if start_from is not None:
         _check_base(start_from, backend, model, args.force)
         prompt = backend.prompt_from_adapter(start_from, model)
     else:
-        rank = None if args.method == "prompt" else args.rank
-        spec = PromptSpec(args.method, n_tokens=args.tokens, rank=rank, activation=args.activation, gate=args.gate,
-                          encoder=args.encoder, init=args.init, init_text=args.init_text).validate()
-        prompt = backend.init_prompt(spec, model, tokenizer, seed=args.seed)
-    config = TrainConfig(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                         grad_accum=args.grad_accum, eval_every=args.eval_every, save_every=args.save_every,
-                         early_stopping=args.early_stopping, seed=args.seed, compile=args.compile or bool(args.compile_mode),
-                         compile_mode=args.compile_mode,
-                         schedule=args.schedule, warmup=args.warmup)
+        prompt = backend.init_prompt(spec, model, tokenizer, seed=train_config.seed)
     began = time.perf_counter()
-    result = backend.train(model, tokenizer, prompt, task, train_rows, eval_rows, config, out, resume=args.resume)
+    result = backend.train(model, tokenizer, prompt, task, train_rows, eval_rows, train_config, out,
+                           resume=args.resume)
     seconds = time.perf_counter() - began
     spec = prompt.spec
     rows = [("backend", name), ("method", spec.method), ("prompt tokens", spec.n_tokens),
@@ -430,34 +485,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a soft prompt on a frozen model")
     _common(p)
     _data_args(p)
-    p.add_argument("--method", default="lopt1", choices=["prompt", "lopt1", "lopt2", "lopa"])
-    p.add_argument("--tokens", type=int, default=20, help="prompt length n (default 20)")
-    p.add_argument("--rank", type=int, default=4, help="rank r of lopt1/lopt2/lopa (default 4)")
-    p.add_argument("--activation", default="elu", help="lopt2 activation: elu, relu, gelu")
-    p.add_argument("--gate", default="sigmoid", help="lopa gate: sigmoid, add, max")
-    p.add_argument("--encoder", default="base", help="lopa encoder: base or embed")
-    p.add_argument("--init", default="normal", help="normal, vocab or text")
-    p.add_argument("--init-text", help="text whose embeddings start the prompt (with --init text)")
+    p.add_argument("-c", "--config", help="YAML file of flag values (keys are flag names); typed flags override it")
     p.add_argument("--init-from", help="continue training this saved adapter")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=3e-2)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
-    p.add_argument("--warmup", type=float, default=0.06, help="warmup fraction (<1) or steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end)")
-    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at evaluations)")
-    p.add_argument("--early-stopping", type=int, default=0, help="evaluations without improvement before stopping")
     p.add_argument("--train-limit", type=int, help="use N training rows (fixed-seed subset)")
     p.add_argument("--eval-limit", type=int, help="use N validation rows (0: no evaluation)")
-    p.add_argument("--compile", action="store_true", help="torch.compile / mx.compile the step")
-    p.add_argument("--compile-mode", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--force", action="store_true", help="with --init-from: accept a fingerprint mismatch")
-    p.add_argument("--out", required=True, help="run directory")
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--out", help="run directory (required)")
+    # Every PromptSpec and TrainConfig field is a flag, derived from the dataclasses.
+    spec_group = p.add_argument_group("prompt (PromptSpec)")
+    train_group = p.add_argument_group("training (TrainConfig)")
+    defaults = {**flags.add_flags(spec_group, PromptSpec, {"rank": 4}), **flags.add_flags(train_group, TrainConfig)}
+    # Every train flag defaults to "absent", so a -c config can fill what was not typed (argparse
+    # offers no other way to tell a typed flag from its default than these actions).
+    for action in p._actions:
+        if action.dest not in ("help", "config") and action.default is not argparse.SUPPRESS:
+            defaults[action.dest] = action.default
+            action.default = argparse.SUPPRESS
+    p.set_defaults(func=cmd_train, train_defaults=defaults, train_actions={a.dest: a for a in p._actions})
 
     p = sub.add_parser("eval", help="score an adapter on a classification task")
     _common(p)

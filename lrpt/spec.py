@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import SpecError
+from .flags import knob
 
 METHODS = ("prompt", "lopt1", "lopt2", "lopa")
 ACTIVATIONS = ("elu", "relu", "gelu")
@@ -49,17 +50,17 @@ class PromptSpec:
     Fields that do not apply to ``method`` keep their defaults and are ignored.
     """
 
-    method: str
-    n_tokens: int = 20
-    rank: int | None = None  # required for lopt1, lopt2, lopa
-    activation: str = "elu"  # lopt2 σ; the LoPT paper found ELU best
-    gate: str = "sigmoid"  # lopa g
-    encoder: str = "base"  # lopa encoder: frozen model ("base") or token-embedding mean
-    pooling: str = "mean"  # lopa pooling over real tokens: "mean" or "last"
-    head_hidden: int = 256  # lopa h′
-    dropout: float = 0.1  # lopa head dropout (training only)
-    init: str = "normal"
-    init_text: str | None = None
+    method: str = knob("lopt1", "prompt method", choices=METHODS)
+    n_tokens: int = knob(20, "prompt length n", flag="--tokens")
+    rank: int | None = knob(None, "rank r of lopt1, lopt2 and lopa (required for them)")
+    activation: str = knob("elu", "lopt2's activation σ (the LoPT paper found ELU best)", choices=ACTIVATIONS)
+    gate: str = knob("sigmoid", "LoPA's gate g combining the shared and instance parts", choices=GATES)
+    encoder: str = knob("base", "LoPA's encoder: the frozen model (base) or the token embeddings", choices=ENCODERS)
+    pooling: str = knob("mean", "LoPA's pooling of the encoder states over real tokens", choices=POOLINGS)
+    head_hidden: int = knob(256, "LoPA's hidden width h′ of the u and v heads")
+    dropout: float = knob(0.1, "LoPA's head dropout (training only)")
+    init: str = knob("normal", "initialisation: N(0, σ² of the embeddings), vocabulary rows, or text", choices=INITS)
+    init_text: str | None = knob(None, "text whose token embeddings start the prompt (with --init text)")
 
     # -- validation -------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from .adapter import Adapter
 from .data import epoch_batches, lr_factor
 from .errors import TrainingError
 from .fileio import atomic_dir, atomic_write, atomic_write_json, encode_safetensors, read_safetensors
+from .flags import knob
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -39,29 +40,29 @@ SCHEDULES = ("cosine", "linear", "constant")
 class TrainConfig:
     """Hyper-parameters and bookkeeping of a run (the same on both backends)."""
 
-    steps: int | None = None  # optimizer steps; None: derived from epochs
-    epochs: float = 1.0
-    lr: float = 3e-2
-    batch_size: int = 16
-    grad_accum: int = 1
-    weight_decay: float = 0.0
-    warmup: float = 0.06  # fraction of the steps if < 1, else a number of steps
-    schedule: str = "cosine"
-    max_grad_norm: float | None = 1.0
-    eval_every: int = 0  # steps between evaluations; 0: only at the end
-    eval_batch_size: int = 32
-    save_every: int = 0  # steps between checkpoints; 0: at each evaluation and at the end
-    keep_checkpoints: int = 2
-    keep_best: bool = True
-    early_stopping: int = 0  # evaluations without improvement before stopping; 0: never
-    log_every: int = 10
-    seed: int = 0
-    bucket: bool = True  # length-bucketed batches
-    pad_to_multiple: int = 8
-    compile: bool = False  # torch.compile / mx.compile the step
-    compile_mode: str | None = None  # torch only: e.g. "reduce-overhead" for CUDA graphs
-    grad_checkpoint: bool = False  # MLX only: recompute activations in the backward pass
-    progress: bool = True
+    steps: int | None = knob(None, "optimizer steps (overrides --epochs)")
+    epochs: float = knob(1.0, "passes over the training data")
+    lr: float = knob(3e-2, "peak learning rate of AdamW")
+    batch_size: int = knob(16, "rows per micro-batch")
+    grad_accum: int = knob(1, "micro-batches per optimizer step")
+    weight_decay: float = knob(0.0, "AdamW's decoupled weight decay")
+    warmup: float = knob(0.06, "warmup: a fraction of the steps if < 1, else a number of steps")
+    schedule: str = knob("cosine", "learning-rate schedule after warmup", choices=SCHEDULES)
+    max_grad_norm: float | None = knob(1.0, "clip the gradient norm to this ('none': no clipping)")
+    eval_every: int = knob(0, "steps between evaluations (0: only at the end)")
+    eval_batch_size: int = knob(32, "rows per evaluation batch")
+    save_every: int = knob(0, "steps between checkpoints (0: at each evaluation and at the end)")
+    keep_checkpoints: int = knob(2, "checkpoints kept in RUN/checkpoints")
+    keep_best: bool = knob(True, "RUN/adapter is the best evaluation's (else the last step's)")
+    early_stopping: int = knob(0, "evaluations without improvement before stopping (0: never)")
+    log_every: int = knob(10, "steps between loss records in metrics.jsonl")
+    seed: int = knob(0, "seed of the prompt's initialisation, data order and dropout")
+    bucket: bool = knob(True, "batch rows of similar length together (less padding)")
+    pad_to_multiple: int = knob(8, "pad batch widths to a multiple of this (fewer shapes to compile)")
+    compile: bool = knob(False, "compile the step (torch.compile / mx.compile)")
+    compile_mode: str | None = knob(None, "torch.compile mode, e.g. reduce-overhead (CUDA graphs); torch only")
+    grad_checkpoint: bool = knob(False, "recompute layer activations in the backward pass; MLX only")
+    progress: bool = knob(True, "show a progress bar")
 
     def validate(self) -> TrainConfig:
         if self.schedule not in SCHEDULES:
@@ -146,6 +147,7 @@ def run_training(
             ckpt = run.latest_checkpoint()
             if ckpt is None:
                 raise TrainingError(f"--resume: no checkpoint in {run.root / 'checkpoints'}")
+            check_resume_config(run.root / "train_config.json", config)
             meta = run.load_checkpoint(ckpt, ops)
             step, micro = meta["step"], meta["micro"]
             best, best_step, bad_evals = meta["best"], meta["best_step"], meta["bad_evals"]
@@ -235,6 +237,28 @@ def run_training(
         if not (config.keep_best and best_step is not None):
             ops.adapter().save(run.root / "adapter")
     return TrainResult(step, last_loss, best, best_step, stopped_early, adapter_dir, history)
+
+
+# What a resumed run may change: how long it runs, how often it reports, and how fast it computes.
+# Anything else (lr, batch, seed, schedule...) would silently make it another run.
+RESUMABLE_CHANGES = frozenset({"steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "log_every",
+                               "eval_batch_size", "progress", "compile", "compile_mode", "grad_checkpoint"})
+
+
+def check_resume_config(path: Path, config: TrainConfig) -> None:
+    """Refuse to resume with settings that differ from the run's own, naming each difference."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return  # a run from before train_config.json existed: nothing to compare
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TrainingError(f"--resume: {path} is unreadable ({exc})") from None
+    new = asdict(config)
+    changed = [f"{k} {stored[k]!r} → {new[k]!r}" for k in new
+               if k in stored and k not in RESUMABLE_CHANGES and stored[k] != new[k]]
+    if changed:
+        raise TrainingError(f"--resume with other settings than the run's ({'; '.join(changed)}): drop those flags,"
+                            " or start a new run with --init-from RUN/adapter")
 
 
 def _batches_for(m: int, cache: dict[int, list[list[int]]], lengths: list[int], config: TrainConfig) -> list[int]:

@@ -87,6 +87,14 @@ class Training:
         if meta.get("schema") != CHECKPOINT_SCHEMA:
             raise TrainingError("the checkpoint was written by an older lrpt (another optimizer-state schema):"
                                 " start a new run with --init-from RUN/adapter")
+        if adapter.spec != self.prompt.spec:
+            mine, theirs = self.prompt.spec.to_dict(), adapter.spec.to_dict()
+            diff = "; ".join(f"{k} {theirs[k]!r} → {mine[k]!r}" for k in mine if mine[k] != theirs.get(k))
+            raise TrainingError(f"--resume with another prompt than the run's ({diff}): drop those flags")
+        if adapter.task is not None and (adapter.task.label_words, adapter.task.template) != (
+                self.task.label_words, self.task.template):
+            raise TrainingError(f"--resume with another task than the run's (label words {adapter.task.label_words},"
+                                f" template {adapter.task.template!r}): use the run's --labels and --template")
         names = set(self.prompt.spec.trainable_names())
         want = {f"{n}.{m}" for n in names for m in ("exp_avg", "exp_avg_sq")} if meta["adam_step"] else set()
         if set(tensors) != want:
