@@ -151,10 +151,10 @@ def test_generation_batched_equals_one_by_one_on_cuda(tiny_dirs, tb, method):
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_compiled_loss_and_gradients_match_eager(tiny_dirs, tb, mode):
-    from lrpt.backends.torch.train import TorchOps
     from lrpt.data import encode_examples
     from lrpt.tokens import tokenize_fn
     from lrpt.trainer import TrainConfig
+    from lrpt.training import Training
 
     model, tok = tb.load_model(tiny_dirs["llama"], dtype="float32", device="cuda", quiet=True)
     task = toy_task()
@@ -162,10 +162,10 @@ def test_compiled_loss_and_gradients_match_eager(tiny_dirs, tb, mode):
     grads = {}
     for compiled in (False, True):
         prompt = tb.prompt_from_adapter(_adapter("lopt1"), model)
-        ops = TorchOps(model, tok, prompt, task, data, None, TrainConfig(compile=compiled, compile_mode=mode))
+        ops = Training(tb, model, tok, prompt, task, data, None, TrainConfig(compile=compiled, compile_mode=mode))
         for _ in range(3 if compiled else 1):  # compiled: warm up (CUDA graphs record on later calls)
             prompt.zero_grad(set_to_none=True)
-            loss = ops.loss_fn(ops.prepare(data[:8]))
+            loss = ops.stepper.loss(ops.prepare(data[:8]))  # the Stepper's (compiled) loss
             loss.backward()
         grads[compiled] = (float(loss), [p.grad.detach().clone() for p in prompt.parameters()])
     assert abs(grads[True][0] - grads[False][0]) <= 1e-4 * max(1.0, abs(grads[False][0]))

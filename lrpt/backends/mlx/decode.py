@@ -20,29 +20,20 @@ from ...decoding import eos_ids, row_text, stop_window, wants_prefix_cache
 from ...errors import LrptError
 from ...scoring import restore_modes, set_eval
 from ...tokens import encode_texts
-from .model import attach, hf_tokenizer, make_batch, prompt_rows
+from .model import hf_tokenizer, make_batch, prompt_rows, run_backbone
 from .prompts import PromptModule, place
 
 
-def _fill(model, cache, prompt_embeds: mx.array | None, tokens: Sequence[int]) -> None:
+def fill_cache(model, cache, prompt_embeds: mx.array | None, tokens: Sequence[int]) -> None:
     """Run [prompt][tokens] of one sequence through ``model`` into ``cache`` (positions from 0)."""
-    from .model import backbone
-
     n = 0 if prompt_embeds is None else prompt_embeds.shape[1]
     if n + len(tokens) == 0:
         return
     ids = mx.array([[0] * n + list(tokens)], dtype=mx.int32)
     src = mx.array([list(range(n)) + [0] * len(tokens)], dtype=mx.int32)
     is_prompt = mx.array([[True] * n + [False] * len(tokens)])
-    state = attach(model)
-    if prompt_embeds is not None:
-        rows = prompt_embeds if state.scale == 1.0 else prompt_embeds / state.scale
-        state.splice = (rows, src, is_prompt)
-    try:
-        out = backbone(model)(ids, cache=cache)
-        mx.eval(out, [c.state for c in cache])
-    finally:
-        state.splice = None
+    out = run_backbone(model, ids, cache, prompt_embeds, src, is_prompt)
+    mx.eval(out, [c.state for c in cache])
 
 
 # Prefix caches by prompt module id, dropped when the module is collected: nothing is stored on
@@ -61,7 +52,7 @@ def prefix_cache(model, prompt: PromptModule) -> list:
             a is b for a, b in zip(held[1], arrays)):
         return held[2]
     cache = make_prompt_cache(model)
-    _fill(model, cache, prompt()[None], [])
+    fill_cache(model, cache, prompt()[None], [])
     if id(prompt) not in _PREFIX_CACHES:
         weakref.finalize(prompt, _PREFIX_CACHES.pop, id(prompt), None)
     _PREFIX_CACHES[id(prompt)] = (model, arrays, cache)
@@ -105,7 +96,7 @@ def generate(model, tokenizer, prompt, texts: Sequence[str], max_tokens: int = 6
             p = prompt if isinstance(prompt, PromptModule) else prompt[which[i] if which is not None else 0]
             x = prompt_rows(model, p, make_batch([row], p.spec.n_tokens))
             cache = make_prompt_cache(model)
-            _fill(model, cache, x, row[:-1])
+            fill_cache(model, cache, x, row[:-1])
             caches.append(cache)
             requests.append(row[-1:])
     if seed is not None:

@@ -24,6 +24,8 @@ mechanism as mlx-lm's batched generation.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,13 +47,31 @@ _DTYPES = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "
 
 
 class _State:
-    """Per-model call state read by the patched modules (a plain object: not in the weight tree)."""
+    """Per-model call state read by the subclassed modules. It lives in a registry keyed by the
+    modules' ids (MLX modules are dicts: unhashable, so no WeakKeyDictionary), never on them."""
 
-    def __init__(self, scale: float = 1.0):
+    def __init__(self, scale: float = 1.0, takes_embeddings: bool = False):
         self.scale = scale
+        self.takes_embeddings = takes_embeddings  # the backbone accepts input_embeddings= (no splice needed)
         self.splice: tuple[mx.array, mx.array, mx.array] | None = None  # rows, src, is_prompt
         self.gather: mx.array | None = None
         self.override: mx.array | None = None
+
+
+_STATES: dict[int, _State] = {}  # id(model), id(its embedding), id(its backbone) → the model's state
+
+
+@contextlib.contextmanager
+def _scoped(state: _State, **values):
+    """Set call state for one call and restore what was there before (calls may nest)."""
+    before = {k: getattr(state, k) for k in values}
+    for k, v in values.items():
+        setattr(state, k, v)
+    try:
+        yield state
+    finally:
+        for k, v in before.items():
+            setattr(state, k, v)
 
 
 def load_model(path: str | Path, dtype: str | None = None, device=None, quiet: bool = False):
@@ -100,23 +120,49 @@ def _rows(emb) -> int:
 
 
 def attach(model) -> _State:
-    """Give the embedding and backbone their prompt-aware subclasses (idempotent)."""
-    state = model.__dict__.get("_lrpt_state")
+    """Give the backbone (and, for models without ``input_embeddings=``, the embedding) their
+    prompt-aware subclasses, once per model; weights and names are untouched."""
+    state = _STATES.get(id(model))
     if state is not None:
         return state
-    state = _State()
-    object.__setattr__(model, "_lrpt_state", state)
     emb, core = _embedding(model), backbone(model)
-    emb.__class__ = _spliced(type(emb))
+    takes = "input_embeddings" in inspect.signature(type(core).__call__).parameters
+    state = _State(takes_embeddings=takes)
+    for module in (model, emb, core):
+        _STATES[id(module)] = state
+        weakref.finalize(module, _STATES.pop, id(module), None)
+    if not takes:
+        emb.__class__ = _spliced(type(emb))  # the fallback: splice the rows in as tokens are embedded
     core.__class__ = _gathering(type(core))
-    emb._lrpt_state_ref = state
-    core._lrpt_state_ref = state
     state.scale = _probe_scale(model)
     return state
 
 
 def _state(module) -> _State:
-    return module.__dict__["_lrpt_state_ref"]
+    return _STATES[id(module)]
+
+
+def run_backbone(model, ids: mx.array, cache=None, rows: mx.array | None = None, src: mx.array | None = None,
+                 is_prompt: mx.array | None = None, gather: mx.array | None = None) -> mx.array:
+    """The backbone on token ids with prompt ``rows`` (prompt space) at the ``is_prompt`` slots
+    (row ``src``), through ``input_embeddings=`` where the model takes it, else by the splice."""
+    state = attach(model)
+    splice = None
+    if rows is not None and rows.shape[1]:
+        rows = rows if state.scale == 1.0 else rows / state.scale
+        splice = (rows, src, is_prompt)
+    kwargs = {} if cache is None else {"cache": cache}
+    if splice is not None and state.takes_embeddings:
+        tokens = _embedding(model)(ids)
+        kwargs["input_embeddings"] = _spliced_rows(tokens, *splice)
+        splice = None
+    with _scoped(state, splice=splice, gather=gather, override=None):
+        return backbone(model)(ids, **kwargs)
+
+
+def _spliced_rows(tokens: mx.array, rows: mx.array, src: mx.array, is_prompt: mx.array) -> mx.array:
+    picked = mx.take_along_axis(rows, src[..., None], axis=1).astype(tokens.dtype)
+    return mx.where(is_prompt[..., None], picked, tokens)
 
 
 _CLASS_CACHE: dict[tuple[str, type], type] = {}
@@ -128,10 +174,7 @@ def _spliced(cls: type) -> type:
         def __call__(self, x):  # noqa: N807
             out = cls.__call__(self, x)
             st = _state(self).splice
-            if st is None:
-                return out
-            rows, src, is_prompt = st
-            return mx.where(is_prompt[..., None], mx.take_along_axis(rows, src[..., None], axis=1).astype(out.dtype), out)
+            return out if st is None else _spliced_rows(out, *st)
 
         _CLASS_CACHE[key] = type(f"Prompted{cls.__name__}", (cls,), {"__call__": __call__})
     return _CLASS_CACHE[key]
@@ -292,12 +335,10 @@ class _LeftPadCache:
 
 def encode(model, batch: Batch, kind: str = "base", pooling: str = "mean") -> mx.array:
     """LoPA's x′: the frozen model on the input alone (``base``) or the token embeddings (``embed``)."""
-    state = attach(model)
     if kind == "embed":
         states = embed(model, batch.token_ids)
     else:
-        state.splice = state.gather = state.override = None
-        states = backbone(model)(batch.token_ids)  # right padded: causal, exact
+        states = run_backbone(model, batch.token_ids)  # right padded: causal, exact
     return mx.stop_gradient(methods.pool(ops, states.astype(mx.float32), batch.lengths, pooling))
 
 
@@ -312,21 +353,11 @@ def _empty_prompt(model, batch: Batch) -> mx.array:
 
 
 def _call_backbone(model, prompt_embeds: mx.array, batch: Batch, gather: mx.array | None) -> mx.array:
-    state = attach(model)
-    rows = prompt_embeds if state.scale == 1.0 else prompt_embeds / state.scale
-    # No prompt (the plain model): nothing to splice, and no row a gather could read.
     # ``src`` also indexes token slots (past the prompt rows): point those at row 0 before the
-    # gather, since MLX does not bounds-check gathers and the splice reads only prompt slots.
+    # gather, since MLX does not bounds-check gathers and only prompt slots are read.
     src = mx.where(batch.is_prompt, batch.src, 0)
-    state.splice = (rows, src, batch.is_prompt) if rows.shape[1] else None
-    state.gather, state.override = gather, None
-    try:
-        cache = None
-        if batch.left_padded:
-            cache = [_LeftPadCache(batch.left_pad)] * len(model.layers)
-        return backbone(model)(batch.ids, cache=cache) if cache else backbone(model)(batch.ids)
-    finally:
-        state.splice = state.gather = None
+    cache = [_LeftPadCache(batch.left_pad)] * len(model.layers) if batch.left_padded else None
+    return run_backbone(model, batch.ids, cache, prompt_embeds, src, batch.is_prompt, gather)
 
 
 def forward_hidden(model, prompt_embeds: mx.array, batch: Batch) -> mx.array:
@@ -342,12 +373,8 @@ def logits_at(model, hidden: mx.array, index: mx.array) -> mx.array:
 
 def head(model, hidden: mx.array) -> mx.array:
     """The model's own head (lm_head or tied embedding, soft-capping...) on some hidden states."""
-    state = attach(model)
-    state.override = hidden
-    try:
+    with _scoped(attach(model), override=hidden, splice=None, gather=None):
         return model(mx.zeros(hidden.shape[:2], mx.int32)).astype(mx.float32)
-    finally:
-        state.override = None
 
 
 def forward_logits(model, prompt, batch: Batch, which: Sequence[int] | None = None) -> mx.array:

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .model import attach, backbone, make_batch, prompt_rows
+from .decode import fill_cache
+from .model import make_batch, prompt_rows
 
 _NO_LIMIT = 1 << 30  # max_tokens given to the generator: the scheduler ends rows itself
 
@@ -83,7 +84,7 @@ def add(model, state: DecodeState, keys: Sequence[Hashable], prompts: Sequence, 
     for prompt, row, t, p, s in zip(prompts, rows, temperatures, top_ps, seeds):
         cache = make_prompt_cache(model)
         x = None if prompt is None else prompt_rows(model, prompt, make_batch([list(row)], prompt.spec.n_tokens))
-        _fill(model, cache, x, list(row)[:-1])
+        fill_cache(model, cache, x, list(row)[:-1])
         caches.append(cache)
         lasts.append(list(row)[-1:])
         samplers.append(_sampler(t, p, s))
@@ -112,25 +113,6 @@ def remove(state: DecodeState, keys: Sequence[Hashable]) -> None:
 
 
 # -- internals ----------------------------------------------------------------------------------
-
-
-def _fill(model, cache, prompt_embeds: mx.array | None, tokens: Sequence[int]) -> None:
-    """Run ``[prompt][tokens]`` of one sequence into ``cache`` (positions from 0), as ``generate`` does."""
-    n = 0 if prompt_embeds is None else prompt_embeds.shape[1]
-    if n + len(tokens) == 0:
-        return
-    ids = mx.array([[0] * n + list(tokens)], dtype=mx.int32)
-    src = mx.array([list(range(n)) + [0] * len(tokens)], dtype=mx.int32)
-    is_prompt = mx.array([[True] * n + [False] * len(tokens)])
-    state = attach(model)
-    if prompt_embeds is not None:
-        rows = prompt_embeds if state.scale == 1.0 else prompt_embeds / state.scale
-        state.splice = (rows, src, is_prompt)
-    try:
-        out = backbone(model)(ids, cache=cache)
-        mx.eval(out, [c.state for c in cache])
-    finally:
-        state.splice = None
 
 
 def _sampler(temperature: float, top_p: float, seed: int | None):
