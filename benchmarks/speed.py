@@ -52,7 +52,7 @@ LABELS = [[11], [13]]
 
 
 class LabelTokenizer:
-    """The two things TorchOps asks of a tokenizer here: a pad id and the label words' ids."""
+    """The two things the training step asks of a tokenizer here: a pad id and the label words' ids."""
 
     pad_token_id = 0
 
