@@ -8,6 +8,7 @@ with a relative tolerance rather than by exact hash.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -60,9 +61,12 @@ class BaseModelInfo:
                 raise AdapterFormatError(f"{where}.{key} must be a string, got {v!r}")
         fp = data.get("embedding_fingerprint")
         if fp is not None and not (
-            isinstance(fp, dict) and isinstance(fp.get("values"), list) and isinstance(fp.get("scheme"), str)
+            isinstance(fp, dict)
+            and isinstance(fp.get("values"), list)
+            and isinstance(fp.get("scheme"), str)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in fp["values"])
         ):
-            raise AdapterFormatError(f"{where}.embedding_fingerprint is malformed")
+            raise AdapterFormatError(f"{where}.embedding_fingerprint is malformed (a scheme and a list of finite numbers)")
         return cls(**data)
 
     def check_compatible(self, other: BaseModelInfo, force: bool = False) -> None:
