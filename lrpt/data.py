@@ -100,6 +100,32 @@ def encode_examples(
     return out
 
 
+def fit_to_context(data: list[Encoded], room: int | None, reserve: int = 0, truncate: bool = True) -> int:
+    """Cut inputs so that input + target fits in ``room`` tokens (the model's context minus the prompt).
+
+    ``reserve`` is the target length of classification (the longest label word); a completion
+    target counts itself. Inputs keep their end, where the answer follows. With ``truncate``
+    False an input that does not fit is an error. Returns how many inputs were cut. Without it
+    a 10 MB line makes the model try to allocate terabytes.
+    """
+    if room is None:
+        return 0
+    cut = 0
+    for i, e in enumerate(data):
+        target = len(e.target) if isinstance(e.target, list) else reserve
+        limit = room - target
+        if limit < 1:
+            raise DataError(f"example {i}: its target alone ({target} tokens) fills the model's context ({room} tokens"
+                            " after the prompt)")
+        if len(e.ids) > limit:
+            if not truncate:
+                raise DataError(f"example {i} has {len(e.ids)} input tokens, but the model's context leaves {limit}"
+                                " after the prompt and target: shorten it, or drop --no-truncate to cut it")
+            e.ids = e.ids[-limit:]
+            cut += 1
+    return cut
+
+
 def epoch_batches(
     lengths: Sequence[int], batch_size: int, seed: int, epoch: int, bucket: bool = True
 ) -> list[list[int]]:

@@ -118,6 +118,7 @@ class TrainResult:
     stopped_early: bool
     adapter_dir: str | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    truncated: int = 0  # training inputs cut to fit the model's context
 
 
 class TrainOps(Protocol):

@@ -148,6 +148,7 @@ def test_malformed_line_names_file_and_line(tiny_dirs, tmp_path, capsys):
 
 def test_label_words_that_tokenize_to_nothing(tiny_dirs, tmp_path, capsys, monkeypatch):
     import lrpt.tokens
+    import lrpt.training
 
     real = lrpt.tokens.label_token_ids
 
@@ -157,7 +158,7 @@ def test_label_words_that_tokenize_to_nothing(tiny_dirs, tmp_path, capsys, monke
                 return {"input_ids": [] if w.strip() == "b" else tokenizer(w, add_special_tokens=False)["input_ids"]}
         return real(Empty(), words)
 
-    monkeypatch.setattr(sys.modules["lrpt.backends.torch.train"], "label_token_ids", nothing_for_b)
+    monkeypatch.setattr(lrpt.training, "label_token_ids", nothing_for_b)
     code = main(["train", "--backend", "torch", "--model", str(tiny_dirs["llama"]), "--task", "demo",
                  "--train-limit", "8", "--eval-limit", "0", "--steps", "1", "--labels", "a,b", "--out", str(tmp_path / "o")])
     one_error_line(capsys, code, "label word ' b' tokenizes to nothing")
