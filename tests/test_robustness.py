@@ -169,8 +169,9 @@ def test_adapter_load_deep_json_and_huge_ints(adapter_dir, text):
         Adapter.load(adapter_dir)
 
 
-def test_tensor_shape_overflow_is_an_adapter_error(adapter_dir):
-    header = {"lopt.U": {"dtype": "F32", "shape": [2**62, 8], "data_offsets": [0, 4]}}
+@pytest.mark.parametrize("shape", [[2**62, 8], [True, 8], [2**64, 1]])
+def test_tensor_shape_overflow_is_an_adapter_error(adapter_dir, shape):
+    header = {"lopt.U": {"dtype": "F32", "shape": shape, "data_offsets": [0, 4]}}
     head = json.dumps(header).encode()
     (adapter_dir / WEIGHTS_NAME).write_bytes(len(head).to_bytes(8, "little") + head + b"\0" * 4)
     with pytest.raises(AdapterFormatError, match="corrupt"):
@@ -339,7 +340,7 @@ def test_second_run_in_one_out_refuses(tiny_dirs, tmp_path, capsys):
     assert not (out / "metrics.jsonl").exists()
 
 
-def test_killed_run_leftovers_are_cleaned_and_files_have_normal_modes(tiny_dirs, tmp_path):
+def test_leftover_temp_dirs_are_cleaned_and_files_have_normal_modes(tiny_dirs, tmp_path):
     out = tmp_path / "run"
     dirs = [out / "checkpoints" / ".step-000004.k2j5x_9a", out / ".adapter.abcdefgh"]
     files = [out / ".metrics.jsonl.q1w2e3r4.tmp", out / "adapter" / ".adapter_model.safetensors.zzzzzzzz.tmp"]
