@@ -152,6 +152,7 @@ def test_generation_batched_equals_one_by_one_on_cuda(tiny_dirs, tb, method):
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_compiled_loss_and_gradients_match_eager(tiny_dirs, tb, mode):
     from lrpt.backends.torch.train import TorchOps
+
     from lrpt.data import encode_examples
     from lrpt.tokens import tokenize_fn
     from lrpt.trainer import TrainConfig
