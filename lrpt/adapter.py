@@ -28,7 +28,7 @@ import numpy as np
 from . import __version__
 from .basemodel import BaseModelInfo
 from .errors import AdapterFormatError, LrptError, SpecError
-from .fileio import atomic_dir, atomic_write, atomic_write_json, encode_safetensors, read_safetensors
+from .fileio import atomic_dir, atomic_write, atomic_write_json, encode_safetensors, read_safetensors, regular_file
 from .reference import init_params, materialize
 from .spec import PromptSpec
 from .tasks import Task
@@ -36,6 +36,7 @@ from .tasks import Task
 FORMAT = "lrpt"
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
+MAX_CONFIG = 16 * 2**20  # a config is a few kB; more is not one (and is not read into memory)
 WEIGHTS_NAME = "adapter_model.safetensors"
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 DTYPE_ALIASES = {
@@ -172,8 +173,21 @@ class Adapter:
 
     @classmethod
     def load(cls, path: str | Path) -> Adapter:
-        """Load and fully validate an adapter directory (tensors come back float32)."""
-        path = Path(path)
+        """Load and fully validate an adapter directory (tensors come back float32).
+
+        Every defect is an :class:`~lrpt.errors.LrptError`. The checks below name each defect;
+        the net around them turns whatever a hostile file still finds (a type the checks did
+        not foresee) into one too, so no caller ever sees a traceback from a file's content.
+        """
+        try:
+            return cls._load(Path(path))
+        except LrptError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError) as exc:
+            raise AdapterFormatError(f"{path} is not a valid adapter ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+    @classmethod
+    def _load(cls, path: Path) -> Adapter:
         if not path.exists():
             raise AdapterFormatError(f"adapter directory {path} does not exist")
         if not path.is_dir():
@@ -181,7 +195,7 @@ class Adapter:
         config = read_config(path)
         spec = _spec_from_config(config, path)
         dtype = config.get("dtype", "float32")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise AdapterFormatError(f"{path / CONFIG_NAME}: unknown dtype {dtype!r}")
         task = _parse_optional(config, "task", Task.from_dict, path)
         base = _parse_optional(config, "base_model", BaseModelInfo.from_dict, path)
@@ -241,12 +255,16 @@ def peft_fields(spec: PromptSpec, dim: int, base: BaseModelInfo | None) -> dict[
 def read_config(path: Path) -> dict[str, Any]:
     """Read and check the top level of ``adapter_config.json`` of an lrpt adapter."""
     cfg_path = path / CONFIG_NAME
-    if not cfg_path.is_file():
+    if not cfg_path.exists():
         raise AdapterFormatError(f"{cfg_path} is missing: {path} is not an adapter directory")
+    if regular_file(cfg_path, "adapter config").st_size > MAX_CONFIG:
+        raise AdapterFormatError(f"{cfg_path} is larger than {MAX_CONFIG // 2**20} MiB: not an adapter config")
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFormatError(f"{cfg_path} is not valid JSON ({exc})") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: also integers too long to parse
+        raise AdapterFormatError(f"{cfg_path} is not valid JSON ({str(exc)[:200]})") from None
+    except RecursionError:
+        raise AdapterFormatError(f"{cfg_path} is nested too deeply to be an adapter config") from None
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{cfg_path} must hold a JSON object, got {type(config).__name__}")
     if config.get("format") != FORMAT:

@@ -8,7 +8,10 @@ with a relative tolerance rather than by exact hash.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +20,28 @@ from .errors import AdapterFormatError, BaseModelMismatchError
 
 FINGERPRINT_SCHEME = "rowmeanabs-v1"
 FINGERPRINT_RTOL = 0.05  # quantisation moves a row's mean |x| by well under 5%
+
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_length(model_dir: str | Path) -> int | None:
+    """The longest sequence the model in an HF folder takes (prompt included), from its ``config.json``.
+
+    Read from the folder, not the loaded model, so it is the same on both backends and known
+    before the model loads; None when the config does not say (no limit is then enforced).
+    """
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    for cfg in (config, config.get("text_config") if isinstance(config, dict) else None):
+        if isinstance(cfg, dict):
+            for key in _CONTEXT_KEYS:
+                v = cfg.get(key)
+                if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                    return v
+    return None
 
 
 def fingerprint_rows(vocab_size: int) -> list[int]:
@@ -60,9 +85,12 @@ class BaseModelInfo:
                 raise AdapterFormatError(f"{where}.{key} must be a string, got {v!r}")
         fp = data.get("embedding_fingerprint")
         if fp is not None and not (
-            isinstance(fp, dict) and isinstance(fp.get("values"), list) and isinstance(fp.get("scheme"), str)
+            isinstance(fp, dict)
+            and isinstance(fp.get("values"), list)
+            and isinstance(fp.get("scheme"), str)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in fp["values"])
         ):
-            raise AdapterFormatError(f"{where}.embedding_fingerprint is malformed")
+            raise AdapterFormatError(f"{where}.embedding_fingerprint is malformed (a scheme and a list of finite numbers)")
         return cls(**data)
 
     def check_compatible(self, other: BaseModelInfo, force: bool = False) -> None:

@@ -23,7 +23,7 @@ from .fileio import atomic_write
 from .models import DEFAULT_MODEL
 from .spec import PromptSpec
 from .tasks import REGISTRY, Task, get_task
-from .trainer import TrainConfig
+from .trainer import TrainConfig, check_number
 
 EXIT_USAGE = 2
 
@@ -48,7 +48,26 @@ def describe(adapter: Adapter, path: str | Path | None = None) -> dict[str, Any]
     }
 
 
+def printable(value: Any) -> str:
+    """``value`` as text with control characters escaped: adapter fields must not drive the terminal."""
+    text = str(value)
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
+
+
 def _print_description(info: dict[str, Any]) -> None:
+    _print_lines(_description_lines(info))
+
+
+def _print_lines(lines: list[str]) -> None:
+    for line in lines:
+        print(printable(line))
+
+
+def _description_lines(info: dict[str, Any]) -> list[str]:
+    """The text of ``lrpt inspect``; every line goes through :func:`printable` before it is shown."""
+    out: list[str] = []
+    print = out.append  # the lines are collected, then escaped as a whole
     spec = info["spec"]
     print(f"adapter        {info['path']}")
     print(f"format         lrpt v{info['format_version']}")
@@ -86,6 +105,7 @@ def _print_description(info: dict[str, Any]) -> None:
         print("task           -")
     made = info["created_by"] or {}
     print(f"created by     {made.get('backend') or '?'} backend, lrpt {made.get('lrpt_version') or '?'}")
+    return out
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -96,14 +116,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(info, indent=2))
         else:
-            for key, value in info.items():
-                if key != "tensors":
-                    print(f"{key:<19}{value}")
-            print("tensors")
-            for name, t in info["tensors"].items():
-                print(f"  {name:<22} {'×'.join(map(str, t['shape']))}")
+            lines = [f"{key:<19}{value}" for key, value in info.items() if key != "tensors"]
+            lines.append("tensors")
+            lines += [f"  {name:<22} {'×'.join(map(str, t['shape']))}" for name, t in info["tensors"].items()]
             if info["importable"]:
-                print(f"convert with: lrpt convert {args.adapter} OUT --to lrpt")
+                lines.append(f"convert with: lrpt convert {args.adapter} OUT --to lrpt")
+            _print_lines(lines)
         return 0
     adapter = Adapter.load(args.adapter)
     info = describe(adapter, args.adapter)
@@ -118,13 +136,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _backend_and_model(args: argparse.Namespace):
+    """Backend, model, tokenizer, backend name; sets ``args.context`` (the model's context length or None)."""
     from .backends import get_backend, resolve
+    from .basemodel import context_length
     from .models import resolve_model
 
     backend = get_backend(args.backend)
     path = resolve_model(args.model, log=lambda m: print(m, file=sys.stderr))
-    model, tokenizer = backend.load_model(path, dtype=args.dtype, quiet=True)  # our own progress bars only
+    args.context = context_length(path)
+    try:
+        model, tokenizer = backend.load_model(path, dtype=args.dtype, quiet=True)  # our own progress bars only
+    except LrptError:
+        raise
+    except Exception as exc:  # transformers/mlx-lm refusing a folder (e.g. a pickle it will not load) is the folder's fault
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise LrptError(f"cannot load the model in {path} ({type(exc).__name__}: {first})") from None
     return backend, model, tokenizer, resolve(args.backend)
+
+
+def _check_prompt_fits(args: argparse.Namespace, n_tokens: int) -> int | None:
+    """Room left after the prompt in the model's context (None: unknown); a prompt that does not fit is an error."""
+    from .training import context_room
+
+    context = getattr(args, "context", None)
+    return None if context is None else context_room(context, n_tokens)
 
 
 def _task_from_args(args: argparse.Namespace, fallback: Task | None = None) -> Task:
@@ -134,17 +169,19 @@ def _task_from_args(args: argparse.Namespace, fallback: Task | None = None) -> T
     text_field = getattr(args, "text_field", None)
     if getattr(args, "task", None):
         task = get_task(args.task)
-    elif fallback is not None and not (labels or template or text_field):
+    elif fallback is not None and not (labels is not None or template or text_field):
         task = fallback
-    elif labels:
+    elif labels is not None:
         task = Task("custom", template="{" + (text_field or "text") + "}", label_words=[" x", " y"])
     elif getattr(args, "data", None) or template or text_field:
         task = Task("custom", kind="completion", template="{" + (text_field or "prompt") + "}")
     else:
         raise DataError("say what to train on: --task NAME, or --data DIR (with --labels for classification)")
-    if labels:
+    if labels is not None:
         words = [w.strip() for w in labels.split(",")]
-        task.label_words = [" " + w if w else w for w in words]
+        if len(words) < 2 or not all(words):
+            raise DataError(f"--labels needs at least two non-empty words separated by commas, got {labels!r}")
+        task.label_words = [" " + w for w in words]
     if template:
         task.template = template
     if getattr(args, "label_field", None):
@@ -152,23 +189,10 @@ def _task_from_args(args: argparse.Namespace, fallback: Task | None = None) -> T
     return task.validate()
 
 
-def _labels_to_int(task: Task, rows: list[dict]) -> list[dict]:
-    """Accept label names as well as indices in data files."""
-    if task.kind != "classification":
-        return rows
-    names = {w.strip().lower(): i for i, w in enumerate(task.label_words)}
-    out = []
-    for r in rows:
-        v = r.get(task.label_field)
-        if isinstance(v, str) and v.strip().lower() in names:
-            r = {**r, task.label_field: names[v.strip().lower()]}
-        out.append(r)
-    return out
-
-
 def _examples(args: argparse.Namespace, task: Task, split: str, limit: int | None) -> list[dict]:
-    rows = load_examples(task, split, getattr(args, "data", None), limit, seed=0)
-    return _labels_to_int(task, rows)
+    """Checked rows (labels as indices), the same checks for train and eval (:func:`lrpt.data.check_rows`)."""
+    return load_examples(task, split, getattr(args, "data", None), limit, seed=0,
+                         log=lambda m: print(m, file=sys.stderr))
 
 
 def _check_base(adapter: Adapter, backend, model, force: bool) -> None:
@@ -240,17 +264,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     flags.resolve(args, args.train_defaults, {**run_settings, **config}, args.config or "--resume",
                   args.train_actions)
     out = Path(args.out)
-    _check_data_args(args, out)
     start_from = Adapter.load(args.init_from) if args.init_from else None
     known = start_from or resumed
-    task = _task_from_args(args, known.task if known else None)
-    train_rows = _examples(args, task, "train", args.train_limit)
-    eval_rows = _examples(args, task, "validation", args.eval_limit) if args.eval_limit != 0 else None
+    # Every flag is checked before any work (the optimizer, built late, crashes on --lr nan).
     spec = None if start_from else flags.build(PromptSpec, args, rank=None if args.method == "prompt" else args.rank)
     if spec is not None:
         spec.validate()
     train_config = flags.build(TrainConfig, args, compile=args.compile or bool(args.compile_mode)).validate()
+    if args.eval_limit is not None:
+        check_number("eval_limit", args.eval_limit, low=0, integer=True)
+    task = _task_from_args(args, known.task if known else None)
+    train_rows = _examples(args, task, "train", args.train_limit)
+    eval_rows = _examples(args, task, "validation", args.eval_limit) if args.eval_limit != 0 else None
     backend, model, tokenizer, name = _backend_and_model(args)
+    _check_prompt_fits(args, (spec or start_from.spec).n_tokens)
+    _check_data_args(args, out)
     if start_from is not None:
         _check_base(start_from, backend, model, args.force)
         prompt = backend.prompt_from_adapter(start_from, model)
@@ -258,13 +286,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         prompt = backend.init_prompt(spec, model, tokenizer, seed=train_config.seed)
     began = time.perf_counter()
     result = backend.train(model, tokenizer, prompt, task, train_rows, eval_rows, train_config, out,
-                           resume=args.resume)
+                           resume=args.resume, context=args.context, truncate=not args.no_truncate)
     seconds = time.perf_counter() - began
     spec = prompt.spec
     rows = [("backend", name), ("method", spec.method), ("prompt tokens", spec.n_tokens),
             ("rank", spec.rank if spec.rank is not None else "-"),
             ("trainable parameters", f"{spec.param_count(prompt.dim):,}"),
-            ("training examples", len(train_rows)), ("steps", result.step),
+            ("training examples", len(train_rows))]
+    if result.truncated:
+        rows.append(("truncated inputs", f"{result.truncated} (longer than the model's context)"))
+    rows += [("steps", result.step),
             ("final train loss", f"{result.final_loss:.4f}")]
     if result.best_metric is not None:
         rows.append((f"best validation {task.metric}", f"{result.best_metric:.4f} (step {result.best_step})"))
@@ -315,23 +346,34 @@ def _plot(out: Path) -> Path | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import metric
+    from .data import check_split, encode_examples, fit_to_context, metric
+    from .tokens import label_token_ids, target_tokenize_fn, tokenize_fn
 
+    check_split(args.split)
+    if args.limit is not None:
+        check_number("limit", args.limit, low=1, integer=True, error=DataError)
+    check_number("batch_size", args.batch_size, low=1, integer=True, error=DataError)
     adapter = Adapter.load(args.adapter)
     task = _task_from_args(args, adapter.task)
     rows = _examples(args, task, args.split, args.limit)
     backend, model, tokenizer, _ = _backend_and_model(args)
     _check_base(adapter, backend, model, args.force)
+    room = _check_prompt_fits(args, adapter.spec.n_tokens)
     prompt = backend.prompt_from_adapter(adapter, model)
+    hf = backend.hf_tokenizer(tokenizer)
+    data = encode_examples(task, tokenize_fn(hf), rows, target_tokenize_fn(hf))
+    reserve = max(map(len, label_token_ids(hf, task.label_words))) if task.kind == "classification" else 0
+    cut = fit_to_context(data, room, reserve, truncate=not args.no_truncate)
     if task.kind == "completion":
-        return _eval_completion(args, backend, model, tokenizer, prompt, task, rows)
-    texts = [task.format(r) for r in rows]
-    scores = _score_with_progress(backend, model, tokenizer, prompt, texts, task.label_words, args.batch_size)
+        return _eval_completion(args, backend, model, tokenizer, prompt, task, rows, data, cut)
+    scores = _score_with_progress(backend, model, tokenizer, prompt, task, data, args.batch_size)
     preds = scores.argmax(-1).tolist()
     labels = [r[task.label_field] for r in rows]
     k = len(task.label_words)
     result = {"task": task.name, "split": args.split, "examples": len(rows),
               "accuracy": metric("accuracy", labels, preds, k)}
+    if cut:
+        result["truncated"] = cut
     if task.metric != "accuracy":
         result[task.metric] = metric(task.metric, labels, preds, k)
     if args.predictions:
@@ -346,18 +388,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_completion(args, backend, model, tokenizer, prompt, task: Task, rows: list[dict]) -> int:
+def _eval_completion(args, backend, model, tokenizer, prompt, task: Task, rows: list[dict], data, cut: int) -> int:
     """Mean negative log-likelihood of the completion tokens, and its perplexity."""
     import math
 
-    from .data import encode_examples
-    from .tokens import target_tokenize_fn, tokenize_fn
-
-    hf = backend.hf_tokenizer(tokenizer)
-    data = encode_examples(task, tokenize_fn(hf), rows, target_tokenize_fn(hf))
     metrics, _ = backend.evaluate(model, tokenizer, prompt, task, data, args.batch_size)
     result = {"task": task.name, "split": args.split, "examples": len(rows), "loss": metrics["loss"],
               "perplexity": math.exp(min(metrics["loss"], 50.0))}
+    if cut:
+        result["truncated"] = cut
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -365,7 +404,8 @@ def _eval_completion(args, backend, model, tokenizer, prompt, task: Task, rows: 
     return 0
 
 
-def _score_with_progress(backend, model, tokenizer, prompt, texts, words, batch_size):
+def _score_with_progress(backend, model, tokenizer, prompt, task: Task, data, batch_size):
+    """Label scores of encoded (length-checked) examples, in chunks behind a progress bar."""
     import numpy as np
 
     try:
@@ -374,17 +414,26 @@ def _score_with_progress(backend, model, tokenizer, prompt, texts, words, batch_
         def tqdm(x, **_):
             return x
     chunk = batch_size * 8
-    parts = [backend.score_labels(model, tokenizer, prompt, texts[i : i + chunk], words, batch_size=batch_size)
-             for i in tqdm(range(0, len(texts), chunk), desc="eval", unit="chunk", file=sys.stderr)]
-    return np.concatenate(parts) if parts else np.zeros((0, len(words)))
+    parts = [backend.evaluate(model, tokenizer, prompt, task, data[i : i + chunk], batch_size)[1]
+             for i in tqdm(range(0, len(data), chunk), desc="eval", unit="chunk", file=sys.stderr)]
+    return np.concatenate(parts) if parts else np.zeros((0, len(task.label_words)))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    check_number("temperature", args.temperature, low=0, high=100, error=DataError)
+    check_number("top_p", args.top_p, low=0, high=1, low_open=True, error=DataError)
+    check_number("max_tokens", args.max_tokens, low=1, integer=True, error=DataError)
+    if args.seed is not None:
+        check_number("seed", args.seed, low=0, high=2**32 - 1, integer=True, error=DataError)
     texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise DataError("no input: pass TEXT arguments or lines on stdin")
     adapter = Adapter.load(args.adapter) if args.adapter else None
     backend, model, tokenizer, _ = _backend_and_model(args)
+    room = _check_prompt_fits(args, adapter.spec.n_tokens if adapter else 0)
+    if room is not None and args.max_tokens >= room:
+        raise DataError(f"--max-tokens {args.max_tokens} does not fit the model's context ({room} tokens after the"
+                        " prompt): lower it")
     prompt = None
     if adapter is not None:
         _check_base(adapter, backend, model, args.force)
@@ -491,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, help="use N validation rows (0: no evaluation)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--force", action="store_true", help="with --init-from: accept a fingerprint mismatch")
+    p.add_argument("--no-truncate", action="store_true", help="refuse inputs longer than the model's context")
     p.add_argument("--out", help="run directory (required)")
     # Every PromptSpec and TrainConfig field is a flag, derived from the dataclasses.
     spec_group = p.add_argument_group("prompt (PromptSpec)")
@@ -508,12 +558,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _data_args(p)
     p.add_argument("--adapter", required=True)
-    p.add_argument("--split", default="validation")
+    p.add_argument("--split", default="validation", help="split name: reads SPLIT.jsonl from --data")
     p.add_argument("--limit", type=int, help="evaluate N rows (fixed-seed subset)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--predictions", help="write one JSON line per example: idx, label, pred, scores")
     p.add_argument("--json", action="store_true")
     p.add_argument("--force", action="store_true", help="accept an embedding-fingerprint mismatch")
+    p.add_argument("--no-truncate", action="store_true", help="refuse inputs longer than the model's context")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="generate text with an adapter")
@@ -568,14 +619,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except LrptError as exc:
-        print(f"lrpt: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return EXIT_USAGE
     except OSError as exc:  # unreadable or unwritable paths: the user's to fix, no traceback needed
-        print(f"lrpt: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        _error(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("lrpt: interrupted", file=sys.stderr)
         return 130
+
+
+def _error(message: str) -> None:
+    """One line on stderr, escaped, and on a line of its own even when a progress bar was drawing."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        try:
+            bar.close()  # ends the bar's line
+        except Exception:  # a broken bar must not hide the error
+            pass
+    sys.stderr.flush()
+    print(f"lrpt: error: {printable(message)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ same examples in the same order, and a resumed run finds its place from a single
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,25 +16,39 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError
-from .tasks import Task
+from .fileio import regular_file
+from .tasks import Task, check_text
 
 Tokenize = Callable[[str], list[int]]  # text -> ids; special tokens (BOS) as the model wants
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSON-lines file; a malformed line is an error naming the file and line number."""
+    """Read a JSON-lines file; a malformed line is an error naming the file and line number.
+
+    Lines are decoded one by one, so bad bytes, JSON nested past Python's recursion limit or
+    integers too long to parse name their line instead of surfacing as a traceback.
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"data file {path} does not exist")
+    regular_file(path, "data file", DataError)
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from None
+            except ValueError as exc:  # e.g. an integer with more than 4300 digits
+                raise DataError(f"{path}:{lineno}: malformed JSON line ({str(exc)[:100]})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: JSON nested too deeply") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: each line must be a JSON object")
             rows.append(row)
@@ -83,6 +98,32 @@ def encode_examples(
                 raise DataError(f"example {i}: the completion tokenizes to nothing")
         out.append(Encoded(ids, target, ex.get("idx", i)))
     return out
+
+
+def fit_to_context(data: list[Encoded], room: int | None, reserve: int = 0, truncate: bool = True) -> int:
+    """Cut inputs so that input + target fits in ``room`` tokens (the model's context minus the prompt).
+
+    ``reserve`` is the target length of classification (the longest label word); a completion
+    target counts itself. Inputs keep their end, where the answer follows. With ``truncate``
+    False an input that does not fit is an error. Returns how many inputs were cut. Without it
+    a 10 MB line makes the model try to allocate terabytes.
+    """
+    if room is None:
+        return 0
+    cut = 0
+    for i, e in enumerate(data):
+        target = len(e.target) if isinstance(e.target, list) else reserve
+        limit = room - target
+        if limit < 1:
+            raise DataError(f"example {i}: its target alone ({target} tokens) fills the model's context ({room} tokens"
+                            " after the prompt)")
+        if len(e.ids) > limit:
+            if not truncate:
+                raise DataError(f"example {i} has {len(e.ids)} input tokens, but the model's context leaves {limit}"
+                                " after the prompt and target: shorten it, or drop --no-truncate to cut it")
+            e.ids = e.ids[-limit:]
+            cut += 1
+    return cut
 
 
 def epoch_batches(
@@ -168,19 +209,38 @@ def target_positions(seqs: Sequence[Sequence[int]], n_targets: Sequence[int]) ->
 
 
 _MULTI_CONFIG = ("glue", "super_glue")  # hub datasets addressed as NAME/CONFIG
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
+def check_split(split: str) -> str:
+    """A split is a name (``validation``, ``test``), never a path: ``../../x`` must not read outside --data."""
+    if not isinstance(split, str) or not _SPLIT_NAME.fullmatch(split) or ".." in split:
+        raise DataError(f"split {split!r} is not a split name: use letters, digits, '_', '-' or '.' (e.g. validation)")
+    return split
 
 
 def load_examples(task: Task, split: str, data_dir: str | Path | None = None, limit: int | None = None,
-                  seed: int = 0) -> list[dict[str, Any]]:
+                  seed: int = 0, log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Rows of ``split`` for ``task``: from ``data_dir`` (``{split}.jsonl``), the built-in demo
-    data, or HF ``datasets`` (online). ``limit`` keeps a fixed-seed random subset."""
+    data, or HF ``datasets`` (online). ``limit`` keeps a fixed-seed random subset.
+
+    Every row is checked (:func:`check_rows`) and label names become indices, so training and
+    evaluation accept exactly the same files. A local directory without ``validation.jsonl``
+    is an error, never a silent switch to ``test.jsonl``; a hub dataset without a validation
+    split uses its test split and says so through ``log``.
+    """
+    check_split(split)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DataError(f"a row limit must be an integer >= 1, got {limit!r}")
     if data_dir is not None:
         directory = Path(data_dir)
         if not directory.is_dir():
             raise DataError(f"data directory {directory} does not exist")
         path = directory / f"{split}.jsonl"
-        if not path.exists() and split == "validation" and (directory / "test.jsonl").exists():
-            path = directory / "test.jsonl"
+        if not path.exists():
+            others = sorted(p.stem for p in directory.glob("*.jsonl") if _SPLIT_NAME.fullmatch(p.stem))
+            hint = f" (it has: {', '.join(others)}; choose one with --split)" if others else ""
+            raise DataError(f"data directory {directory} has no {split}.jsonl{hint}")
         rows = read_jsonl(path)
         where = str(path)
     elif task.data == "builtin:demo":
@@ -188,28 +248,69 @@ def load_examples(task: Task, split: str, data_dir: str | Path | None = None, li
 
         rows, where = demo_rows(split), "the built-in demo data"
     elif task.data:
-        rows, where = _load_hub(task.data, split), f"dataset {task.data}"
+        rows, where = _load_hub(task.data, split, log), f"dataset {task.data}"
     else:
         raise DataError(f"task {task.name!r} has no data source: pass --data DIR")
     if not rows:
         raise DataError(f"{where} has no rows")
-    check_fields(task, rows[0], where)
+    rows = check_rows(task, rows, where)
     if limit is not None and limit < len(rows):
         keep = np.random.default_rng(seed).permutation(len(rows))[:limit]
         rows = [rows[i] for i in sorted(keep)]
     return rows
 
 
-def check_fields(task: Task, row: dict[str, Any], where: str) -> None:
-    """Fail early, naming the source, when rows lack a field the task needs."""
-    need = task.template_fields() + ([task.label_field] if task.kind == "classification" else [task.completion_field])
-    missing = [f for f in need if f not in row]
+def check_rows(task: Task, rows: Sequence[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    """Check every row as training would use it; returns the rows with label names made indices.
+
+    Text fields must be strings of valid text (``None`` or ``3`` would be trained on as
+    ``"None"``/``"3"``); a label is an index in [0, K) or one of the label words; GLUE-style
+    ``-1``, ``null``, ``"1"`` and unknown names are errors naming the row.
+    """
+    text_fields = task.template_fields() + ([task.completion_field] if task.kind == "completion" else [])
+    need = text_fields + ([task.label_field] if task.kind == "classification" else [])
+    missing = [f for f in need if f not in rows[0]]
     if missing:
-        raise DataError(f"{where}: rows have no field {missing[0]!r} (fields: {', '.join(sorted(row))});"
+        raise DataError(f"{where}: rows have no field {missing[0]!r} (fields: {_fields(rows[0])});"
                         " pass --text-field/--label-field or --template")
+    k = len(task.label_words)
+    names = {w.strip(): i for i, w in enumerate(task.label_words)}
+    folded: dict[str, int | None] = {}
+    for w, i in names.items():  # case-insensitive names, unless two words differ only by case
+        folded[w.lower()] = None if w.lower() in folded else i
+    out = []
+    for n, row in enumerate(rows, 1):
+        for f in need:
+            if f not in row:
+                raise DataError(f"{where}: row {n} has no field {f!r} (fields: {_fields(row)})")
+        for f in text_fields:
+            value = row[f]
+            if not isinstance(value, str):
+                raise DataError(f"{where}: row {n}: field {f!r} is {type(value).__name__}, not text")
+            try:
+                check_text(value.replace("\x00", " "), f"row {n}: field {f!r}")  # NUL is text here
+            except DataError as exc:
+                raise DataError(f"{where}: {exc}") from None
+        if task.kind == "classification":
+            label = row[task.label_field]
+            if isinstance(label, str):
+                index = names.get(label.strip(), folded.get(label.strip().lower()))
+                if index is None:
+                    raise DataError(f"{where}: row {n}: label {label[:40]!r} is not a label index or one of the label"
+                                    f" words ({', '.join(repr(w) for w in names)})")
+                row = {**row, task.label_field: index}
+            elif isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < k:
+                raise DataError(f"{where}: row {n}: label {str(label)[:40]} is not an integer in [0, {k})"
+                                " or a label word (unlabelled test rows cannot be scored)")
+        out.append(row)
+    return out
 
 
-def _load_hub(name: str, split: str) -> list[dict[str, Any]]:
+def _fields(row: dict[str, Any]) -> str:
+    return ", ".join(sorted(str(k)[:40] for k in row)[:20])
+
+
+def _load_hub(name: str, split: str, log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     try:
         import datasets
     except ImportError:
@@ -220,6 +321,8 @@ def _load_hub(name: str, split: str) -> list[dict[str, Any]]:
         available = datasets.get_dataset_split_names(*args)
         if split not in available and split == "validation" and "test" in available:
             split = "test"
+            if log is not None:
+                log(f"lrpt: {name} has no validation split: using its test split")
         return [dict(r) for r in datasets.load_dataset(*args, split=split)]
     except Exception as exc:  # network and hub errors come in many types
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -1,10 +1,12 @@
-"""Atomic file writes and a strict safetensors reader/writer.
+"""Atomic file writes, a safetensors writer, and a strict reader over the ``safetensors`` package.
 
-Why our own safetensors code: the format is tiny (8-byte little-endian header length, a
-JSON header, raw little-endian data), and reading it ourselves lets every defect get its
-own clear message (truncation, overlapping offsets, a pickle renamed ``.safetensors``...)
-and lets us read bf16 into NumPy, which has no bf16 type. Files written here are read by
-the reference ``safetensors`` package and the other way round (tested).
+Reading goes through the reference ``safetensors`` package (memory-mapped, with its strict
+checks: gaps, overlaps, trailing bytes, offsets that overflow), and its errors become
+:class:`~lrpt.errors.AdapterFormatError`. lrpt adds what the package does not check or say
+clearly: a pickle renamed ``.safetensors``, an empty or truncated file, a non-regular file
+(a symlink to ``/dev/zero``), and duplicate tensor names (the package keeps the last one).
+The writer stays our own because it must emit bf16 from NumPy, which has no bf16 type;
+files it writes are read by the package and the other way round (tested).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,12 +23,36 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AdapterFormatError
+from .errors import AdapterFormatError, LrptError
 
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
 
 _DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 _DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it; set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _normal_mode(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a temp file or dir the mode a plain ``open``/``mkdir`` would (``mkstemp`` makes 0600/0700)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def regular_file(path: Path, what: str, error: type[LrptError] = AdapterFormatError) -> os.stat_result:
+    """``stat`` of ``path``, refusing anything but a regular file (a FIFO or ``/dev/zero`` never ends)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise error(f"{what} {path} is missing") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, FIFO or socket)"
+        raise error(f"{what} {path} is {kind}: pass a regular file")
+    return st
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
@@ -38,6 +65,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _normal_mode(tmp)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -69,6 +97,7 @@ def atomic_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
+        _normal_mode(tmp, directory=True)
         yield tmp
         if path.exists() and replace:
             shutil.rmtree(path)
@@ -118,72 +147,84 @@ def encode_safetensors(
     return len(head).to_bytes(8, "little") + head + b"".join(chunks)
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise _DuplicateKey(dup)
+    return dict(pairs)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
-    """Read a safetensors file strictly.
+    """Read a safetensors file strictly, memory-mapped: only the tensors are copied, never the file.
 
     Returns (tensors as float32, metadata, stored dtype of each tensor). Never unpickles;
     every defect raises :class:`AdapterFormatError` naming the file.
     """
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
     name = str(path)
-    if not path.is_file():
-        raise AdapterFormatError(f"{name} is missing: an adapter needs its tensors file")
-    data = path.read_bytes()
-    if len(data) == 0:
+    size = regular_file(path, "tensors file").st_size
+    if size == 0:
         raise AdapterFormatError(f"{name} is empty (0 bytes): the adapter was not saved completely")
-    if len(data) < 8:
-        raise AdapterFormatError(f"{name} is truncated ({len(data)} bytes): save the adapter again")
-    if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:2] == b"PK":
-        raise AdapterFormatError(
-            f"{name} is a pickle/zip (torch.save) file, not safetensors: lrpt never unpickles;"
-            " re-save it with safetensors"
-        )
-    n = int.from_bytes(data[:8], "little")
-    if n > MAX_HEADER or n < 2:
-        raise AdapterFormatError(f"{name} is not a safetensors file (header length {n} is implausible)")
-    if 8 + n > len(data):
-        raise AdapterFormatError(f"{name} is truncated (header runs past the end of the file): save it again")
-    try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    if size < 8:
+        raise AdapterFormatError(f"{name} is truncated ({size} bytes): save the adapter again")
+    with path.open("rb") as f:
+        first = f.read(8)
+        if first[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or first[:2] == b"PK":
+            raise AdapterFormatError(
+                f"{name} is a pickle/zip (torch.save) file, not safetensors: lrpt never unpickles;"
+                " re-save it with safetensors"
+            )
+        n = int.from_bytes(first, "little")
+        if n > MAX_HEADER or n < 2:
+            raise AdapterFormatError(f"{name} is not a safetensors file (header length {n} is implausible)")
+        if 8 + n > size:
+            raise AdapterFormatError(f"{name} is truncated (header runs past the end of the file): save it again")
+        head = f.read(n)
+    try:  # the package takes the last of duplicate names; lrpt refuses the file
+        header = json.loads(head.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise AdapterFormatError(f"{name} is corrupt: tensor {exc.args[0]!r} appears twice in the header") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise AdapterFormatError(f"{name} has a corrupt header (not JSON): the file is damaged") from None
     if not isinstance(header, dict):
         raise AdapterFormatError(f"{name} has a corrupt header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise AdapterFormatError(f"{name} has corrupt metadata (must map strings to strings)")
-    body = memoryview(data)[8 + n :]
-    tensors: dict[str, np.ndarray] = {}
-    dtypes: dict[str, str] = {}
-    spans = []
     for key, info in header.items():
-        if not (
-            isinstance(info, dict)
-            and isinstance(info.get("shape"), list)
-            and isinstance(info.get("data_offsets"), list)
-            and len(info["data_offsets"]) == 2
-            and isinstance(info.get("dtype"), str)
-            and all(isinstance(s, int) and s >= 0 for s in info["shape"] + info["data_offsets"])
-        ):
-            raise AdapterFormatError(f"{name}: corrupt entry for tensor {key!r} in the header")
-        code = info["dtype"]
-        if code not in _DTYPES:
+        code = info.get("dtype") if isinstance(info, dict) else None
+        if isinstance(code, str) and code not in _DTYPES:
             raise AdapterFormatError(
                 f"{name}: tensor {key!r} has dtype {code}; lrpt adapters hold F32 (or F16/BF16 exports)"
             )
-        start, end = info["data_offsets"]
-        count = int(np.prod(info["shape"])) if info["shape"] else 1
-        if end < start or end - start != count * _DTYPES[code].itemsize:
-            raise AdapterFormatError(f"{name}: tensor {key!r} has offsets that do not match its shape")
-        if end > len(body):
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if isinstance(offsets, list) and len(offsets) == 2 and isinstance(offsets[1], int) and offsets[1] > size - 8 - n:
             raise AdapterFormatError(f"{name} is truncated (tensor {key!r} runs past the end): save it again")
-        spans.append((start, end))
-        raw = np.frombuffer(body[start:end], dtype=_DTYPES[code]).reshape(info["shape"])
-        arr = from_bf16_bits(raw) if code == "BF16" else raw.astype(np.float32)
-        tensors[key] = np.array(arr, dtype=np.float32)  # own, writable copy
-        dtypes[key] = code
-    spans.sort()
-    for (_, a_end), (b_start, _) in zip(spans, spans[1:]):
-        if b_start < a_end:
-            raise AdapterFormatError(f"{name} is corrupt: tensors overlap")
+    tensors: dict[str, np.ndarray] = {}
+    dtypes: dict[str, str] = {}
+    try:
+        with safe_open(name, framework="numpy") as st:
+            for key in st.keys():
+                code = header[key]["dtype"]
+                start, end = header[key]["data_offsets"]
+                if code == "BF16" and end == start:
+                    arr = np.zeros(header[key]["shape"], np.float32)
+                elif code == "BF16":  # NumPy has no bf16: map the raw 16-bit patterns (offsets checked by the package)
+                    raw = np.memmap(path, dtype="<u2", mode="r", offset=8 + n + start, shape=((end - start) // 2,))
+                    arr = from_bf16_bits(np.asarray(raw)).reshape(header[key]["shape"])
+                    del raw
+                else:
+                    arr = st.get_tensor(key)
+                tensors[key] = np.array(arr, dtype=np.float32)  # own, writable copy
+                dtypes[key] = code
+    except SafetensorError as exc:
+        detail = str(exc).removeprefix("Error while deserializing header: ")
+        raise AdapterFormatError(f"{name} is corrupt ({detail}): the file is damaged; save it again") from None
     return tensors, metadata, dtypes

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -38,9 +37,7 @@ def _number(kind: type, optional: bool):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        if isinstance(value, float) and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        return value
+        return value  # ranges and finiteness: the dataclass's validate(), with its own message
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse

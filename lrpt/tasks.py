@@ -36,29 +36,66 @@ class Task:
     completion_field: str = "completion"
 
     def validate(self) -> Task:
+        """Check every field, so a task read from an adapter file cannot crash (or flood) its users later.
+
+        Templates are ``str.format`` strings, which can do far more than substitute a field:
+        ``{text:>2000000000}`` allocates gigabytes, ``{text.__class__}`` reads attributes.
+        Only plain ``{identifier}`` placeholders are allowed.
+        """
         if not isinstance(self.name, str) or not self.name:
             raise DataError("task name must be a non-empty string")
-        if self.kind not in KINDS:
+        check_text(self.name, "task name")
+        if not isinstance(self.kind, str) or self.kind not in KINDS:
             raise DataError(f"unknown task kind {self.kind!r}: use one of {', '.join(KINDS)}")
-        if self.metric not in METRICS:
+        if not isinstance(self.metric, str) or self.metric not in METRICS:
             raise DataError(f"unknown metric {self.metric!r}: use one of {', '.join(METRICS)}")
+        for key in ("label_field", "completion_field"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value:
+                raise DataError(f"task {key} must be a non-empty string, got {value!r}")
+            check_text(value, f"task {key}")
+        if self.data is not None and not isinstance(self.data, str):
+            raise DataError(f"task data must be a string or null, got {self.data!r}")
         if not isinstance(self.template, str):
             raise DataError("task template must be a string")
-        try:
-            fields = self.template_fields()
-        except ValueError as exc:
-            raise DataError(f"task template {self.template!r} is not a valid format string ({exc})") from None
+        check_text(self.template, "task template")
+        fields = self.template_fields()
         if not fields:
-            raise DataError(f"task template {self.template!r} uses no field: write e.g. '{{text}}'")
+            raise DataError(f"task template {self.template[:60]!r} uses no field: write e.g. '{{text}}'")
+        if not isinstance(self.label_words, list):
+            raise DataError(f"task {self.name!r}: label words must be a list of strings")
         if self.kind == "classification":
-            if not isinstance(self.label_words, list) or len(self.label_words) < 2:
+            if len(self.label_words) < 2:
                 raise DataError(f"task {self.name!r} needs at least two label words")
-            if not all(isinstance(w, str) and w for w in self.label_words):
-                raise DataError(f"task {self.name!r} has an empty or non-string label word")
+            for w in self.label_words:
+                if not isinstance(w, str) or not w.strip():
+                    raise DataError(f"task {self.name!r} has an empty or non-string label word {w!r}")
+                check_text(w, "label word")
+            seen: dict[str, str] = {}
+            for w in self.label_words:
+                if w.strip() in seen:
+                    raise DataError(f"task {self.name!r} has the label word {w.strip()!r} twice: label words must differ")
+                seen[w.strip()] = w
         return self
 
     def template_fields(self) -> list[str]:
-        return [f for _, f, _, _ in string.Formatter().parse(self.template) if f]
+        """The template's field names; anything but plain ``{identifier}`` placeholders is a :class:`DataError`."""
+        try:
+            parts = list(string.Formatter().parse(self.template))
+        except ValueError as exc:
+            raise DataError(f"task template {self.template[:60]!r} is not a valid format string ({exc})") from None
+        fields = []
+        for _, name, spec, conversion in parts:
+            if name is None:
+                continue
+            if not name.isidentifier() or spec or conversion:
+                raise DataError(
+                    f"task template {self.template[:60]!r}: {{{name[:40]}{'!' + conversion if conversion else ''}"
+                    f"{':' + spec[:20] if spec else ''}}} is not allowed; use plain named fields such as {{text}}"
+                    " (no positions, attributes, indexes, conversions or format specs)"
+                )
+            fields.append(name)
+        return fields
 
     def format(self, example: dict[str, Any]) -> str:
         """The model input for one example."""
@@ -81,7 +118,20 @@ class Task:
         unknown = sorted(set(data) - known)
         if unknown:
             raise DataError(f"task has unknown field(s) {', '.join(unknown)}")
+        if "name" not in data:
+            raise DataError("task has no 'name'")
         return cls(**data).validate()
+
+
+def check_text(value: str, what: str) -> str:
+    """Refuse strings that are not valid text: NUL, or lone surrogates (JSON allows ``"\\ud800"``)."""
+    if "\x00" in value:
+        raise DataError(f"{what} {value[:40]!r} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{what} {value[:40]!r} is not valid text (a lone surrogate)") from None
+    return value
 
 
 # -- the registry -------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -34,6 +35,30 @@ from .fileio import atomic_dir, atomic_write, atomic_write_json, encode_safetens
 from .flags import knob
 
 SCHEDULES = ("cosine", "linear", "constant")
+# Divergence guard: a finite loss can still mean a run that has blown up (``--lr 1e9`` gave prompt
+# values of 7e18 and exit 0). Stop when a parameter grows this many times past its starting scale
+# (at least 1), or the loss this many times past the first one logged (at least 1).
+DIVERGED_PARAM_FACTOR = 1e4
+DIVERGED_LOSS_FACTOR = 1e3
+
+
+def check_number(name: str, value: Any, low: float | None = None, high: float | None = None,
+                 integer: bool = False, low_open: bool = False, error: type[Exception] = TrainingError) -> Any:
+    """One clear error for a number out of range, NaN, infinite or of the wrong type; returns ``value``.
+
+    ``name`` is shown with dashes, as the flag the user typed (``eval_every`` → ``--eval-every``).
+    """
+    flag = "--" + name.replace("_", "-")
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise error(f"{flag} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise error(f"{flag} must be a finite number, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise error(f"{flag} must be {'>' if low_open else '>='} {low:g}, got {value:g}")
+    if high is not None and value > high:
+        raise error(f"{flag} must be <= {high:g}, got {value:g}")
+    return value
 
 
 @dataclass
@@ -65,15 +90,23 @@ class TrainConfig:
     progress: bool = knob(True, "show a progress bar")
 
     def validate(self) -> TrainConfig:
+        """Refuse impossible values before any work starts (the optimizer, built later, crashes on NaN)."""
         if self.schedule not in SCHEDULES:
             raise TrainingError(f"unknown schedule {self.schedule!r}: use {', '.join(SCHEDULES)}")
-        for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise TrainingError(f"{name} must be >= 1")
-        if self.steps is not None and self.steps < 1:
-            raise TrainingError("steps must be >= 1")
-        if self.lr <= 0:
-            raise TrainingError("lr must be > 0")
+        for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints", "eval_batch_size",
+                     "pad_to_multiple"):
+            check_number(name, getattr(self, name), low=1, integer=True)
+        for name in ("eval_every", "save_every", "early_stopping"):
+            check_number(name, getattr(self, name), low=0, integer=True)
+        if self.steps is not None:
+            check_number("steps", self.steps, low=1, integer=True)
+        check_number("seed", self.seed, low=0, high=2**32 - 1, integer=True)
+        check_number("lr", self.lr, low=0, low_open=True)
+        check_number("epochs", self.epochs, low=0, low_open=True, high=1e6)
+        check_number("warmup", self.warmup, low=0, high=1e9)
+        check_number("weight_decay", self.weight_decay, low=0)
+        if self.max_grad_norm is not None:
+            check_number("max_grad_norm", self.max_grad_norm, low=0, low_open=True)
         return self
 
 
@@ -86,6 +119,7 @@ class TrainResult:
     stopped_early: bool
     adapter_dir: str | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    truncated: int = 0  # training inputs cut to fit the model's context
 
 
 class TrainOps(Protocol):
@@ -138,11 +172,24 @@ def run_training(
         raise TrainingError("no training examples")
     total, warmup = plan(config, n)
     run = RunDir(Path(out_dir)) if out_dir is not None else None
+    if run:
+        run.root.mkdir(parents=True, exist_ok=True)
+        run.lock()
+        run.clean_temp()
+    try:
+        return _run(ops, config, run, resume, higher_is_better, backend, n, total, warmup)
+    finally:
+        if run:
+            run.unlock()
+
+
+def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, higher_is_better: bool, backend: str,
+         n: int, total: int, warmup: int) -> TrainResult:
+    """The loop of :func:`run_training`, inside the run directory's lock."""
     step, micro = 0, 0
     best, best_step, bad_evals = None, None, 0
     history: list[dict[str, Any]] = []
     if run:
-        run.root.mkdir(parents=True, exist_ok=True)
         if resume:
             ckpt = run.latest_checkpoint()
             if ckpt is None:
@@ -162,6 +209,7 @@ def run_training(
         return [_batches_for(m, epoch_cache, ops.lengths, config) for m in range(start, start + config.grad_accum)]
 
     bar = _progress(total, step, config.progress)
+    guard = DivergenceGuard(ops)
     pending: list[Any] = []
     last_loss = float("nan")
     stopped_early = False
@@ -182,10 +230,15 @@ def run_training(
             if step % config.log_every == 0 or do_eval or do_save:
                 last_loss = ops.loss_value(pending)
                 pending = []
+                problem = None
                 if not math.isfinite(last_loss) or not ops.finite():
+                    problem = f"loss became {last_loss} by step {step}"
+                else:
+                    problem = guard.check(last_loss, step)
+                if problem:
                     where = run.latest_checkpoint() if run else None
                     keep = f"; the last good checkpoint is {where}" if where else ""
-                    raise TrainingError(f"loss became {last_loss} by step {step}: lower --lr{keep}")
+                    raise TrainingError(f"{problem}: lower --lr{keep}")
                 rec = {
                     "step": step,
                     "epoch": round(micro * config.batch_size / n, 4),
@@ -261,6 +314,30 @@ def check_resume_config(path: Path, config: TrainConfig) -> None:
                             " or start a new run with --init-from RUN/adapter")
 
 
+class DivergenceGuard:
+    """Stops a run whose loss or parameters explode while staying finite (the NaN check misses those)."""
+
+    def __init__(self, ops: TrainOps):
+        self.ops = ops
+        self.start = {k: max(1.0, s) for k, s in self._scales().items()}
+        self.first_loss: float | None = None
+
+    def _scales(self) -> dict[str, float]:
+        return {k: float(np.max(np.abs(v))) if np.size(v) else 0.0 for k, v in self.ops.adapter().params.items()}
+
+    def check(self, loss: float, step: int) -> str | None:
+        """A one-line reason when the run diverged at ``step``, else None."""
+        if self.first_loss is None:
+            self.first_loss = loss
+        elif loss > DIVERGED_LOSS_FACTOR * max(self.first_loss, 1.0):
+            return f"training diverged by step {step}: loss {loss:.4g}, from {self.first_loss:.4g}"
+        for name, scale in self._scales().items():
+            if scale > DIVERGED_PARAM_FACTOR * self.start[name]:
+                return (f"training diverged by step {step}: {name} reached {scale:.3g} in absolute value"
+                        f" (it started below {self.start[name]:.3g})")
+        return None
+
+
 def _batches_for(m: int, cache: dict[int, list[list[int]]], lengths: list[int], config: TrainConfig) -> list[int]:
     """Micro-batch number ``m`` of the whole run (epochs follow one another)."""
     per_epoch = math.ceil(len(lengths) / config.batch_size)
@@ -281,11 +358,60 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
+# ".NAME.XXXXXXXX" (tempfile.mkdtemp) and ".NAME.XXXXXXXX.tmp" (tempfile.mkstemp), as fileio names them.
+_TEMP_NAME = re.compile(r"\.(adapter|step-\d+|[\w.-]+\.(json|jsonl|safetensors|png))\.[a-z0-9_]{8}(\.tmp)?")
+
+
 class RunDir:
     """Files of one run directory (see the module docstring)."""
 
     def __init__(self, root: Path):
         self.root = root
+        self._lock: Any = None
+
+    def lock(self) -> None:
+        """Hold ``.lock`` for the whole run: a second run in the same directory refuses to start.
+
+        An OS lock (``flock``), not a marker file: the kernel drops it when the process dies,
+        so a run killed with ``kill -9`` never leaves a stale lock behind.
+        """
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; runs there are not guarded
+            return
+        handle = (self.root / ".lock").open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise TrainingError(f"another lrpt run is using {self.root}: wait for it to finish or choose another --out")\
+                from None
+        self._lock = handle
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def clean_temp(self) -> list[Path]:
+        """Remove what a killed run left half-written: the hidden temp files and directories that
+        :func:`~lrpt.fileio.atomic_write` and :func:`~lrpt.fileio.atomic_dir` build before their rename.
+
+        Called under the lock, so no other run is writing them; only lrpt's own temp names match.
+        """
+        removed = []
+        for d in (self.root, self.root / "checkpoints", self.root / "adapter"):
+            if not d.is_dir() or d.is_symlink():
+                continue
+            for entry in d.iterdir():
+                if not _TEMP_NAME.fullmatch(entry.name):
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+        return removed
 
     @property
     def metrics_path(self) -> Path:

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from .adapter import Adapter
-from .data import Encoded, encode_examples
-from .errors import TrainingError
+from .data import Encoded, encode_examples, fit_to_context
+from .errors import SpecError, TrainingError
 from .layout import completion_arrays, scoring_arrays, to_arrays
 from .scoring import evaluate, task_loss
 from .tasks import Task
@@ -106,10 +106,15 @@ class Training:
 
 
 def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval_examples: list[dict] | None = None,
-          config: TrainConfig | None = None, out_dir: str | Path | None = None, resume: bool = False) -> TrainResult:
+          config: TrainConfig | None = None, out_dir: str | Path | None = None, resume: bool = False,
+          context: int | None = None, truncate: bool = True) -> TrainResult:
     """Train ``prompt`` on ``task`` with a frozen ``model`` on the model's backend; see
     :func:`lrpt.trainer.run_training`. ``prompt`` may be new (``init_prompt``) or any saved adapter
-    (``prompt_from_adapter``): training continues from its tensors."""
+    (``prompt_from_adapter``): training continues from its tensors.
+
+    ``context`` (the model's maximum sequence length, :func:`lrpt.basemodel.context_length`)
+    bounds every sequence: longer inputs are cut (counted in ``TrainResult.truncated``), or
+    refused when ``truncate`` is False."""
     from .backends import backend_for
 
     be = backend_for(model)
@@ -119,5 +124,22 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
     tok, tgt = tokenize_fn(hf), target_tokenize_fn(hf)
     train_data = encode_examples(task, tok, train_examples, tgt)
     eval_data = encode_examples(task, tok, eval_examples, tgt) if eval_examples else None
+    cut = 0
+    if context is not None:
+        room = context_room(context, prompt.spec.n_tokens)
+        reserve = max(map(len, label_token_ids(hf, task.label_words))) if task.kind == "classification" else 0
+        cut = fit_to_context(train_data, room, reserve, truncate)
+        fit_to_context(eval_data or [], room, reserve, truncate)
     ops = Training(be, model, tokenizer, prompt, task, train_data, eval_data, config)
-    return run_training(ops, config, out_dir, resume, higher_is_better=task.kind == "classification", backend=be.NAME)
+    result = run_training(ops, config, out_dir, resume, higher_is_better=task.kind == "classification",
+                          backend=be.NAME)
+    result.truncated = cut
+    return result
+
+
+def context_room(context: int, n_tokens: int) -> int:
+    """Tokens left for input and target once the prompt takes its ``n_tokens`` positions."""
+    if n_tokens >= context:
+        raise SpecError(f"a prompt of {n_tokens} tokens does not fit the model's context of {context} tokens:"
+                        f" use --tokens below {context}")
+    return context - n_tokens

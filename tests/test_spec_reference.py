@@ -101,7 +101,7 @@ def test_vocab_and_text_init():
     spec = PromptSpec("lopt1", n_tokens=3, rank=3, init="text", init_text="x")
     p = init_params(spec, 4, 0, emb, init_token_ids=[1, 4, 9])
     np.testing.assert_allclose(p["lopt.U"] @ p["lopt.V"], emb[[1, 4, 9]], atol=1e-4)
-    with pytest.raises(SpecError, match="embedding matrix"):
+    with pytest.raises(SpecError, match="embedding rows"):
         init_params(PromptSpec("prompt", init="vocab"), 4, 0)
 
 
