@@ -164,15 +164,19 @@ def run_training(
     resume: bool = False,
     higher_is_better: bool = True,
     backend: str = "?",
+    writer: bool = True,
 ) -> TrainResult:
-    """Drive a run to its end (or early stop); write checkpoints, metrics and the final adapter."""
+    """Drive a run to its end (or early stop); write checkpoints, metrics and the final adapter.
+
+    ``writer`` is False on every data-parallel rank but the first: those read the run directory
+    (to resume) and never write it."""
     config.validate()
     n = len(ops.lengths)
     if n == 0:
         raise TrainingError("no training examples")
     total, warmup = plan(config, n)
-    run = RunDir(Path(out_dir)) if out_dir is not None else None
-    if run:
+    run = RunDir(Path(out_dir), writer) if out_dir is not None else None
+    if run and writer:
         run.root.mkdir(parents=True, exist_ok=True)
         run.lock()
         run.clean_temp()
@@ -201,7 +205,8 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
             history = run.truncate_metrics(step)
         elif run.latest_checkpoint() is not None:
             raise TrainingError(f"{run.root} already holds a run: pass --resume to continue it or choose another --out")
-        atomic_write_json(run.root / "train_config.json", {"backend": backend, **asdict(config)})
+        if run.writer:
+            atomic_write_json(run.root / "train_config.json", {"backend": backend, **asdict(config)})
 
     epoch_cache: dict[int, list[list[int]]] = {}
 
@@ -258,7 +263,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
                     improved = best is None or (value > best if higher_is_better else value < best)
                     if improved:
                         best, best_step, bad_evals = value, step, 0
-                        if run and config.keep_best:
+                        if run and run.writer and config.keep_best:
                             ops.adapter().save(run.root / "adapter")
                     else:
                         bad_evals += 1
@@ -287,7 +292,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
     adapter_dir = None
     if run:
         adapter_dir = str(run.root / "adapter")
-        if not (config.keep_best and best_step is not None):
+        if run.writer and not (config.keep_best and best_step is not None):
             ops.adapter().save(run.root / "adapter")
     return TrainResult(step, last_loss, best, best_step, stopped_early, adapter_dir, history)
 
@@ -365,8 +370,9 @@ _TEMP_NAME = re.compile(r"\.(adapter|step-\d+|[\w.-]+\.(json|jsonl|safetensors|p
 class RunDir:
     """Files of one run directory (see the module docstring)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, writer: bool = True):
         self.root = root
+        self.writer = writer  # False: a data-parallel rank that only reads (rank 0 writes)
         self._lock: Any = None
 
     def lock(self) -> None:
@@ -418,6 +424,8 @@ class RunDir:
         return self.root / "metrics.jsonl"
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -432,7 +440,8 @@ class RunDir:
                     continue  # a line cut by a crash
                 if rec.get("step", 0) <= step:
                     kept.append(rec)
-        atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        if self.writer:
+            atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
         return kept
 
     def checkpoints(self) -> list[Path]:
@@ -445,6 +454,8 @@ class RunDir:
 
     def save_checkpoint(self, step: int, ops: TrainOps, meta: dict[str, Any], keep: int) -> Path:
         final = self.root / "checkpoints" / f"step-{step:06d}"
+        if not self.writer:
+            return final  # the optimizer state is the same on every rank: rank 0 writes it
         with atomic_dir(final, replace=True) as tmp:
             ops.adapter().save(tmp / "adapter")
             tensors, state = ops.state()

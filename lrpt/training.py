@@ -19,7 +19,7 @@ from .adapter import Adapter
 from .data import Encoded, encode_examples, fit_to_context
 from .errors import SpecError, TrainingError
 from .layout import completion_arrays, scoring_arrays, to_arrays
-from .scoring import evaluate, task_loss
+from .scoring import classification_metrics, evaluate, task_loss
 from .tasks import Task
 from .tokens import label_token_ids, target_tokenize_fn, tokenize_fn
 from .trainer import TrainConfig, TrainResult, run_training
@@ -42,6 +42,7 @@ class Training:
         self.base = be.base_model_info(model)
         self.t = 0  # optimizer steps taken
         self.stepper = be.Stepper(model, prompt, self.loss, config)
+        self.world = self.stepper.world  # (rank, size): (0, 1) unless launched data parallel
 
     def loss(self, arrays: dict[str, Any]):
         """The loss of one prepared batch (what the Stepper differentiates, and may compile)."""
@@ -58,10 +59,25 @@ class Training:
             host = completion_arrays([r.ids for r in rows], [r.target for r in rows], n, self.pad_id, ptm)
         return to_arrays(host, self.asarray)
 
+    def _units(self, idx: list[int]) -> int:
+        """What a batch's loss averages over: rows (classification) or target tokens (completion)."""
+        if self.task.kind == "classification":
+            return len(idx)
+        return sum(len(self.train_data[i].target) for i in idx)
+
     def step(self, micro_batches: list[list[int]], lr: float) -> Any:
+        """One optimizer step. Data parallel: this rank's contiguous share of every micro-batch,
+        its loss weighted by its share of the batch's units, so the summed gradients of all ranks
+        equal one process's gradient of the whole global batch."""
         self.prompt.train()
-        batches = [self.prepare([self.train_data[i] for i in idx]) for idx in micro_batches]
-        handle = self.stepper.step(batches, lr, seed=self.config.seed * 1_000_003 + self.t)
+        rank, size = self.world
+        batches, weights = [], []
+        for idx in micro_batches:
+            mine = shard(idx, rank, size)
+            if mine:
+                batches.append(self.prepare([self.train_data[i] for i in mine]))
+                weights.append(self._units(mine) / max(self._units(idx), 1) / len(micro_batches))
+        handle = self.stepper.step(batches, weights, lr, seed=self.config.seed * 1_000_003 + self.t)
         self.t += 1
         return handle
 
@@ -72,10 +88,35 @@ class Training:
         return self.stepper.finite()
 
     def evaluate(self) -> dict[str, float]:
+        """Metrics on the evaluation rows; data parallel: each rank scores its share, all gather."""
         if not self.eval_data:
             return {}
-        return evaluate(self.model, self.tokenizer, self.prompt, self.task, self.eval_data,
-                        self.config.eval_batch_size)[0]
+        rank, size = self.world
+        if size == 1:
+            return evaluate(self.model, self.tokenizer, self.prompt, self.task, self.eval_data,
+                            self.config.eval_batch_size)[0]
+        mine = shard(self.eval_data, rank, size)
+        metrics, scores = evaluate(self.model, self.tokenizer, self.prompt, self.task, mine,
+                                   self.config.eval_batch_size) if mine else ({}, None)
+        if self.task.kind == "classification":
+            k = len(self.task.label_words)
+            part = scores if scores is not None else np.zeros((0, k), np.float32)
+            every = self._gather(part, len(self.eval_data))
+            return classification_metrics(self.task, [r.target for r in self.eval_data], every)
+        tokens = float(sum(len(r.target) for r in mine))
+        nll = self._gather(np.array([[metrics.get("loss", 0.0) * tokens, tokens]], np.float64), size)
+        loss = float(nll[:, 0].sum() / max(nll[:, 1].sum(), 1.0))
+        return {"metric": loss, "loss": loss}
+
+    def _gather(self, part: np.ndarray, total: int) -> np.ndarray:
+        """Every rank's ``shard`` of ``total`` rows, in order (padded to one size for the collective)."""
+        _, size = self.world
+        sizes = [len(shard(range(total), r, size)) for r in range(size)]
+        width = max(sizes)
+        padded = np.zeros((width, *part.shape[1:]), part.dtype)
+        padded[: len(part)] = part
+        every = self.stepper.all_gather(padded).reshape(size, width, *part.shape[1:])
+        return np.concatenate([every[r, : sizes[r]] for r in range(size)])
 
     def adapter(self) -> Adapter:
         return self.be.prompt_to_adapter(self.prompt, self.task, self.base)
@@ -105,6 +146,13 @@ class Training:
         self.t = int(meta["adam_step"])
 
 
+def shard(rows: list, rank: int, size: int) -> list:
+    """This rank's contiguous share of a batch (the first ranks take one more when it does not divide)."""
+    k, extra = divmod(len(rows), size)
+    start = rank * k + min(rank, extra)
+    return rows[start:start + k + (rank < extra)]
+
+
 def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval_examples: list[dict] | None = None,
           config: TrainConfig | None = None, out_dir: str | Path | None = None, resume: bool = False,
           context: int | None = None, truncate: bool = True) -> TrainResult:
@@ -132,7 +180,7 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
         fit_to_context(eval_data or [], room, reserve, truncate)
     ops = Training(be, model, tokenizer, prompt, task, train_data, eval_data, config)
     result = run_training(ops, config, out_dir, resume, higher_is_better=task.kind == "classification",
-                          backend=be.NAME)
+                          backend=be.NAME, writer=ops.world[0] == 0)
     result.truncated = cut
     return result
 

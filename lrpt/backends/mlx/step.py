@@ -37,21 +37,38 @@ class Stepper:
         if config.compile:
             state = [prompt.state, mx.random.state]
             self.grad_fn = mx.compile(self.grad_fn, inputs=state, outputs=state)
+        self.world = world()
 
-    def step(self, batches: list[dict[str, mx.array]], lr: float, seed: int) -> mx.array:
+    def step(self, batches: list[dict[str, mx.array]], weights: list[float], lr: float, seed: int) -> mx.array:
+        """Accumulate ``weights[i] * loss(batches[i])``; data parallel, combine the ranks' gradients
+        with mlx's ``average_gradients`` (weights scaled by the world size, so the average is the sum)."""
         mx.random.seed(seed)  # dropout from (seed, step) only
         self.opt.learning_rate = mx.array(lr, dtype=mx.float32)
-        total, grads, scale = mx.array(0.0), None, 1.0 / len(batches)
-        for arrays in batches:
+        size = self.world[1]
+        total, grads = mx.array(0.0), None
+        for arrays, weight in zip(batches, weights):
             loss, g = self.grad_fn(arrays)
-            g = tree_map(lambda x: x * scale, g)
+            g = tree_map(lambda x, w=weight * size: x * w, g)
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            total = total + loss * scale
+            total = total + loss * weight
+        if grads is None:  # no rows for this rank in this step: it still joins the collective
+            grads = tree_map(mx.zeros_like, self.prompt.trainable_parameters())
+        if size > 1:
+            grads = nn.average_gradients(grads)
+            total = mx.distributed.all_sum(total)
         if self.config.max_grad_norm:
             grads, _ = optim.clip_grad_norm(grads, self.config.max_grad_norm)
         self.opt.update(self.prompt, grads)
         mx.eval(self.prompt.parameters(), self.opt.state, total)  # bound the lazy graph; no read-back
         return total
+
+    def all_gather(self, rows: np.ndarray) -> np.ndarray:
+        """Equal-shaped host arrays of every rank, concatenated in rank order."""
+        if self.world[1] == 1:
+            return rows
+        dtype = mx.float32 if rows.dtype == np.float64 else None  # no float64 collectives on every device
+        out = mx.distributed.all_gather(mx.array(rows, dtype=dtype) if dtype else mx.array(rows))
+        return np.array(out).astype(rows.dtype)
 
     def loss_value(self, handles: list[mx.array]) -> float:
         return float(mx.stack(handles).mean().item())
@@ -90,3 +107,10 @@ def _checkpoint_layers(model) -> None:
         grad_checkpoint(model.layers[0])
         _CHECKPOINTED.add(id(model))
         weakref.finalize(model, _CHECKPOINTED.discard, id(model))
+
+
+def world() -> tuple[int, int]:
+    """(rank, size) of the data-parallel group: ``mlx.launch`` sets it up, ``mx.distributed`` joins
+    it (a group of one when the process was started alone)."""
+    group = mx.distributed.init()
+    return group.rank(), group.size()

@@ -32,7 +32,12 @@ from .prompts import PromptModule
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when present (under ``torchrun``, this process's GPU: ``LOCAL_RANK``), else the CPU."""
+    import os
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,

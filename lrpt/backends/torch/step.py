@@ -33,8 +33,10 @@ class Stepper:
         # With ``compile``, traced once per batch shape (CUDA graphs with compile_mode="reduce-overhead").
         self.loss = torch.compile(loss, mode=config.compile_mode) if config.compile else loss
         self.dropout = prompt.spec.method == "lopa" and prompt.spec.dropout > 0
+        self.world = world()
 
-    def step(self, batches: list[dict[str, torch.Tensor]], lr: float, seed: int) -> torch.Tensor:
+    def step(self, batches: list[dict[str, torch.Tensor]], weights: list[float], lr: float, seed: int) -> torch.Tensor:
+        """Accumulate ``weights[i] * loss(batches[i])``; data parallel, sum the gradients of all ranks."""
         for group in self.opt.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.model.device)
@@ -42,16 +44,42 @@ class Stepper:
         with torch.random.fork_rng(devices=devices, enabled=self.dropout):  # dropout from (seed, step) only
             if self.dropout:
                 torch.manual_seed(seed)
-            for arrays in batches:
+            for arrays, weight in zip(batches, weights):
                 with autocast(self.model):
-                    loss = self.loss(arrays) / len(batches)
+                    loss = self.loss(arrays) * weight
                 loss.backward()
                 total = total + loss.detach()
+        if self.world[1] > 1:
+            self._all_reduce(total)
         if self.config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm, foreach=True)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return total
+
+    def _all_reduce(self, total: torch.Tensor) -> None:
+        """Sum the prompt's gradients and the loss over ranks in one flat collective (they are small)."""
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [total.reshape(1)])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(self.params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(p)
+            offset += g.numel()
+        total.copy_(flat[-1])
+
+    def all_gather(self, rows: np.ndarray) -> np.ndarray:
+        """Equal-shaped host arrays of every rank, concatenated in rank order."""
+        import torch.distributed as dist
+
+        if self.world[1] == 1:
+            return rows
+        mine = torch.from_numpy(np.ascontiguousarray(rows)).to(self.model.device)
+        out = [torch.empty_like(mine) for _ in range(self.world[1])]
+        dist.all_gather(out, mine)
+        return torch.cat(out).cpu().numpy()
 
     def loss_value(self, handles: list[torch.Tensor]) -> float:
         return float(torch.stack(handles).mean().item())
@@ -79,3 +107,20 @@ class Stepper:
                 "exp_avg": torch.from_numpy(tensors[f"{name}.exp_avg"]).to(p.device),
                 "exp_avg_sq": torch.from_numpy(tensors[f"{name}.exp_avg_sq"]).to(p.device),
             }
+
+
+def world() -> tuple[int, int]:
+    """(rank, size) of the data-parallel group: ``torchrun`` sets the environment, and the group is
+    started here once (NCCL on CUDA, gloo on CPU); (0, 1) otherwise."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()

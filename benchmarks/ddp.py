@@ -1,0 +1,88 @@
+"""Data-parallel training throughput: ``torchrun --nproc-per-node N`` vs one process, same per-GPU batch.
+
+Each process runs lrpt's real training step (:class:`lrpt.training.Training`) on a random-weight
+model of a named shape (speed does not depend on weight values): the global batch is
+``per_gpu × N`` rows of L tokens, each rank takes its share and the prompt's gradients are
+all-reduced, as ``lrpt train`` does under torchrun. Rank 0 prints one JSON line: input tokens per
+second over all GPUs (median of rounds; each round the mean of ``--steps`` steps after warm-up).
+
+    python benchmarks/ddp.py --shape llama-3.2-1b                                  # one GPU
+    torchrun --nproc-per-node 2 benchmarks/ddp.py --shape llama-3.2-1b           # two GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from speed import LabelTokenizer, build_model  # noqa: E402
+
+from lrpt import PromptSpec, Task  # noqa: E402
+from lrpt.backends import get_backend  # noqa: E402
+from lrpt.backends.torch.model import default_device  # noqa: E402
+from lrpt.backends.torch.prompts import PromptModule  # noqa: E402
+from lrpt.backends.torch.step import world  # noqa: E402
+from lrpt.data import Encoded  # noqa: E402
+from lrpt.reference import init_params  # noqa: E402
+from lrpt.trainer import TrainConfig  # noqa: E402
+from lrpt.training import Training  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-3.2-1b")
+    ap.add_argument("--per-gpu", type=int, default=16, help="rows per GPU per step")
+    ap.add_argument("--length", type=int, default=256, help="input tokens per row")
+    ap.add_argument("--tokens", type=int, default=20, help="prompt length n")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--compile-mode", default=None, help="e.g. reduce-overhead")
+    args = ap.parse_args(argv)
+
+    rank, size = world()
+    device = default_device()
+    model = build_model(args.shape, str(device), torch.bfloat16 if device.type == "cuda" else torch.float32)
+    spec = PromptSpec("lopt1", n_tokens=args.tokens, rank=4)
+    prompt = PromptModule(spec, init_params(spec, model.config.hidden_size, 0)).to(device)
+    rng = np.random.default_rng(0)
+    rows = args.per_gpu * size
+    data = [Encoded(rng.integers(100, min(1000, model.config.vocab_size), args.length).tolist(), int(rng.integers(0, 2))) for _ in range(rows)]
+    task = Task("bench", template="{text}", label_words=[" 0", " 1"])
+    cfg = TrainConfig(compile=args.compile_mode is not None, compile_mode=args.compile_mode, pad_to_multiple=1)
+    ops = Training(get_backend("torch"), model, LabelTokenizer(), prompt, task, data, None, cfg)
+    batch = [list(range(rows))]
+    for _ in range(3):
+        ops.step(batch, 1e-3)
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    times = []
+    for _ in range(args.rounds):
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            ops.step(batch, 1e-3)
+        ops.loss_value([ops.step(batch, 1e-3)])  # a read-back: every rank's queued work is done
+        times.append((time.perf_counter() - t) / (args.steps + 1))
+    if rank == 0:
+        step = statistics.median(times)
+        print(json.dumps({"shape": args.shape, "gpus": size, "per_gpu": args.per_gpu, "length": args.length,
+                          "step_ms": round(step * 1000, 2), "spread_ms": round((max(times) - min(times)) * 1000, 2),
+                          "tok_s": round(rows * args.length / step, 1),
+                          "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda"
+                          else None, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}),
+              flush=True)
+    if size > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

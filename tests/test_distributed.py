@@ -1,0 +1,63 @@
+"""Data-parallel training: `torchrun` (gloo on CPU) and `mlx.launch` (ring on CPU) with two processes
+give the adapter one process gives for the same global batch (fp32, constant schedule, no dropout)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("mlx_lm")
+
+from lrpt import Adapter  # noqa: E402
+
+ARGS = ["--task", "demo", "--method", "lopt1", "--tokens", "4", "--rank", "2", "--batch-size", "12",
+        "--train-limit", "60", "--eval-limit", "10", "--eval-every", "3", "--steps", "6", "--lr", "0.02",
+        "--schedule", "constant", "--warmup", "0", "--grad-accum", "2", "--no-progress", "--save-every", "3"]
+
+
+def launch(backend: str, n: int, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cli = ["-m", "lrpt.cli", "train", "--backend", backend, "--model", str(model), *ARGS, "--out", str(out), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    if n == 1:
+        cmd = [sys.executable, *cli]
+    elif backend == "torch":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port", "29533",
+               *cli]
+    else:
+        launcher = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
+        cmd = [launcher, "-n", str(n), "--", sys.executable, *cli]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def relative_close(a: Adapter, b: Adapter, tol: float = 1e-5) -> None:
+    for k in a.params:
+        assert np.linalg.norm(a.params[k] - b.params[k]) <= tol * np.linalg.norm(a.params[k]), k
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_two_processes_train_the_adapter_one_process_trains(backend, tiny_dirs, tmp_path):
+    model = tiny_dirs["llama"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = launch(backend, 1, model, one)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = launch(backend, 2, model, two)
+    assert r.returncode == 0, r.stderr[-2000:]
+    relative_close(Adapter.load(one / "adapter"), Adapter.load(two / "adapter"))
+    # rank 0 alone wrote the run: one record per log point, the same evaluations
+    strip = [[{k: v for k, v in json.loads(x).items() if k != "elapsed_s"}
+              for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)]
+    assert [sorted(r) for r in strip[0]] == [sorted(r) for r in strip[1]]
+    for a, b in zip(strip[0], strip[1]):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+    # a two-process run resumes in one process (any world size), and the other way round
+    shutil.rmtree(two / "checkpoints" / "step-000006")
+    r = launch(backend, 1, model, two, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    relative_close(Adapter.load(one / "adapter"), Adapter.load(two / "adapter"))
