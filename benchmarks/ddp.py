@@ -4,7 +4,8 @@ Each process runs lrpt's real training step (:class:`lrpt.training.Training`) on
 model of a named shape (speed does not depend on weight values): the global batch is
 ``per_gpu × N`` rows of L tokens, each rank takes its share and the prompt's gradients are
 all-reduced, as ``lrpt train`` does under torchrun. Rank 0 prints one JSON line: input tokens per
-second over all GPUs (median of rounds; each round the mean of ``--steps`` steps after warm-up).
+second over all GPUs (median of rounds; each round the mean of ``--steps`` steps after warm-up) and
+the peak memory of the training steps (``--fsdp``: after the blocks are sharded).
 
     python benchmarks/ddp.py --shape llama-3.2-1b                                  # one GPU
     torchrun --nproc-per-node 2 benchmarks/ddp.py --shape llama-3.2-1b           # two GPUs
@@ -47,6 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--compile-mode", default=None, help="e.g. reduce-overhead")
+    ap.add_argument("--fsdp", action="store_true", help="shard the blocks with FSDP2 (lrpt train --fsdp)")
     args = ap.parse_args(argv)
 
     rank, size = world()
@@ -58,8 +60,12 @@ def main(argv=None) -> int:
     rows = args.per_gpu * size
     data = [Encoded(rng.integers(100, min(1000, model.config.vocab_size), args.length).tolist(), int(rng.integers(0, 2))) for _ in range(rows)]
     task = Task("bench", template="{text}", label_words=[" 0", " 1"])
-    cfg = TrainConfig(compile=args.compile_mode is not None, compile_mode=args.compile_mode, pad_to_multiple=1)
+    cfg = TrainConfig(compile=args.compile_mode is not None, compile_mode=args.compile_mode, pad_to_multiple=1,
+                      fsdp=args.fsdp)
     ops = Training(get_backend("torch"), model, LabelTokenizer(), prompt, task, data, None, cfg)
+    if device.type == "cuda":  # peak memory of training itself: the model is built whole before --fsdp shards it
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     batch = [list(range(rows))]
     for _ in range(3):
         ops.step(batch, 1e-3)
@@ -73,7 +79,7 @@ def main(argv=None) -> int:
         times.append((time.perf_counter() - t) / (args.steps + 1))
     if rank == 0:
         step = statistics.median(times)
-        print(json.dumps({"shape": args.shape, "gpus": size, "per_gpu": args.per_gpu, "length": args.length,
+        print(json.dumps({"shape": args.shape, "gpus": size, "fsdp": args.fsdp, "per_gpu": args.per_gpu, "length": args.length,
                           "step_ms": round(step * 1000, 2), "spread_ms": round((max(times) - min(times)) * 1000, 2),
                           "tok_s": round(rows * args.length / step, 1),
                           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda"

@@ -47,11 +47,12 @@ def target_logprobs(be, model, prompts, arrays: dict[str, Any]):
     return xp.take_last(xp.log_softmax(logits), arrays["target"][..., None])[..., 0] * arrays["weight"]
 
 
-def completion_nll(be, model, prompt, arrays: dict[str, Any]):
-    """Summed negative log-likelihood of the completion tokens, and their count (targets only)."""
+def completion_nll(be, model, prompt, arrays: dict[str, Any], axis: int | None = None):
+    """Summed negative log-likelihood of the completion tokens, and their count (targets only);
+    ``axis=-1``: per row."""
     xp = be.ops
     prompts = be.prompt_rows(model, prompt, Batch.unpack(arrays, "in_"))
-    return -xp.sum(target_logprobs(be, model, prompts, arrays)), xp.sum(arrays["weight"])
+    return -xp.sum(target_logprobs(be, model, prompts, arrays), axis), xp.sum(arrays["weight"], axis)
 
 
 def cross_entropy(xp, scores, labels):
@@ -127,9 +128,16 @@ def classify(model, tokenizer, prompt, texts, label_words, which=None, batch_siz
     return score_labels(model, tokenizer, prompt, texts, label_words, which, batch_size).argmax(-1)
 
 
+def completion_metrics(nll: np.ndarray) -> dict[str, float]:
+    """Mean NLL per target token from per-row (NLL, count) pairs."""
+    loss = float(nll[:, 0].sum() / max(float(nll[:, 1].sum()), 1.0))
+    return {"metric": loss, "loss": loss}
+
+
 def evaluate(model, tokenizer, prompt, task: Task, data: list[Encoded],
              batch_size: int = 32) -> tuple[dict[str, float], np.ndarray | None]:
-    """Metrics on encoded examples, and the (N, K) label scores for classification."""
+    """Metrics on encoded examples, and per row: the (N, K) label scores for classification, the
+    (N, 2) completion NLL and target-token count for completion."""
     be = _backend(model)
     be.place(prompt, model)
     hf = be.hf_tokenizer(tokenizer)
@@ -140,13 +148,14 @@ def evaluate(model, tokenizer, prompt, task: Task, data: list[Encoded],
             scores = score_rows(be, model, prompt, [r.ids for r in data], label_token_ids(hf, task.label_words),
                                 None, pad, batch_size)
             return classification_metrics(task, [r.target for r in data], scores), scores
-        nll, count, asarray = 0.0, 0.0, be.asarray_for(model)
+        per_row, asarray = [], be.asarray_for(model)
         with be.inference(model):
             for i in range(0, len(data), batch_size):
                 rows = data[i : i + batch_size]
                 host = completion_arrays([r.ids for r in rows], [r.target for r in rows], prompt.spec.n_tokens, pad)
-                a, b = completion_nll(be, model, prompt, to_arrays(host, asarray))
-                nll, count = nll + float(be.ops.to_numpy(a)), count + float(be.ops.to_numpy(b))
-        return {"metric": nll / max(count, 1.0), "loss": nll / max(count, 1.0)}, None
+                a, b = completion_nll(be, model, prompt, to_arrays(host, asarray), axis=-1)
+                per_row.append(np.stack([be.ops.to_numpy(a), be.ops.to_numpy(b)], -1).astype(np.float64))
+        nll = np.concatenate(per_row) if per_row else np.zeros((0, 2))
+        return completion_metrics(nll), nll
     finally:
         restore_modes(prompt, flags)

@@ -87,6 +87,7 @@ class TrainConfig:
     compile: bool = knob(False, "compile the step (torch.compile / mx.compile)")
     compile_mode: str | None = knob(None, "torch.compile mode, e.g. reduce-overhead (CUDA graphs); torch only")
     grad_checkpoint: bool = knob(False, "recompute layer activations in the backward pass; MLX only")
+    fsdp: bool = knob(False, "shard the frozen model's blocks over the GPUs with FSDP2 (torch, under torchrun)")
     progress: bool = knob(True, "show a progress bar")
 
     def validate(self) -> TrainConfig:
@@ -300,7 +301,8 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
 # What a resumed run may change: how long it runs, how often it reports, and how fast it computes.
 # Anything else (lr, batch, seed, schedule...) would silently make it another run.
 RESUMABLE_CHANGES = frozenset({"steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "log_every",
-                               "eval_batch_size", "progress", "compile", "compile_mode", "grad_checkpoint"})
+                               "eval_batch_size", "progress", "compile", "compile_mode", "grad_checkpoint",
+                               "fsdp"})
 
 
 def check_resume_config(path: Path, config: TrainConfig) -> None:

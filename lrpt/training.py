@@ -19,7 +19,7 @@ from .adapter import Adapter
 from .data import Encoded, encode_examples, fit_to_context
 from .errors import SpecError, TrainingError
 from .layout import completion_arrays, scoring_arrays, to_arrays
-from .scoring import classification_metrics, evaluate, task_loss
+from .scoring import classification_metrics, completion_metrics, evaluate, task_loss
 from .tasks import Task
 from .tokens import label_token_ids, target_tokenize_fn, tokenize_fn
 from .trainer import TrainConfig, TrainResult, run_training
@@ -72,10 +72,12 @@ class Training:
         self.prompt.train()
         rank, size = self.world
         batches, weights = [], []
+        lockstep = getattr(self.stepper, "lockstep", False)
         for idx in micro_batches:
             mine = shard(idx, rank, size)
-            if mine:
-                batches.append(self.prepare([self.train_data[i] for i in mine]))
+            if mine or lockstep:  # lockstep (FSDP): a rank with no rows runs one row at weight 0
+                rows = mine or idx[:1]
+                batches.append(self.prepare([self.train_data[i] for i in rows]))
                 weights.append(self._units(mine) / max(self._units(idx), 1) / len(micro_batches))
         handle = self.stepper.step(batches, weights, lr, seed=self.config.seed * 1_000_003 + self.t)
         self.t += 1
@@ -96,17 +98,19 @@ class Training:
             return evaluate(self.model, self.tokenizer, self.prompt, self.task, self.eval_data,
                             self.config.eval_batch_size)[0]
         mine = shard(self.eval_data, rank, size)
-        metrics, scores = evaluate(self.model, self.tokenizer, self.prompt, self.task, mine,
-                                   self.config.eval_batch_size) if mine else ({}, None)
+        run = mine
+        if getattr(self.stepper, "lockstep", False):  # FSDP: the same number of batches on every rank
+            width = len(shard(self.eval_data, 0, size))
+            run = mine + [self.eval_data[0]] * (width - len(mine))
+        _, scores = evaluate(self.model, self.tokenizer, self.prompt, self.task, run,
+                             self.config.eval_batch_size) if run else ({}, None)
+        part = scores[: len(mine)] if scores is not None else None
         if self.task.kind == "classification":
             k = len(self.task.label_words)
-            part = scores if scores is not None else np.zeros((0, k), np.float32)
-            every = self._gather(part, len(self.eval_data))
+            every = self._gather(part if part is not None else np.zeros((0, k), np.float32), len(self.eval_data))
             return classification_metrics(self.task, [r.target for r in self.eval_data], every)
-        tokens = float(sum(len(r.target) for r in mine))
-        nll = self._gather(np.array([[metrics.get("loss", 0.0) * tokens, tokens]], np.float64), size)
-        loss = float(nll[:, 0].sum() / max(nll[:, 1].sum(), 1.0))
-        return {"metric": loss, "loss": loss}
+        every = self._gather(part if part is not None else np.zeros((0, 2)), len(self.eval_data))
+        return completion_metrics(every)
 
     def _gather(self, part: np.ndarray, total: int) -> np.ndarray:
         """Every rank's ``shard`` of ``total`` rows, in order (padded to one size for the collective)."""

@@ -17,7 +17,7 @@ pytest.importorskip("mlx_lm")
 from lrpt import Adapter  # noqa: E402
 
 ARGS = ["--task", "demo", "--method", "lopt1", "--tokens", "4", "--rank", "2", "--batch-size", "12",
-        "--train-limit", "60", "--eval-limit", "10", "--eval-every", "3", "--steps", "6", "--lr", "0.02",
+        "--train-limit", "60", "--eval-limit", "11", "--eval-every", "3", "--steps", "6", "--lr", "0.02",
         "--schedule", "constant", "--warmup", "0", "--grad-accum", "2", "--no-progress", "--save-every", "3"]
 
 
@@ -61,3 +61,25 @@ def test_two_processes_train_the_adapter_one_process_trains(backend, tiny_dirs, 
     r = launch(backend, 1, model, two, "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     relative_close(Adapter.load(one / "adapter"), Adapter.load(two / "adapter"))
+
+
+def test_fsdp_shards_the_blocks_and_trains_the_same_adapter(tiny_dirs, tmp_path):
+    """FSDP2 (gloo, CPU): blocks sharded over two processes, the same adapter as one unsharded process;
+    uneven evaluation shares still run in lockstep (11 rows over 2 ranks)."""
+    model = tiny_dirs["llama"]
+    r = launch("torch", 1, model, tmp_path / "one")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = launch("torch", 2, model, tmp_path / "fsdp", "--fsdp")
+    assert r.returncode == 0, r.stderr[-2000:]
+    relative_close(Adapter.load(tmp_path / "one" / "adapter"), Adapter.load(tmp_path / "fsdp" / "adapter"))
+    last = [json.loads(x) for x in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert "eval_accuracy" in last
+
+
+def test_fsdp_needs_torchrun_and_torch(tiny_dirs, tmp_path, capsys):
+    from lrpt.cli import main
+
+    for backend, needle in (("torch", "launch `torchrun"), ("mlx", "drop --fsdp")):
+        code = main(["train", "--backend", backend, "--model", str(tiny_dirs["llama"]), *ARGS, "--fsdp",
+                     "--out", str(tmp_path / backend)])
+        assert code == 2 and needle in capsys.readouterr().err

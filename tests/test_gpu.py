@@ -218,15 +218,16 @@ def test_smollm2_bf16_predictions_agree_with_fp32(smol_run, tb):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_torchrun_two_gpus_train_the_adapter_one_gpu_trains(tiny_dirs, tmp_path):
+def test_torchrun_ddp_and_fsdp_on_two_gpus_train_the_adapter_one_gpu_trains(tiny_dirs, tmp_path):
     """NCCL data parallel, fp32: the same adapter as one GPU with the same global batch (1e-5 relative)."""
     args = ["train", "--backend", "torch", "--dtype", "float32", "--model", str(tiny_dirs["llama"]), "--task", "demo",
             "--tokens", "4", "--rank", "2", "--batch-size", "12", "--train-limit", "60", "--eval-limit", "10",
             "--steps", "6", "--lr", "0.02", "--schedule", "constant", "--warmup", "0", "--no-progress"]
     ok(lrpt(*args, "--out", tmp_path / "one"))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "lrpt.cli",
-                        *map(str, args), "--out", str(tmp_path / "two")], capture_output=True, text=True)
-    ok(r)
-    a, b = (Adapter.load(tmp_path / d / "adapter") for d in ("one", "two"))
-    for k in a.params:
-        assert np.linalg.norm(a.params[k] - b.params[k]) <= 1e-5 * np.linalg.norm(a.params[k]), k
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):  # FSDP2: the blocks sharded over the two GPUs
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "lrpt.cli",
+                            *map(str, args), *extra, "--out", str(tmp_path / name)], capture_output=True, text=True)
+        ok(r)
+        a, b = (Adapter.load(tmp_path / d / "adapter") for d in ("one", name))
+        for k in a.params:
+            assert np.linalg.norm(a.params[k] - b.params[k]) <= 1e-5 * np.linalg.norm(a.params[k]), (name, k)

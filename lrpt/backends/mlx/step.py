@@ -27,6 +27,9 @@ class Stepper:
     def __init__(self, model, prompt, loss: Callable[[dict[str, Any]], mx.array], config: TrainConfig):
         if config.compile_mode:
             raise TrainingError("compile_mode is torch.compile's: with --backend mlx use --compile alone")
+        if config.fsdp:
+            raise TrainingError("fsdp is PyTorch's FSDP2: with --backend mlx drop --fsdp (mlx.launch replicates the"
+                                " model on every process)")
         self.model, self.prompt, self.config = model, prompt, config
         self.opt = optim.AdamW(learning_rate=config.lr, betas=[0.9, 0.999], eps=1e-8,
                                weight_decay=config.weight_decay, bias_correction=True)

@@ -33,7 +33,11 @@ class Stepper:
         # With ``compile``, traced once per batch shape (CUDA graphs with compile_mode="reduce-overhead").
         self.loss = torch.compile(loss, mode=config.compile_mode) if config.compile else loss
         self.dropout = prompt.spec.method == "lopa" and prompt.spec.dropout > 0
-        self.world = world()
+        self.world = world(need_group=config.fsdp)
+        # Under FSDP every forward and backward is a collective: ranks run the same number of them.
+        self.lockstep = config.fsdp
+        if config.fsdp:
+            shard_model(model)
 
     def step(self, batches: list[dict[str, torch.Tensor]], weights: list[float], lr: float, seed: int) -> torch.Tensor:
         """Accumulate ``weights[i] * loss(batches[i])``; data parallel, sum the gradients of all ranks."""
@@ -109,14 +113,18 @@ class Stepper:
             }
 
 
-def world() -> tuple[int, int]:
+def world(need_group: bool = False) -> tuple[int, int]:
     """(rank, size) of the data-parallel group: ``torchrun`` sets the environment, and the group is
-    started here once (NCCL on CUDA, gloo on CPU); (0, 1) otherwise."""
+    started here once (NCCL on CUDA, gloo on CPU); (0, 1) otherwise. ``need_group``: start it even
+    for one process (FSDP needs one), which must then have been launched by torchrun."""
     import os
 
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+    if need_group and "WORLD_SIZE" not in os.environ:
+        raise TrainingError("--fsdp shards the model over the processes of torchrun: launch"
+                            " `torchrun --nproc-per-node N $(which lrpt) train ... --fsdp`")
+    if not dist.is_available() or (int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not need_group):
         return 0, 1
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
@@ -124,3 +132,21 @@ def world() -> tuple[int, int]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def shard_model(model) -> None:
+    """FSDP2 over the frozen model: each transformer block its own unit (``fully_shard``), sharded
+    between uses; the root unit (embeddings, final norm, head: what lrpt calls outside the model's
+    own forward, and what init and fingerprints read) is gathered once and kept whole. The blocks
+    are found as the model's longest ``ModuleList``, so no per-architecture table is needed."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(model, FSDPModule):
+        return
+    blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=None)
+    if blocks is None or len(blocks) == 0:
+        raise TrainingError(f"--fsdp: cannot find the transformer blocks of {type(model).__name__}")
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    model.unshard()
