@@ -35,10 +35,19 @@ def context_length(model_dir: str | Path) -> int | None:
         config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
-    for cfg in (config, config.get("text_config") if isinstance(config, dict) else None):
-        if isinstance(cfg, dict):
+    return context_from(config)
+
+
+def context_from(config: Any) -> int | None:
+    """The context length a model config states: a ``config.json`` dict or a loaded model's config
+    object (HF ``model.config``, mlx-lm ``model.args``), its ``text_config`` searched too."""
+    def get(c: Any, key: str) -> Any:
+        return c.get(key) if isinstance(c, dict) else getattr(c, key, None)
+
+    for cfg in (config, get(config, "text_config")):
+        if cfg is not None:
             for key in _CONTEXT_KEYS:
-                v = cfg.get(key)
+                v = get(cfg, key)
                 if isinstance(v, int) and not isinstance(v, bool) and v > 0:
                     return v
     return None

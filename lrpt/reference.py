@@ -123,3 +123,13 @@ def materialize(spec: PromptSpec, params: dict[str, np.ndarray], encoding: np.nd
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     x = None if encoding is None else np.asarray(encoding, np.float64)
     return np.asarray(methods.materialize(ops, spec, p, x), dtype=np.float32)
+
+
+def init_for_model(spec: PromptSpec, seed: int, dim: int, tokenizer, vocab_size: int, sigma: float,
+                   embed_rows) -> dict[str, np.ndarray]:
+    """:func:`init_params` for a loaded model, the same on every backend: validate ``spec`` against
+    the width ``dim``, tokenize ``init_text`` (``tokenizer``: an HF tokenizer), and read only the
+    embedding rows the init needs (``embed_rows(ids)``); σ is the embeddings' std."""
+    spec.validate(dim)
+    ids = tokenizer(spec.init_text, add_special_tokens=False)["input_ids"] if spec.init == "text" else None
+    return init_params(spec, dim, seed, None, ids, sigma=sigma, vocab_size=vocab_size, embed_rows=embed_rows)

@@ -92,3 +92,22 @@ class Backend(Protocol):
     classify: Callable[..., Any]
     evaluate: Callable[..., Any]
     train: Callable[..., Any]
+
+
+def populate(namespace: dict[str, Any]) -> None:
+    """Fill a backend package with the :class:`Backend` names: ``ops`` and the names its files
+    define (``prompts``, ``model``, ``decode``, ``step``), and the core's scoring and training entry
+    points. The protocol is the one list of what a backend exports."""
+    from .. import scoring, training
+
+    package = namespace["__name__"]
+    namespace["ops"] = importlib.import_module(f"{package}.ops")
+    sources = [importlib.import_module(f"{package}.{m}") for m in ("prompts", "model", "decode", "step")]
+    for name in Backend.__annotations__:
+        if name in namespace:
+            continue
+        found = [getattr(m, name) for m in (*sources, scoring, training) if hasattr(m, name)]
+        if not found:
+            raise ImportError(f"{package} does not provide {name!r}, which lrpt.backends.Backend requires")
+        namespace[name] = found[0]
+    namespace["__all__"] = sorted(Backend.__annotations__)

@@ -37,7 +37,7 @@ from ... import methods
 from ...basemodel import BaseModelInfo, fingerprint_from_rows, fingerprint_rows
 from ...errors import LrptError
 from ...layout import Batch, pack
-from ...reference import init_params
+from ...reference import init_for_model
 from ...spec import PromptSpec
 from . import ops
 from .prompts import PromptModule
@@ -275,27 +275,16 @@ def base_model_info(model) -> BaseModelInfo:
 
 def init_prompt(spec: PromptSpec, model, tokenizer=None, seed: int = 0) -> PromptModule:
     """A new prompt for ``model`` initialised by the core (same seed, same prompt on PyTorch)."""
-    dim = hidden_size(model)
-    spec.validate(dim)
-    ids = None
-    if spec.init == "text":
-        ids = hf_tokenizer(tokenizer)(spec.init_text, add_special_tokens=False)["input_ids"]
-    params = init_params(spec, dim, seed, None, ids, sigma=embedding_std(model), vocab_size=_rows(_embedding(model)),
-                         embed_rows=lambda rows: embedding_rows(model, rows))
+    params = init_for_model(spec, seed, hidden_size(model), hf_tokenizer(tokenizer), _rows(_embedding(model)),
+                            embedding_std(model), lambda rows: embedding_rows(model, rows))
     return PromptModule(spec, params)
 
 
 # -- batches ----------------------------------------------------------------------------------
 
 
-def make_batch(
-    tokens: Sequence[Sequence[int]],
-    n_prompt: int | Sequence[int],
-    padding_side: str = "right",
-    pad_id: int = 0,
-    pad_to_multiple: int = 1,
-    device=None,
-) -> Batch:
+def make_batch(tokens: Sequence[Sequence[int]], n_prompt: int | Sequence[int], padding_side: str = "right",
+               pad_id: int = 0, pad_to_multiple: int = 1, device=None) -> Batch:
     """Rows of token ids behind prompts of ``n_prompt`` tokens (:func:`lrpt.layout.pack`), as arrays
     (``device`` mirrors the torch backend; MLX memory is unified)."""
     return Batch.from_layout(pack(tokens, n_prompt, padding_side, pad_id, pad_to_multiple), ops.asarray)

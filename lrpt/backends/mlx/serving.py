@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from ...basemodel import context_from
 from .decode import fill_cache
 from .model import make_batch, prompt_rows
 
@@ -46,12 +47,7 @@ def text_tokenizer(tokenizer):
 
 def context_length(model) -> int | None:
     """The longest sequence (prompt + tokens + new tokens) the model's positions allow, if known."""
-    args = getattr(model, "args", None)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(args, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return context_from(getattr(model, "args", None))
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...basemodel import context_from
 from ...errors import LrptError
 from .model import embed, make_batch, prompt_rows
 
@@ -64,12 +65,7 @@ def text_tokenizer(tokenizer):
 
 def context_length(model) -> int | None:
     """The longest sequence (prompt + tokens + new tokens) the model's positions allow, if known."""
-    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return context_from(model.config)
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
