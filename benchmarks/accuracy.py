@@ -161,7 +161,7 @@ def main(argv=None) -> int:
         args.runs = ["lopt1-r2", "lopa-r2", "peft-prompt", "peft-lora"]
     else:
         if args.gguf:
-            from lrpt.conversions.models import gguf_to_hf
+            from lrpt.conversions.gguf import gguf_to_hf
 
             path = gguf_to_hf(args.gguf, Path(tmp.name) / "hf")
         else:

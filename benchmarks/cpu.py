@@ -61,8 +61,8 @@ def steps(args, path: Path) -> dict:
     from mlx_lm.utils import load_model
 
     from lrpt.backends import get_backend
-    from lrpt.backends.mlx.model import attach
     from lrpt.backends.mlx.prompts import PromptModule as MLXPrompt
+    from lrpt.backends.mlx.splice import attach
     from lrpt.backends.torch.prompts import PromptModule as TorchPrompt
     from lrpt.training import Training
 

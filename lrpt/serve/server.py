@@ -63,7 +63,7 @@ def run(args) -> int:
     """``lrpt serve``: serve until SIGTERM / Ctrl-C; SIGHUP reloads the adapters."""
     import uvicorn
 
-    from ..models import resolve_model
+    from ..fetch import resolve_model
 
     _check_port(args.host, args.port)  # before minutes of model loading, not after
     path = resolve_model(args.model, log=_stderr)

@@ -20,8 +20,9 @@ from ...decoding import eos_ids, row_text, stop_window, wants_prefix_cache
 from ...errors import LrptError
 from ...scoring import restore_modes, set_eval
 from ...tokens import encode_texts
-from .model import hf_tokenizer, make_batch, prompt_rows, run_backbone
+from .model import hf_tokenizer, make_batch, prompt_rows
 from .prompts import PromptModule, place
+from .splice import run_backbone
 
 
 def fill_cache(model, cache, prompt_embeds: mx.array | None, tokens: Sequence[int]) -> None:

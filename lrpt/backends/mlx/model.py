@@ -1,19 +1,8 @@
 """Load an mlx-lm model, put a prompt in front of each sequence, and run it with correct positions.
 
-Mirrors ``lrpt/backends/torch/model.py`` function by function. What differs is how the
-prompt gets in: most mlx-lm models do not take input embeddings, so :func:`attach` gives
-two modules of the loaded model a subclass (their weights and names are untouched):
-
-- the token-embedding module splices the prompt rows in at the prompt positions
-  (``as_linear`` of tied heads keeps working, it is the same module);
-- the backbone (``model.model``) can return its states at chosen positions only, or
-  return given states without running: :func:`logits_at` uses that to apply the
-  model's own head (lm_head or tied ``as_linear``, soft-capping...) to a few positions.
-
-Some models scale embeddings inside the backbone (Gemma multiplies by √d, rounded to
-bf16). :func:`attach` measures that scale once, by probing what reaches the first layer
-for two tokens, and prompts are divided by it, so the file's prompt space (the output of
-HF's ``get_input_embeddings()``) holds on MLX too.
+Mirrors ``lrpt/backends/torch/model.py`` function by function. How the prompt gets into an
+mlx-lm model (its ``input_embeddings=`` or a spliced embedding, states at chosen positions, the
+model's own head on given states, Gemma's embedding scale) is :mod:`.splice`'s.
 
 Padding: right padding (``[prompt][tokens][pads]``) needs nothing from the model, since a
 causal mask never lets real tokens see later pads. Left padding passes a stateless
@@ -24,8 +13,6 @@ mechanism as mlx-lm's batched generation.
 from __future__ import annotations
 
 import contextlib
-import inspect
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,37 +28,10 @@ from ...reference import init_for_model
 from ...spec import PromptSpec
 from . import ops
 from .prompts import PromptModule
+from .splice import _embedding, _rows, _scoped, attach, run_backbone
 
 _DTYPES = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16,
            "float16": mx.float16, "fp16": mx.float16}
-
-
-class _State:
-    """Per-model call state read by the subclassed modules. It lives in a registry keyed by the
-    modules' ids (MLX modules are dicts: unhashable, so no WeakKeyDictionary), never on them."""
-
-    def __init__(self, scale: float = 1.0, takes_embeddings: bool = False):
-        self.scale = scale
-        self.takes_embeddings = takes_embeddings  # the backbone accepts input_embeddings= (no splice needed)
-        self.splice: tuple[mx.array, mx.array, mx.array] | None = None  # rows, src, is_prompt
-        self.gather: mx.array | None = None
-        self.override: mx.array | None = None
-
-
-_STATES: dict[int, _State] = {}  # id(model), id(its embedding), id(its backbone) → the model's state
-
-
-@contextlib.contextmanager
-def _scoped(state: _State, **values):
-    """Set call state for one call and restore what was there before (calls may nest)."""
-    before = {k: getattr(state, k) for k in values}
-    for k, v in values.items():
-        setattr(state, k, v)
-    try:
-        yield state
-    finally:
-        for k, v in before.items():
-            setattr(state, k, v)
 
 
 def load_model(path: str | Path, dtype: str | None = None, device=None, quiet: bool = False):
@@ -97,134 +57,6 @@ def load_model(path: str | Path, dtype: str | None = None, device=None, quiet: b
 def hf_tokenizer(tokenizer):
     """The HF tokenizer inside mlx-lm's wrapper (the same one the torch backend uses)."""
     return getattr(tokenizer, "_tokenizer", tokenizer)
-
-
-def backbone(model) -> nn.Module:
-    for name in ("model", "transformer", "backbone"):
-        if isinstance(model.get(name) if isinstance(model, dict) else None, nn.Module):
-            return model[name]
-    raise LrptError(f"{type(model).__module__}: cannot find the backbone (model.model) of this mlx-lm model")
-
-
-def _embedding(model) -> nn.Module:
-    """The token-embedding module: the backbone's embedding child with the most rows."""
-    found = [m for _, m in backbone(model).children().items()
-             if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding))]
-    if not found:
-        raise LrptError("cannot find the token embedding of this mlx-lm model")
-    return max(found, key=lambda m: _rows(m))
-
-
-def _rows(emb) -> int:
-    return int(emb.weight.shape[0])
-
-
-def attach(model) -> _State:
-    """Give the backbone (and, for models without ``input_embeddings=``, the embedding) their
-    prompt-aware subclasses, once per model; weights and names are untouched."""
-    state = _STATES.get(id(model))
-    if state is not None:
-        return state
-    emb, core = _embedding(model), backbone(model)
-    takes = "input_embeddings" in inspect.signature(type(core).__call__).parameters
-    state = _State(takes_embeddings=takes)
-    for module in (model, emb, core):
-        _STATES[id(module)] = state
-        weakref.finalize(module, _STATES.pop, id(module), None)
-    if not takes:
-        emb.__class__ = _spliced(type(emb))  # the fallback: splice the rows in as tokens are embedded
-    core.__class__ = _gathering(type(core))
-    state.scale = _probe_scale(model)
-    return state
-
-
-def _state(module) -> _State:
-    return _STATES[id(module)]
-
-
-def run_backbone(model, ids: mx.array, cache=None, rows: mx.array | None = None, src: mx.array | None = None,
-                 is_prompt: mx.array | None = None, gather: mx.array | None = None) -> mx.array:
-    """The backbone on token ids with prompt ``rows`` (prompt space) at the ``is_prompt`` slots
-    (row ``src``), through ``input_embeddings=`` where the model takes it, else by the splice."""
-    state = attach(model)
-    splice = None
-    if rows is not None and rows.shape[1]:
-        rows = rows if state.scale == 1.0 else rows / state.scale
-        splice = (rows, src, is_prompt)
-    kwargs = {} if cache is None else {"cache": cache}
-    if splice is not None and state.takes_embeddings:
-        tokens = _embedding(model)(ids)
-        kwargs["input_embeddings"] = _spliced_rows(tokens, *splice)
-        splice = None
-    with _scoped(state, splice=splice, gather=gather, override=None):
-        return backbone(model)(ids, **kwargs)
-
-
-def _spliced_rows(tokens: mx.array, rows: mx.array, src: mx.array, is_prompt: mx.array) -> mx.array:
-    picked = mx.take_along_axis(rows, src[..., None], axis=1).astype(tokens.dtype)
-    return mx.where(is_prompt[..., None], picked, tokens)
-
-
-_CLASS_CACHE: dict[tuple[str, type], type] = {}
-
-
-def _spliced(cls: type) -> type:
-    key = ("splice", cls)
-    if key not in _CLASS_CACHE:
-        def __call__(self, x):  # noqa: N807
-            out = cls.__call__(self, x)
-            st = _state(self).splice
-            return out if st is None else _spliced_rows(out, *st)
-
-        _CLASS_CACHE[key] = type(f"Prompted{cls.__name__}", (cls,), {"__call__": __call__})
-    return _CLASS_CACHE[key]
-
-
-def _gathering(cls: type) -> type:
-    key = ("gather", cls)
-    if key not in _CLASS_CACHE:
-        def __call__(self, *args, **kwargs):  # noqa: N807
-            st = _state(self)
-            if st.override is not None:
-                return st.override
-            h = cls.__call__(self, *args, **kwargs)
-            if st.gather is not None:
-                h = mx.take_along_axis(h, st.gather[..., None], axis=1)
-            return h
-
-        _CLASS_CACHE[key] = type(f"Prompted{cls.__name__}", (cls,), {"__call__": __call__})
-    return _CLASS_CACHE[key]
-
-
-class _Stop(Exception):
-    pass
-
-
-def _probe_scale(model) -> float:
-    """The factor by which the backbone multiplies token embeddings before layer 0 (1 for most)."""
-    layer = model.layers[0]
-    cls = type(layer)
-    seen = {}
-
-    def capture(self, x, *args, **kwargs):
-        seen["x"] = x
-        raise _Stop
-
-    layer.__class__ = type("Probe", (cls,), {"__call__": capture})
-    ids = mx.array([[1], [2]])
-    try:
-        backbone(model)(ids)
-    except _Stop:
-        pass
-    finally:
-        layer.__class__ = cls
-    x = np.array(seen["x"].astype(mx.float32))[:, 0]
-    e = np.array(_embedding(model)(ids).astype(mx.float32))[:, 0]
-    dx, de = (x[0] - x[1]).astype(np.float64), (e[0] - e[1]).astype(np.float64)
-    scale = float(dx @ de / (de @ de))
-    if not np.allclose(dx, scale * de, rtol=1e-2, atol=1e-4 * np.abs(dx).max()):
-        raise LrptError(f"{model.model_type}: the backbone transforms embeddings non-linearly; lrpt cannot place prompts")
-    return 1.0 if abs(scale - 1.0) < 1e-6 else scale
 
 
 def hidden_size(model) -> int:

@@ -89,7 +89,7 @@ class GGUFModel:
 
 
 def read_gguf(path: str | Path) -> GGUFModel:
-    """Read (and dequantise) a GGUF model; see :func:`lrpt.conversions.models.gguf_to_hf`."""
+    """Read (and dequantise) a GGUF model; see :func:`lrpt.conversions.gguf.gguf_to_hf`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ...errors import ConversionError

