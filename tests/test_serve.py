@@ -576,6 +576,10 @@ class _FakeServing:
         return {2}
 
     @staticmethod
+    def context_length(model):
+        return None
+
+    @staticmethod
     def start(model, tokenizer, max_batch):
         return []
 
@@ -611,3 +615,36 @@ def test_shutdown_finishes_what_it_can_and_cancels_the_rest():
     assert events[-1] == ("error", 1, "the server shut down before this request finished")
     with pytest.raises(Exception, match="shutting down"):
         sched.submit([Choice(index=0, ids=[1], prompt=None, max_tokens=1)])
+
+
+def test_rows_finishing_one_by_one_retire_and_leave_together():
+    """Rows that end at different steps stay in the batch (ignored) and are compacted in one go;
+    waiting requests join as a group, and every request still gets exactly its own tokens."""
+    from lrpt.serve.scheduler import Choice, Scheduler
+
+    class Counting(_FakeServing):
+        removes: list[int] = []
+        adds: list[int] = []
+
+        @staticmethod
+        def add(model, state, keys, prompts, rows, temperatures, top_ps, seeds):
+            Counting.adds.append(len(keys))
+            return _FakeServing.add(model, state, keys, prompts, rows, temperatures, top_ps, seeds)
+
+        @staticmethod
+        def remove(state, keys):
+            Counting.removes.append(len(keys))
+            _FakeServing.remove(state, keys)
+
+    events = []
+    sched = Scheduler(Counting, None, None, max_batch=8)
+    rows = [Choice(index=i, ids=[1], prompt=None, max_tokens=2 + i, sink=events.append) for i in range(16)]
+    sched.submit(rows)  # queued before the thread starts: the first 8 are admitted together
+    sched.start()
+    deadline = time.monotonic() + 10
+    while sum(e[0] == "end" for e in events) < 16 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sched.stop(timeout=1)
+    ends = {e[1]: e[3] for e in events if e[0] == "end"}
+    assert ends == {i: 2 + i for i in range(16)}  # each its own length
+    assert len(Counting.removes) < 16 and all(n >= 2 for n in Counting.adds)  # grouped, not row by row

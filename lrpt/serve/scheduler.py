@@ -3,8 +3,13 @@
 Requests (one :class:`Choice` per generated sequence) wait in a queue; between decode steps the
 thread admits as many as the batch has room for, prefills them together (mixed adapters in
 one forward) through the backend's ``serving`` module, then runs one decode step for every row.
-Each token is turned into text here (stop strings, EOS, ``max_tokens``); finished, failed and
-cancelled rows leave the batch at once. Other work that needs the model (classification,
+Each token is turned into text here (stop strings, EOS, ``max_tokens``); failed and cancelled
+rows leave the batch at once. Finished rows retire: they stay in the decode batch (their tokens
+ignored) until it is compacted, which happens when new rows are admitted, when retired rows are as
+many as running ones, or before a retired row would run past the model's context. Admissions
+come in groups (a quarter of the batch, or all that wait): when rows finish one by one, as EOS
+makes them, compacting and re-padding the whole KV cache per row cost more than the idle rows
+(measured: 0.73× of a one-adapter load before, see RESULTS.md). Other work that needs the model (classification,
 adapter reloads) runs on the same thread between steps, through :meth:`Scheduler.call`.
 
 Failures stay with their request: a prefill that fails is retried row by row and only the
@@ -68,6 +73,8 @@ class Scheduler:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: deque[Choice] = deque()
         self._active: set[Choice] = set()
+        self._retired: dict[Choice, int] = {}  # finished rows still in the batch → steps they may still run
+        self.context = serving.context_length(model)
         self._state = None
         self._stop_at: float | None = None
         self._thread: threading.Thread | None = None
@@ -108,7 +115,8 @@ class Scheduler:
             return list(self.text(text, add_special_tokens=special)["input_ids"])
 
     def stats(self) -> dict[str, int]:
-        return {"running": len(self._active), "queued": len(self._pending), "steps": self.steps,
+        return {"running": len(self._active), "queued": len(self._pending), "retired": len(self._retired),
+                "steps": self.steps,
                 "peak_rows": self.peak_rows, "peak_prompts": self.peak_prompts,
                 "cancelled": self.cancelled}
 
@@ -132,6 +140,7 @@ class Scheduler:
                     self._fail(c, f"scheduler error: {exc}", remove=False)
                 self._active.clear()
                 self._pending.clear()
+                self._retired.clear()
                 self._state = self.serving.start(self.model, self.tokenizer, self.max_batch)
 
     def _iterate(self) -> bool:
@@ -202,9 +211,12 @@ class Scheduler:
 
     def _admit(self) -> None:
         room = self.max_batch - len(self._active)
+        if self._active and room < min(len(self._pending), max(1, self.max_batch // 4)):
+            return  # wait for a group's worth of room: one prefill and one cache merge for all of them
         group = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
         if not group:
             return
+        self._compact()
         try:
             results = self._prefill(group)
         except Exception as exc:
@@ -240,6 +252,22 @@ class Scheduler:
             return
         self.steps += 1
         self._handle(results)
+        for c in self._retired:
+            self._retired[c] -= 1
+        if self._retired and (not self._active or len(self._retired) >= len(self._active)
+                              or min(self._retired.values()) <= 0):
+            self._compact()
+
+    def _retire(self, rows: list[Choice]) -> None:
+        """Keep finished rows in the batch until :meth:`_compact`, within the model's context."""
+        for c in rows:
+            used = len(c.ids) + c.generated + (c.prompt.spec.n_tokens if c.prompt is not None else 0)
+            self._retired[c] = (self.context - used - 1) if self.context else 64
+
+    def _compact(self) -> None:
+        if self._retired:
+            self.serving.remove(self._state, list(self._retired))
+            self._retired.clear()
 
     def _handle(self, results: list[tuple]) -> None:
         finished = []
@@ -256,7 +284,7 @@ class Scheduler:
                 finished.append(c)
         if finished:
             self._active.difference_update(finished)
-            self.serving.remove(self._state, finished)
+            self._retire(finished)
 
     def _on_token(self, c: Choice, token: int) -> None:
         c.generated += 1
