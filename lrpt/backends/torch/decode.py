@@ -100,7 +100,9 @@ def generate(
     eos = sorted(eos_ids(tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)))
     options = dict(max_new_tokens=max_tokens, pad_token_id=pad, eos_token_id=eos or None,
                    do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
-                   top_p=top_p, top_k=0, repetition_penalty=1.0, num_beams=1)  # no hidden model defaults
+                   top_p=top_p, repetition_penalty=1.0, num_beams=1)  # no hidden model defaults
+    if temperature > 0:
+        options.update(top_k=0)  # sampling: only top-p filters (greedy takes no top_k: transformers warns)
     if stop:
         options.update(stop_strings=list(stop), tokenizer=tokenizer)
     if compile:
