@@ -83,3 +83,26 @@ def test_fsdp_needs_torchrun_and_torch(tiny_dirs, tmp_path, capsys):
         code = main(["train", "--backend", backend, "--model", str(tiny_dirs["llama"]), *ARGS, "--fsdp",
                      "--out", str(tmp_path / backend)])
         assert code == 2 and needle in capsys.readouterr().err
+
+
+def test_two_processes_on_a_completion_task_weight_by_target_tokens(tiny_dirs, tmp_path):
+    """Completion loss is a mean over target tokens: ranks whose rows hold more tokens weigh more."""
+    from tiny import sentences
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"prompt": s, "completion": " " + " ".join(s.split()[: 1 + i % 4])} for i, s in enumerate(sentences(40))]
+    for split, part in (("train", rows[:32]), ("validation", rows[32:])):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    common = ["-m", "lrpt.cli", "train", "--model", str(tiny_dirs["llama"]), "--data", str(data), "--tokens", "4",
+              "--rank", "2", "--batch-size", "8", "--steps", "4", "--lr", "0.02", "--schedule", "constant",
+              "--warmup", "0", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for n, out in ((1, "one"), (2, "two")):
+        launcher = [] if n == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29534"]
+        r = subprocess.run([sys.executable, *launcher, *common, "--backend", "torch", "--out", str(tmp_path / out)],
+                           capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+    relative_close(Adapter.load(tmp_path / "one" / "adapter"), Adapter.load(tmp_path / "two" / "adapter"))
+    evals = [json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[-1]) for d in ("one", "two")]
+    assert evals[0]["eval_loss"] == pytest.approx(evals[1]["eval_loss"], rel=1e-5)
