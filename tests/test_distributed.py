@@ -106,3 +106,14 @@ def test_two_processes_on_a_completion_task_weight_by_target_tokens(tiny_dirs, t
     relative_close(Adapter.load(tmp_path / "one" / "adapter"), Adapter.load(tmp_path / "two" / "adapter"))
     evals = [json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[-1]) for d in ("one", "two")]
     assert evals[0]["eval_loss"] == pytest.approx(evals[1]["eval_loss"], rel=1e-5)
+
+
+def test_fsdp_holds_the_blocks_once_over_the_ranks(tiny_dirs):
+    """After --fsdp's sharding each rank holds the non-block weights whole and 1/N of the blocks."""
+    probe = Path(__file__).with_name("fsdp_probe.py")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        "29535", str(probe), str(tiny_dirs["llama"])], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("{")))
+    assert got["after"] == pytest.approx(got["expected"], rel=0.02) and got["after"] < got["before"]

@@ -135,18 +135,17 @@ def world(need_group: bool = False) -> tuple[int, int]:
 
 
 def shard_model(model) -> None:
-    """FSDP2 over the frozen model: each transformer block its own unit (``fully_shard``), sharded
-    between uses; the root unit (embeddings, final norm, head: what lrpt calls outside the model's
-    own forward, and what init and fingerprints read) is gathered once and kept whole. The blocks
-    are found as the model's longest ``ModuleList``, so no per-architecture table is needed."""
+    """FSDP2 over the frozen model: each transformer block its own unit (``fully_shard``), gathered
+    for its forward and backward only. The rest (embeddings, final norm, head: what lrpt calls
+    outside the model's own forward, and what init and fingerprints read) stays whole on every GPU
+    and outside FSDP: sharding it as a root unit and gathering it for good would hold it twice. The
+    blocks are found as the model's longest ``ModuleList``, so no per-architecture table is needed."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    if isinstance(model, FSDPModule):
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
         return
     blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=None)
     if blocks is None or len(blocks) == 0:
         raise TrainingError(f"--fsdp: cannot find the transformer blocks of {type(model).__name__}")
     for block in blocks:
         fully_shard(block)
-    fully_shard(model)
-    model.unshard()
