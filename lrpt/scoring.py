@@ -13,6 +13,7 @@ backend from the model they are given, so each backend exports them as they are.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,17 +77,18 @@ def prompt_lengths(prompt: Any, b: int, which: Sequence[int] | None) -> list[int
     return [prompts[w].spec.n_tokens for w in (which if which is not None else [0] * b)]
 
 
-def set_eval(prompt: Any) -> list[bool]:
-    """Put prompt modules in eval mode (no dropout); returns their previous modes."""
-    flags = [m.training for m in prompt_list(prompt)]
-    for m in prompt_list(prompt):
+@contextlib.contextmanager
+def eval_mode(prompt: Any):
+    """Prompt modules in eval mode (no dropout) for the block, then back in the modes they had."""
+    modules = prompt_list(prompt)
+    flags = [m.training for m in modules]
+    for m in modules:
         m.eval()
-    return flags
-
-
-def restore_modes(prompt: Any, flags: list[bool]) -> None:
-    for m, f in zip(prompt_list(prompt), flags):
-        m.train(f)
+    try:
+        yield
+    finally:
+        for m, f in zip(modules, flags):
+            m.train(f)
 
 
 def _backend(model):
@@ -115,12 +117,9 @@ def score_labels(model, tokenizer, prompt, texts: Sequence[str], label_words: Se
     be = _backend(model)
     be.place(prompt, model)
     hf = be.hf_tokenizer(tokenizer)
-    flags = set_eval(prompt)
-    try:
+    with eval_mode(prompt):
         return score_rows(be, model, prompt, encode_texts(hf, texts), label_token_ids(hf, label_words), which,
                           hf.pad_token_id or 0, batch_size)
-    finally:
-        restore_modes(prompt, flags)
 
 
 def classify(model, tokenizer, prompt, texts, label_words, which=None, batch_size=32) -> np.ndarray:
@@ -142,8 +141,7 @@ def evaluate(model, tokenizer, prompt, task: Task, data: list[Encoded],
     be.place(prompt, model)
     hf = be.hf_tokenizer(tokenizer)
     pad = hf.pad_token_id or 0
-    flags = set_eval(prompt)
-    try:
+    with eval_mode(prompt):
         if task.kind == "classification":
             scores = score_rows(be, model, prompt, [r.ids for r in data], label_token_ids(hf, task.label_words),
                                 None, pad, batch_size)
@@ -157,5 +155,3 @@ def evaluate(model, tokenizer, prompt, task: Task, data: list[Encoded],
                 per_row.append(np.stack([be.ops.to_numpy(a), be.ops.to_numpy(b)], -1).astype(np.float64))
         nll = np.concatenate(per_row) if per_row else np.zeros((0, 2))
         return completion_metrics(nll), nll
-    finally:
-        restore_modes(prompt, flags)

@@ -72,10 +72,9 @@ class Training:
         self.prompt.train()
         rank, size = self.world
         batches, weights = [], []
-        lockstep = getattr(self.stepper, "lockstep", False)
         for idx in micro_batches:
             mine = shard(idx, rank, size)
-            if mine or lockstep:  # lockstep (FSDP): a rank with no rows runs one row at weight 0
+            if mine or self.stepper.lockstep:  # lockstep (FSDP): a rank with no rows runs one row at weight 0
                 rows = mine or idx[:1]
                 batches.append(self.prepare([self.train_data[i] for i in rows]))
                 weights.append(self._units(mine) / max(self._units(idx), 1) / len(micro_batches))
@@ -99,7 +98,7 @@ class Training:
                             self.config.eval_batch_size)[0]
         mine = shard(self.eval_data, rank, size)
         run = mine
-        if getattr(self.stepper, "lockstep", False):  # FSDP: the same number of batches on every rank
+        if self.stepper.lockstep:  # FSDP: the same number of batches on every rank
             width = len(shard(self.eval_data, 0, size))
             run = mine + [self.eval_data[0]] * (width - len(mine))
         _, scores = evaluate(self.model, self.tokenizer, self.prompt, self.task, run,

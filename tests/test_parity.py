@@ -186,15 +186,16 @@ def _relative_close(a: dict, b: dict, tol: float = 1e-5) -> bool:
 @pytest.mark.parametrize("method", ["prompt", "lopt1", "lopt2", "lopa"])
 def test_training_trajectories_agree_across_backends(tiny_dirs, method):
     """Same init, same batches, 5 steps (fp32, no dropout): the same parameters within 1e-5 on both."""
-    spec = spec_for(method, dropout=0.0)
-    rows = data(40)
-    out = {}
-    for backend in B:
-        model, tok = load(backend, str(tiny_dirs["llama"]))
-        prompt = B[backend].init_prompt(spec, model, tok, seed=0)
-        B[backend].train(model, tok, prompt, TASK, rows, None, TrainConfig(steps=5, **CONSTANT))
-        out[backend] = prompt.to_params()
+    out = {backend: _trained(tiny_dirs, backend, spec_for(method, dropout=0.0), data(40), 5) for backend in B}
     assert _relative_close(out["mlx"], out["torch"])
+
+
+def _trained(tiny_dirs, backend, spec, rows, steps):
+    """The parameters after ``steps`` constant-lr steps from the seed-0 init, on ``backend``."""
+    model, tok = load(backend, str(tiny_dirs["llama"]))
+    prompt = B[backend].init_prompt(spec, model, tok, seed=0)
+    B[backend].train(model, tok, prompt, TASK, rows, None, TrainConfig(steps=steps, **CONSTANT))
+    return prompt.to_params()
 
 
 @pytest.mark.parametrize("src, dst", [("torch", "mlx"), ("mlx", "torch")])
@@ -202,12 +203,7 @@ def test_a_run_started_on_one_backend_resumes_on_the_other(tiny_dirs, tmp_path, 
     """6 steps on one backend, resumed to 12 on the other == 12 straight steps on either (1e-5 per tensor)."""
     spec = spec_for("lopt1")
     rows = data(64)
-    straight = {}
-    for backend in B:
-        model, tok = load(backend, str(tiny_dirs["llama"]))
-        prompt = B[backend].init_prompt(spec, model, tok, seed=0)
-        B[backend].train(model, tok, prompt, TASK, rows, None, TrainConfig(steps=12, **CONSTANT))
-        straight[backend] = prompt.to_params()
+    straight = {backend: _trained(tiny_dirs, backend, spec, rows, 12) for backend in B}
     model, tok = load(src, str(tiny_dirs["llama"]))
     B[src].train(model, tok, B[src].init_prompt(spec, model, tok, seed=0), TASK, rows, None,
                  TrainConfig(steps=6, **CONSTANT), tmp_path / "run")

@@ -18,7 +18,7 @@ import mlx.core as mx
 
 from ...decoding import eos_ids, row_text, stop_window, wants_prefix_cache
 from ...errors import LrptError
-from ...scoring import restore_modes, set_eval
+from ...scoring import eval_mode
 from ...tokens import encode_texts
 from .model import hf_tokenizer, make_batch, prompt_rows
 from .prompts import PromptModule, place
@@ -60,6 +60,28 @@ def prefix_cache(model, prompt: PromptModule) -> list:
     return cache
 
 
+def _prefilled(model, prompt, rows: list[list[int]], which, use_prefix_cache: bool | None) -> tuple[list, list]:
+    """Each row's KV cache holding its prompt (and all but its last token), and what is left to feed."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cached = wants_prefix_cache(prompt.spec if isinstance(prompt, PromptModule) else None, use_prefix_cache)
+    caches, requests = [], []
+    for i, row in enumerate(rows):
+        if prompt is None:
+            caches.append(make_prompt_cache(model))
+            requests.append(row)
+        elif cached:
+            caches.append(copy.deepcopy(prefix_cache(model, prompt)))
+            requests.append(row)
+        else:
+            p = prompt if isinstance(prompt, PromptModule) else prompt[which[i] if which is not None else 0]
+            cache = make_prompt_cache(model)
+            fill_cache(model, cache, prompt_rows(model, p, make_batch([row], p.spec.n_tokens)), row[:-1])
+            caches.append(cache)
+            requests.append(row[-1:])
+    return caches, requests
+
+
 def generate(model, tokenizer, prompt, texts: Sequence[str], max_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] | None = None,
              which: Sequence[int] | None = None, use_prefix_cache: bool | None = None,
@@ -72,7 +94,6 @@ def generate(model, tokenizer, prompt, texts: Sequence[str], max_tokens: int = 6
     (it is then removed from the batch, and the string cut from its text).
     """
     from mlx_lm.generate import BatchGenerator
-    from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.sample_utils import make_sampler
 
     if compile:
@@ -83,44 +104,28 @@ def generate(model, tokenizer, prompt, texts: Sequence[str], max_tokens: int = 6
     rows = encode_texts(hf, texts)
     if not rows:
         return []
-    flags = set_eval(prompt)
-    cached = wants_prefix_cache(prompt.spec if isinstance(prompt, PromptModule) else None, use_prefix_cache)
-    caches, requests = [], []
-    for i, row in enumerate(rows):
-        if prompt is None:
-            caches.append(make_prompt_cache(model))
-            requests.append(row)
-        elif cached:
-            caches.append(copy.deepcopy(prefix_cache(model, prompt)))
-            requests.append(row)
-        else:
-            p = prompt if isinstance(prompt, PromptModule) else prompt[which[i] if which is not None else 0]
-            x = prompt_rows(model, p, make_batch([row], p.spec.n_tokens))
-            cache = make_prompt_cache(model)
-            fill_cache(model, cache, x, row[:-1])
-            caches.append(cache)
-            requests.append(row[-1:])
-    if seed is not None:
-        mx.random.seed(seed)
-    eos = eos_ids(hf.eos_token_id, getattr(tokenizer, "eos_token_ids", None))
-    gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in sorted(eos)],
-                         sampler=make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0))
-    window = stop_window(stop)
-    try:
-        uids = gen.insert(requests, caches=caches)
-        out: dict[int, list[int]] = {u: [] for u in uids}
-        while responses := gen.next_generated():
-            stopped = []
-            for r in responses:
-                if r.finish_reason != "stop":
-                    out[r.uid].append(r.token)
-                if stop and r.finish_reason is None:
-                    tail = hf.decode(out[r.uid][-window:], skip_special_tokens=True)
-                    if any(s in tail for s in stop):
-                        stopped.append(r.uid)
-            if stopped:
-                gen.remove(stopped)
-    finally:
-        gen.close()
-        restore_modes(prompt, flags)
-    return [row_text(hf, out[u], eos, stop) for u in uids]
+    with eval_mode(prompt):
+        caches, requests = _prefilled(model, prompt, rows, which, use_prefix_cache)
+        if seed is not None:
+            mx.random.seed(seed)
+        eos = eos_ids(hf.eos_token_id, getattr(tokenizer, "eos_token_ids", None))
+        gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in sorted(eos)],
+                             sampler=make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0))
+        window = stop_window(stop)
+        try:
+            uids = gen.insert(requests, caches=caches)
+            out: dict[int, list[int]] = {u: [] for u in uids}
+            while responses := gen.next_generated():
+                stopped = []
+                for r in responses:
+                    if r.finish_reason != "stop":
+                        out[r.uid].append(r.token)
+                    if stop and r.finish_reason is None:
+                        tail = hf.decode(out[r.uid][-window:], skip_special_tokens=True)
+                        if any(s in tail for s in stop):
+                            stopped.append(r.uid)
+                if stopped:
+                    gen.remove(stopped)
+        finally:
+            gen.close()
+        return [row_text(hf, out[u], eos, stop) for u in uids]

@@ -28,7 +28,7 @@ from ...reference import init_for_model
 from ...spec import PromptSpec
 from . import ops
 from .prompts import PromptModule
-from .splice import _embedding, _rows, _scoped, attach, run_backbone
+from .splice import attach, embedding_module, run_backbone, scoped, table_rows
 
 _DTYPES = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16,
            "float16": mx.float16, "fp16": mx.float16}
@@ -60,7 +60,7 @@ def hf_tokenizer(tokenizer):
 
 
 def hidden_size(model) -> int:
-    emb = _embedding(model)
+    emb = embedding_module(model)
     if isinstance(emb, nn.QuantizedEmbedding):
         return int(emb(mx.array([0])).shape[-1])
     return int(emb.weight.shape[1])
@@ -69,14 +69,14 @@ def hidden_size(model) -> int:
 def embed(model, ids: mx.array) -> mx.array:
     """Token embeddings in prompt space: what enters the first layer (Gemma's scale included)."""
     state = attach(model)
-    out = _embedding(model)(ids)
+    out = embedding_module(model)(ids)
     return out * state.scale if state.scale != 1.0 else out
 
 
 def embedding_std(model) -> float:
     """The std of the input-embedding table in prompt space, in two chunked passes (mean, then
     squared deviations), so no copy of the table is ever held."""
-    vocab = _rows(_embedding(model))
+    vocab = table_rows(embedding_module(model))
 
     def chunks():
         for i in range(0, vocab, 8192):
@@ -94,7 +94,7 @@ def embedding_rows(model, ids) -> np.ndarray:
 
 def base_model_info(model) -> BaseModelInfo:
     """What an adapter records about ``model`` (sizes and an embedding fingerprint)."""
-    vocab = _rows(_embedding(model))
+    vocab = table_rows(embedding_module(model))
     rows = np.array(embed(model, mx.array(fingerprint_rows(vocab))).astype(mx.float32))
     return BaseModelInfo(
         name_or_path=getattr(model, "name_or_path", None),
@@ -107,7 +107,7 @@ def base_model_info(model) -> BaseModelInfo:
 
 def init_prompt(spec: PromptSpec, model, tokenizer=None, seed: int = 0) -> PromptModule:
     """A new prompt for ``model`` initialised by the core (same seed, same prompt on PyTorch)."""
-    params = init_for_model(spec, seed, hidden_size(model), hf_tokenizer(tokenizer), _rows(_embedding(model)),
+    params = init_for_model(spec, seed, hidden_size(model), hf_tokenizer(tokenizer), table_rows(embedding_module(model)),
                             embedding_std(model), lambda rows: embedding_rows(model, rows))
     return PromptModule(spec, params)
 
@@ -194,7 +194,7 @@ def logits_at(model, hidden: mx.array, index: mx.array) -> mx.array:
 
 def head(model, hidden: mx.array) -> mx.array:
     """The model's own head (lm_head or tied embedding, soft-capping...) on some hidden states."""
-    with _scoped(attach(model), override=hidden, splice=None, gather=None):
+    with scoped(attach(model), override=hidden, splice=None, gather=None):
         return model(mx.zeros(hidden.shape[:2], mx.int32)).astype(mx.float32)
 
 

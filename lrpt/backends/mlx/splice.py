@@ -45,7 +45,7 @@ _STATES: dict[int, _State] = {}  # id(model), id(its embedding), id(its backbone
 
 
 @contextlib.contextmanager
-def _scoped(state: _State, **values):
+def scoped(state: _State, **values):
     """Set call state for one call and restore what was there before (calls may nest)."""
     before = {k: getattr(state, k) for k in values}
     for k, v in values.items():
@@ -64,16 +64,16 @@ def backbone(model) -> nn.Module:
     raise LrptError(f"{type(model).__module__}: cannot find the backbone (model.model) of this mlx-lm model")
 
 
-def _embedding(model) -> nn.Module:
+def embedding_module(model) -> nn.Module:
     """The token-embedding module: the backbone's embedding child with the most rows."""
     found = [m for _, m in backbone(model).children().items()
              if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding))]
     if not found:
         raise LrptError("cannot find the token embedding of this mlx-lm model")
-    return max(found, key=lambda m: _rows(m))
+    return max(found, key=lambda m: table_rows(m))
 
 
-def _rows(emb) -> int:
+def table_rows(emb) -> int:
     return int(emb.weight.shape[0])
 
 
@@ -83,7 +83,7 @@ def attach(model) -> _State:
     state = _STATES.get(id(model))
     if state is not None:
         return state
-    emb, core = _embedding(model), backbone(model)
+    emb, core = embedding_module(model), backbone(model)
     takes = "input_embeddings" in inspect.signature(type(core).__call__).parameters
     state = _State(takes_embeddings=takes)
     for module in (model, emb, core):
@@ -111,10 +111,10 @@ def run_backbone(model, ids: mx.array, cache=None, rows: mx.array | None = None,
         splice = (rows, src, is_prompt)
     kwargs = {} if cache is None else {"cache": cache}
     if splice is not None and state.takes_embeddings:
-        tokens = _embedding(model)(ids)
+        tokens = embedding_module(model)(ids)
         kwargs["input_embeddings"] = _spliced_rows(tokens, *splice)
         splice = None
-    with _scoped(state, splice=splice, gather=gather, override=None):
+    with scoped(state, splice=splice, gather=gather, override=None):
         return backbone(model)(ids, **kwargs)
 
 
@@ -177,7 +177,7 @@ def _probe_scale(model) -> float:
     finally:
         layer.__class__ = cls
     x = np.array(seen["x"].astype(mx.float32))[:, 0]
-    e = np.array(_embedding(model)(ids).astype(mx.float32))[:, 0]
+    e = np.array(embedding_module(model)(ids).astype(mx.float32))[:, 0]
     dx, de = (x[0] - x[1]).astype(np.float64), (e[0] - e[1]).astype(np.float64)
     scale = float(dx @ de / (de @ de))
     if not np.allclose(dx, scale * de, rtol=1e-2, atol=1e-4 * np.abs(dx).max()):

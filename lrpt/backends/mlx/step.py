@@ -41,6 +41,7 @@ class Stepper:
             state = [prompt.state, mx.random.state]
             self.grad_fn = mx.compile(self.grad_fn, inputs=state, outputs=state)
         self.world = world()
+        self.lockstep = False  # ranks need not run the same number of forwards (no FSDP on MLX)
 
     def step(self, batches: list[dict[str, mx.array]], weights: list[float], lr: float, seed: int) -> mx.array:
         """Accumulate ``weights[i] * loss(batches[i])``; data parallel, combine the ranks' gradients

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from ...decoding import eos_ids, row_text, wants_prefix_cache
-from ...scoring import prompt_lengths, restore_modes, set_eval
+from ...scoring import eval_mode, prompt_lengths
 from ...tokens import encode_texts
 from .model import embed, make_batch, prompt_rows
 from .prompts import PromptModule, place
@@ -109,16 +109,13 @@ def generate(
         options.update(cache_implementation="static")
     if seed is not None:
         torch.manual_seed(seed)
-    flags = set_eval(prompt)
-    try:
+    with eval_mode(prompt):
         # No autocast here: the prompt math is float32 and cast once to the model's dtype where it
         # enters; autocast's per-op dispatch cost made eager decoding ~13% slower on an H100.
         with torch.no_grad():
             inputs = _cached_inputs(model, prompt, rows, pad) if cached else _embedded_inputs(model, prompt, rows,
                                                                                               which, pad)
             out = model.generate(**inputs, **options)
-    finally:
-        restore_modes(prompt, flags)
     new = out[:, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else out
     return [row_text(tokenizer, ids, eos, stop) for ids in new.tolist()]
 
