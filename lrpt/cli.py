@@ -67,44 +67,44 @@ def _print_lines(lines: list[str]) -> None:
 def _description_lines(info: dict[str, Any]) -> list[str]:
     """The text of ``lrpt inspect``; every line goes through :func:`printable` before it is shown."""
     out: list[str] = []
-    print = out.append  # the lines are collected, then escaped as a whole
+    add = out.append  # the lines are collected, then escaped as a whole
     spec = info["spec"]
-    print(f"adapter        {info['path']}")
-    print(f"format         lrpt v{info['format_version']}")
-    print(f"method         {info['method']}")
-    print(f"n_tokens       {info['n_tokens']}")
-    print(f"dim            {info['dim']}")
-    print(f"rank           {info['rank'] if info['rank'] is not None else '-'}")
+    add(f"adapter        {info['path']}")
+    add(f"format         lrpt v{info['format_version']}")
+    add(f"method         {info['method']}")
+    add(f"n_tokens       {info['n_tokens']}")
+    add(f"dim            {info['dim']}")
+    add(f"rank           {info['rank'] if info['rank'] is not None else '-'}")
     extras = {
         "lopt2": ("activation",),
         "lopa": ("gate", "encoder", "pooling", "head_hidden", "dropout"),
     }.get(info["method"], ())
     for key in extras:
-        print(f"{key:<15}{spec[key]}")
-    print(f"init           {spec['init']}" + (f" ({spec['init_text']!r})" if spec["init_text"] else ""))
-    print(f"trainable      {info['trainable_params']:,} parameters")
-    print("tensors")
+        add(f"{key:<15}{spec[key]}")
+    add(f"init           {spec['init']}" + (f" ({spec['init_text']!r})" if spec["init_text"] else ""))
+    add(f"trainable      {info['trainable_params']:,} parameters")
+    add("tensors")
     for name, t in info["tensors"].items():
         shape = "×".join(str(s) for s in t["shape"])
-        print(f"  {name:<22} {shape:<14} {t['dtype']}")
+        add(f"  {name:<22} {shape:<14} {t['dtype']}")
     base = info["base_model"]
     if base:
-        print(
+        add(
             f"base model     {base.get('name_or_path') or '?'} ({base.get('model_type') or '?'},"
             f" hidden {base.get('hidden_size')}, vocab {base.get('vocab_size')})"
         )
     else:
-        print("base model     -")
+        add("base model     -")
     task = info["task"]
     if task:
         words = ", ".join(repr(w) for w in task["label_words"])
-        print(f"task           {task['name']} ({task['kind']}), template {task['template']!r}")
+        add(f"task           {task['name']} ({task['kind']}), template {task['template']!r}")
         if words:
-            print(f"label words    {words}")
+            add(f"label words    {words}")
     else:
-        print("task           -")
+        add("task           -")
     made = info["created_by"] or {}
-    print(f"created by     {made.get('backend') or '?'} backend, lrpt {made.get('lrpt_version') or '?'}")
+    add(f"created by     {made.get('backend') or '?'} backend, lrpt {made.get('lrpt_version') or '?'}")
     return out
 
 
