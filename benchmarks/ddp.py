@@ -5,10 +5,15 @@ model of a named shape (speed does not depend on weight values): the global batc
 ``per_gpu × N`` rows of L tokens, each rank takes its share and the prompt's gradients are
 all-reduced, as ``lrpt train`` does under torchrun. Rank 0 prints one JSON line: input tokens per
 second over all GPUs (median of rounds; each round the mean of ``--steps`` steps after warm-up) and
-the peak memory of the training steps (``--fsdp``: after the blocks are sharded).
+the peak memory of the whole run (building the model included).
+
+The model is built on the meta device and materialised on the GPU afterwards (``--fsdp``: sharded
+first, as ``lrpt train --fsdp`` loads it), so a shape larger than one GPU can be measured; a run
+that does not fit prints ``"oom": true``.
 
     python benchmarks/ddp.py --shape llama-3.2-1b                                  # one GPU
     torchrun --nproc-per-node 2 benchmarks/ddp.py --shape llama-3.2-1b           # two GPUs
+    torchrun --nproc-per-node 2 benchmarks/ddp.py --shape llama-3.1-70b --per-gpu 4 --fsdp
 """
 
 from __future__ import annotations
@@ -26,17 +31,46 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from speed import LabelTokenizer, build_model  # noqa: E402
+from speed import SHAPES, LabelTokenizer  # noqa: E402
 
 from lrpt import PromptSpec, Task  # noqa: E402
 from lrpt.backends import get_backend  # noqa: E402
 from lrpt.backends.torch.model import default_device  # noqa: E402
 from lrpt.backends.torch.prompts import PromptModule  # noqa: E402
-from lrpt.backends.torch.step import world  # noqa: E402
+from lrpt.backends.torch.step import shard_model, world  # noqa: E402
 from lrpt.data import Encoded  # noqa: E402
 from lrpt.reference import init_params  # noqa: E402
 from lrpt.trainer import TrainConfig  # noqa: E402
 from lrpt.training import Training  # noqa: E402
+
+# Shapes of bases that need several GPUs (Llama-3.1 8B and 70B), beside speed.py's.
+LARGE = {
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
+
+
+def build(shape: str, device: torch.device, dtype: torch.dtype, fsdp: bool):
+    """A random-weight Llama of ``shape`` on ``device``: built on the meta device, sharded first with
+    ``fsdp``, then materialised (speed and memory do not depend on the values)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(**{**SHAPES, **LARGE}[shape], max_position_embeddings=4096, rope_theta=10000.0)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    model.eval().requires_grad_(False)
+    if fsdp:
+        shard_model(model)
+    model.to_empty(device=device)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            getattr(p, "_local_tensor", p).normal_(0.0, 0.02)
+    rotary = model.model.rotary_emb  # its buffers were never computed on the meta device
+    model.model.rotary_emb = type(rotary)(config=cfg).to(device)
+    return model
 
 
 def main(argv=None) -> int:
@@ -51,9 +85,23 @@ def main(argv=None) -> int:
     ap.add_argument("--fsdp", action="store_true", help="shard the blocks with FSDP2 (lrpt train --fsdp)")
     args = ap.parse_args(argv)
 
-    rank, size = world()
+    rank, size = world(need_group=args.fsdp)
     device = default_device()
-    model = build_model(args.shape, str(device), torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        return run(args, rank, size, device)
+    except torch.OutOfMemoryError:
+        if rank == 0:
+            print(json.dumps({"shape": args.shape, "gpus": size, "fsdp": args.fsdp, "per_gpu": args.per_gpu,
+                              "length": args.length, "oom": True,
+                              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}), flush=True)
+        return 0
+    finally:
+        if size > 1 or args.fsdp:
+            torch.distributed.destroy_process_group()
+
+
+def run(args, rank: int, size: int, device: torch.device) -> int:
+    model = build(args.shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32, args.fsdp)
     spec = PromptSpec("lopt1", n_tokens=args.tokens, rank=4)
     prompt = PromptModule(spec, init_params(spec, model.config.hidden_size, 0)).to(device)
     rng = np.random.default_rng(0)
@@ -63,9 +111,6 @@ def main(argv=None) -> int:
     cfg = TrainConfig(compile=args.compile_mode is not None, compile_mode=args.compile_mode, pad_to_multiple=1,
                       fsdp=args.fsdp)
     ops = Training(get_backend("torch"), model, LabelTokenizer(), prompt, task, data, None, cfg)
-    if device.type == "cuda":  # peak memory of training itself: the model is built whole before --fsdp shards it
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     batch = [list(range(rows))]
     for _ in range(3):
         ops.step(batch, 1e-3)
@@ -85,8 +130,6 @@ def main(argv=None) -> int:
                           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda"
                           else None, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}),
               flush=True)
-    if size > 1:
-        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -145,7 +145,8 @@ def _backend_and_model(args: argparse.Namespace):
     path = resolve_model(args.model, log=lambda m: print(m, file=sys.stderr))
     args.context = context_length(path)
     try:
-        model, tokenizer = backend.load_model(path, dtype=args.dtype, quiet=True)  # our own progress bars only
+        # quiet: our own progress bars only; fsdp (train): each GPU receives only its share of the blocks
+        model, tokenizer = backend.load_model(path, dtype=args.dtype, quiet=True, fsdp=getattr(args, "fsdp", False))
     except LrptError:
         raise
     except Exception as exc:  # transformers/mlx-lm refusing a folder (e.g. a pickle it will not load) is the folder's fault

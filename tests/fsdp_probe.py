@@ -1,5 +1,9 @@
-"""Run under torchrun by tests/test_distributed.py: bytes held by live tensors before and after
-``--fsdp`` shards a tiny model's blocks, and what they should be (the rest whole, blocks / world)."""
+"""Run under torchrun by tests/test_distributed.py and tests/test_gpu.py: what ``--fsdp`` leaves on
+each rank, and what it should be (the non-block weights whole, the blocks / world).
+
+``shard``: bytes held by live tensors before and after :func:`shard_model` shards a loaded model.
+``load``: ``load_model(fsdp=True)``, the path ``lrpt train --fsdp`` takes: this rank's bytes of
+weights, and on CUDA the peak memory of loading (one whole block at most beyond the share)."""
 
 import gc
 import json
@@ -23,11 +27,26 @@ def live_bytes() -> int:
     return total
 
 
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 rank, size = world(need_group=True)
-model, _ = get_backend("torch").load_model(sys.argv[1])
-blocks = sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
-before = live_bytes()
-shard_model(model)
-after = live_bytes()
+path, mode = sys.argv[1], sys.argv[2]
+if mode == "shard":
+    model, _ = get_backend("torch").load_model(path)
+    blocks = sum(nbytes(p) for p in model.model.layers.parameters())
+    before = live_bytes()
+    shard_model(model)
+    after = live_bytes()
+    report = {"before": before, "after": after, "expected": before - blocks + blocks // size}
+else:
+    model, _ = get_backend("torch").load_model(path, fsdp=True)
+    whole = sum(nbytes(p) for p in model.parameters())  # a sharded DTensor counts its global size
+    blocks = sum(nbytes(p) for p in model.model.layers.parameters())
+    local = sum(nbytes(getattr(p, "_local_tensor", p)) for p in model.parameters())
+    report = {"whole": whole, "local": local, "expected": whole - blocks + blocks // size,
+              "one_block": blocks // len(model.model.layers), "device": str(next(model.parameters()).device),
+              "peak": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
 if rank == 0:
-    print(json.dumps({"before": before, "after": after, "expected": before - blocks + blocks // size}), flush=True)
+    print(json.dumps(report), flush=True)

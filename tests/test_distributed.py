@@ -63,6 +63,22 @@ def test_two_processes_train_the_adapter_one_process_trains(backend, tiny_dirs, 
     relative_close(Adapter.load(one / "adapter"), Adapter.load(two / "adapter"))
 
 
+def test_two_nodes_of_one_process_train_the_adapter_one_process_trains(tiny_dirs, tmp_path):
+    """Multi-node torchrun, emulated on one host: two launchers (``--nnodes 2 --node-rank 0|1``), one
+    process each, so both ranks have LOCAL_RANK 0; rank 0 (global) alone writes the shared run."""
+    model = tiny_dirs["llama"]
+    assert launch("torch", 1, model, tmp_path / "one").returncode == 0
+    cli = ["-m", "lrpt.cli", "train", "--backend", "torch", "--model", str(model), *ARGS, "--out", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(i),
+                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", "29537", *cli],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-2000:]
+    relative_close(Adapter.load(tmp_path / "one" / "adapter"), Adapter.load(tmp_path / "two" / "adapter"))
+
+
 def test_fsdp_shards_the_blocks_and_trains_the_same_adapter(tiny_dirs, tmp_path):
     """FSDP2 (gloo, CPU): blocks sharded over two processes, the same adapter as one unsharded process;
     uneven evaluation shares still run in lockstep (11 rows over 2 ranks)."""
@@ -108,12 +124,21 @@ def test_two_processes_on_a_completion_task_weight_by_target_tokens(tiny_dirs, t
     assert evals[0]["eval_loss"] == pytest.approx(evals[1]["eval_loss"], rel=1e-5)
 
 
+def probe(model, mode: str, port: int) -> dict:
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(port), str(Path(__file__).with_name("fsdp_probe.py")), str(model), mode],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(next(line for line in r.stdout.splitlines() if line.startswith("{")))
+
+
 def test_fsdp_holds_the_blocks_once_over_the_ranks(tiny_dirs):
     """After --fsdp's sharding each rank holds the non-block weights whole and 1/N of the blocks."""
-    probe = Path(__file__).with_name("fsdp_probe.py")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        "29535", str(probe), str(tiny_dirs["llama"])], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    got = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("{")))
+    got = probe(tiny_dirs["llama"], "shard", 29535)
     assert got["after"] == pytest.approx(got["expected"], rel=0.02) and got["after"] < got["before"]
+
+
+def test_fsdp_loading_keeps_only_this_ranks_share(tiny_dirs):
+    """``load_model(fsdp=True)`` (what ``lrpt train --fsdp`` calls) returns the model sharded already."""
+    got = probe(tiny_dirs["llama"], "load", 29536)
+    assert got["local"] == pytest.approx(got["expected"], rel=0.02) and got["local"] < got["whole"]

@@ -231,3 +231,19 @@ def test_torchrun_ddp_and_fsdp_on_two_gpus_train_the_adapter_one_gpu_trains(tiny
         a, b = (Adapter.load(tmp_path / d / "adapter") for d in ("one", name))
         for k in a.params:
             assert np.linalg.norm(a.params[k] - b.params[k]) <= 1e-5 * np.linalg.norm(a.params[k]), (name, k)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_fsdp_loading_never_holds_the_whole_model_on_a_gpu(tmp_path):
+    """``lrpt train --fsdp`` loads into CPU memory and sends each GPU its share one block at a time:
+    its peak is the non-block weights, its share of the blocks and at most one whole block more
+    (12 blocks: loading whole would exceed that by 4.5 blocks)."""
+    from tiny import save_tiny
+
+    deep = save_tiny("llama", tmp_path / "deep", num_hidden_layers=12, hidden_size=256, intermediate_size=1024)
+    r = ok(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           str(Path(__file__).with_name("fsdp_probe.py")), str(deep), "load"],
+                          capture_output=True, text=True))
+    got = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("{")))
+    assert got["device"].startswith("cuda") and got["local"] == pytest.approx(got["expected"], rel=0.02)
+    assert got["peak"] <= got["expected"] + 1.5 * got["one_block"] < got["whole"]

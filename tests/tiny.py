@@ -39,7 +39,8 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def config(arch: str):
+def config(arch: str, **overrides):
+    """A tiny config of ``arch``; ``overrides`` change the common sizes (e.g. num_hidden_layers)."""
     import transformers as tf
 
     common = dict(
@@ -54,6 +55,7 @@ def config(arch: str):
         eos_token_id=2,
         pad_token_id=0,
     )
+    common.update(overrides)
     if arch == "llama":
         return tf.LlamaConfig(**common, tie_word_embeddings=False)
     if arch == "qwen2":
@@ -75,7 +77,7 @@ def config(arch: str):
     raise ValueError(arch)
 
 
-def save_tiny(arch: str, path: str | Path, seed: int = 0) -> Path:
+def save_tiny(arch: str, path: str | Path, seed: int = 0, **overrides) -> Path:
     """Write a tiny random ``arch`` model and the tokenizer to ``path``; returns the path."""
     import torch
     from safetensors.torch import save_file
@@ -83,7 +85,7 @@ def save_tiny(arch: str, path: str | Path, seed: int = 0) -> Path:
 
     path = Path(path)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config(arch), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config(arch, **overrides), dtype=torch.float32)
     with torch.no_grad():  # random init is tiny; make activations non-trivial
         for p in model.parameters():
             if p.ndim == 2:

@@ -34,12 +34,18 @@ _DTYPES = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "
            "float16": mx.float16, "fp16": mx.float16}
 
 
-def load_model(path: str | Path, dtype: str | None = None, device=None, quiet: bool = False):
+def load_model(path: str | Path, dtype: str | None = None, device=None, quiet: bool = False, fsdp: bool = False):
     """Load a frozen mlx-lm model and its tokenizer from an HF folder.
 
-    ``device`` and ``quiet`` exist for parity with the torch backend (mlx-lm shows no loading bar).
+    ``device`` and ``quiet`` exist for parity with the torch backend (mlx-lm shows no loading bar);
+    ``fsdp`` is refused (PyTorch's).
     """
     import mlx_lm
+
+    if fsdp:
+        from .step import refuse_fsdp
+
+        refuse_fsdp()
 
     try:
         model, tokenizer = mlx_lm.load(str(path))

@@ -21,6 +21,11 @@ from ...errors import TrainingError
 from ...trainer import TrainConfig
 
 
+def refuse_fsdp() -> None:
+    raise TrainingError("fsdp is PyTorch's FSDP2: with --backend mlx drop --fsdp (mlx.launch replicates the"
+                        " model on every process)")
+
+
 class Stepper:
     """One optimizer step over micro-batches; the AdamW moments in the core's checkpoint schema."""
 
@@ -28,8 +33,7 @@ class Stepper:
         if config.compile_mode:
             raise TrainingError("compile_mode is torch.compile's: with --backend mlx use --compile alone")
         if config.fsdp:
-            raise TrainingError("fsdp is PyTorch's FSDP2: with --backend mlx drop --fsdp (mlx.launch replicates the"
-                                " model on every process)")
+            refuse_fsdp()
         self.model, self.prompt, self.config = model, prompt, config
         self.opt = optim.AdamW(learning_rate=config.lr, betas=[0.9, 0.999], eps=1e-8,
                                weight_decay=config.weight_decay, bias_correction=True)

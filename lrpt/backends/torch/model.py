@@ -41,11 +41,13 @@ def default_device() -> torch.device:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
-               quiet: bool = False):
+               quiet: bool = False, fsdp: bool = False):
     """Load a frozen causal LM and its tokenizer from an HF folder (or hub name).
 
     dtype defaults to bfloat16 on CUDA and float32 elsewhere. All base weights are frozen.
-    ``quiet`` hides transformers' weight-loading progress bar.
+    ``quiet`` hides transformers' weight-loading progress bar. ``fsdp`` (under torchrun): the
+    weights are read into CPU memory and only this GPU's share reaches it (:func:`.step.shard_model`),
+    so a base larger than one GPU trains over several.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -70,7 +72,13 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError) as exc:
         raise LrptError(f"cannot load model {path}: {str(exc).splitlines()[0]}") from None
-    model.to(device).eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if fsdp:
+        from .step import shard_model
+
+        shard_model(model, device)
+    else:
+        model.to(device)
     model.name_or_path = str(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -134,18 +134,24 @@ def world(need_group: bool = False) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def shard_model(model) -> None:
+def shard_model(model, device: torch.device | None = None) -> None:
     """FSDP2 over the frozen model: each transformer block its own unit (``fully_shard``), gathered
     for its forward and backward only. The rest (embeddings, final norm, head: what lrpt calls
     outside the model's own forward, and what init and fingerprints read) stays whole on every GPU
     and outside FSDP: sharding it as a root unit and gathering it for good would hold it twice. The
-    blocks are found as the model's longest ``ModuleList``, so no per-architecture table is needed."""
+    blocks are found as the model's longest ``ModuleList``, so no per-architecture table is needed.
+
+    A model still on the CPU reaches ``device`` one block at a time: ``fully_shard`` moves a block
+    and keeps this rank's shard, so the GPU never holds more than one whole block."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         return
+    world(need_group=True)
     blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=None)
     if blocks is None or len(blocks) == 0:
         raise TrainingError(f"--fsdp: cannot find the transformer blocks of {type(model).__name__}")
     for block in blocks:
         fully_shard(block)
+    if device is not None:
+        model.to(device)  # the rest, whole; FSDP's own _apply keeps the sharded blocks as they are
