@@ -53,3 +53,13 @@ def test_cpu_smoke():
     pytest.importorskip("mlx_lm")
     out = run("benchmarks/cpu.py", "--smoke")
     assert set(json.loads(out.splitlines()[0])["step_ms"]) == {"mlx eager", "mlx compiled", "torch eager"}
+
+
+def test_ddp_fsdp_smoke():
+    """benchmarks/ddp.py on the CPU: one process, and two under torchrun with --fsdp (gloo)."""
+    small = ["--shape", "tiny", "--per-gpu", "2", "--length", "16", "--steps", "1", "--rounds", "1"]
+    one = json.loads(run("benchmarks/ddp.py", *small).splitlines()[-1])
+    two = json.loads(next(line for line in run("-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                               "--master-port", "29538", "benchmarks/ddp.py", *small,
+                                               "--fsdp").splitlines() if line.startswith("{")))
+    assert (one["gpus"], two["gpus"], two["fsdp"]) == (1, 2, True) and one["tok_s"] > 0 and two["tok_s"] > 0

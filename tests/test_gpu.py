@@ -247,3 +247,24 @@ def test_fsdp_loading_never_holds_the_whole_model_on_a_gpu(tmp_path):
     got = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("{")))
     assert got["device"].startswith("cuda") and got["local"] == pytest.approx(got["expected"], rel=0.02)
     assert got["peak"] <= got["expected"] + 1.5 * got["one_block"] < got["whole"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_nodes_of_one_gpu_train_the_adapter_one_gpu_trains(tiny_dirs, tmp_path):
+    """Multi-node torchrun emulated on one host: two launchers (``--nnodes 2``), each seeing one GPU as
+    cuda:0 (LOCAL_RANK 0 on both), NCCL between them: the adapter of one GPU (1e-5 relative)."""
+    args = ["train", "--backend", "torch", "--dtype", "float32", "--model", str(tiny_dirs["llama"]), "--task", "demo",
+            "--tokens", "4", "--rank", "2", "--batch-size", "12", "--train-limit", "60", "--eval-limit", "10",
+            "--steps", "6", "--lr", "0.02", "--schedule", "constant", "--warmup", "0", "--no-progress"]
+    ok(lrpt(*args, "--out", tmp_path / "one"))
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(i),
+                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", "29541",
+                               "-m", "lrpt.cli", *map(str, args), "--out", str(tmp_path / "two")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": str(i)}) for i in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-2000:]
+    a, b = (Adapter.load(tmp_path / d / "adapter") for d in ("one", "two"))
+    for k in a.params:
+        assert np.linalg.norm(a.params[k] - b.params[k]) <= 1e-5 * np.linalg.norm(a.params[k]), k
