@@ -3,7 +3,8 @@ each rank, and what it should be (the non-block weights whole, the blocks / worl
 
 ``shard``: bytes held by live tensors before and after :func:`shard_model` shards a loaded model.
 ``load``: ``load_model(fsdp=True)``, the path ``lrpt train --fsdp`` takes: this rank's bytes of
-weights, and on CUDA the peak memory of loading (one whole block at most beyond the share)."""
+weights, and on CUDA the peak memory of loading (one whole block at most beyond the share); then
+after a forward, how many block weights are gathered still (none should be)."""
 
 import gc
 import json
@@ -48,5 +49,8 @@ else:
     report = {"whole": whole, "local": local, "expected": whole - blocks + blocks // size,
               "one_block": blocks // len(model.model.layers), "device": str(next(model.parameters()).device),
               "peak": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
+    with torch.no_grad():
+        model(torch.arange(1, 9, device=report["device"])[None])
+    report["gathered_after_forward"] = sum(not hasattr(p, "_local_tensor") for p in model.model.layers.parameters())
 if rank == 0:
     print(json.dumps(report), flush=True)

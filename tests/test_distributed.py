@@ -142,3 +142,4 @@ def test_fsdp_loading_keeps_only_this_ranks_share(tiny_dirs):
     """``load_model(fsdp=True)`` (what ``lrpt train --fsdp`` calls) returns the model sharded already."""
     got = probe(tiny_dirs["llama"], "load", 29536)
     assert got["local"] == pytest.approx(got["expected"], rel=0.02) and got["local"] < got["whole"]
+    assert got["gathered_after_forward"] == 0  # each block frees its gathered weights after its forward

@@ -247,6 +247,7 @@ def test_fsdp_loading_never_holds_the_whole_model_on_a_gpu(tmp_path):
     got = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("{")))
     assert got["device"].startswith("cuda") and got["local"] == pytest.approx(got["expected"], rel=0.02)
     assert got["peak"] <= got["expected"] + 1.5 * got["one_block"] < got["whole"]
+    assert got["gathered_after_forward"] == 0
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

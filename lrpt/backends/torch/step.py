@@ -152,6 +152,8 @@ def shard_model(model, device: torch.device | None = None) -> None:
     if blocks is None or len(blocks) == 0:
         raise TrainingError(f"--fsdp: cannot find the transformer blocks of {type(model).__name__}")
     for block in blocks:
-        fully_shard(block)
+        # Explicit: with no FSDP root above them each block is a root, and a root by default keeps its
+        # weights gathered after forward (for its backward), which would gather every block at once.
+        fully_shard(block, reshard_after_forward=True)
     if device is not None:
         model.to(device)  # the rest, whole; FSDP's own _apply keeps the sharded blocks as they are
