@@ -80,12 +80,13 @@ def test_two_nodes_of_one_process_train_the_adapter_one_process_trains(tiny_dirs
 
 
 def test_fsdp_shards_the_blocks_and_trains_the_same_adapter(tiny_dirs, tmp_path):
-    """FSDP2 (gloo, CPU): blocks sharded over two processes, the same adapter as one unsharded process;
-    uneven evaluation shares still run in lockstep (11 rows over 2 ranks)."""
+    """FSDP2 (gloo, CPU): blocks sharded over two processes, the same adapter as one unsharded process,
+    from a text init; uneven evaluation shares still run in lockstep (11 rows over 2 ranks)."""
     model = tiny_dirs["llama"]
-    r = launch("torch", 1, model, tmp_path / "one")
+    init = ["--init", "text", "--init-text", "a good film"]  # init reads the embeddings, kept whole under FSDP
+    r = launch("torch", 1, model, tmp_path / "one", *init)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = launch("torch", 2, model, tmp_path / "fsdp", "--fsdp")
+    r = launch("torch", 2, model, tmp_path / "fsdp", "--fsdp", *init)
     assert r.returncode == 0, r.stderr[-2000:]
     relative_close(Adapter.load(tmp_path / "one" / "adapter"), Adapter.load(tmp_path / "fsdp" / "adapter"))
     last = [json.loads(x) for x in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()][-1]
