@@ -56,7 +56,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, defaults: dict[str, An
         kind, optional = _base_type(hints[f.name])
         default = (defaults or {}).get(f.name, f.default)
         name = f.metadata["flag"] or "--" + f.name.replace("_", "-")
-        shown = f"{f.metadata['help']} (default: {default})"
+        shown = f"{f.metadata['help']} (default: {'auto' if kind is bool and default is None else default})"
         if kind is bool:
             parser.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=shown)
