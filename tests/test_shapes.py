@@ -151,3 +151,25 @@ def test_train_says_how_the_step_runs(llama):
                       TrainConfig(steps=1, batch_size=8, progress=False), log=lines.append)
     assert len(lines) == 1 and lines[0].startswith("training step: eager: auto: on cpu,")
     assert result.compile_choice.startswith("eager")
+
+
+def test_compile_flag_is_on_off_or_auto():
+    import argparse
+
+    from lrpt import flags
+    from lrpt.errors import LrptError
+
+    def parse(argv, config):
+        parser = argparse.ArgumentParser()
+        defaults = flags.add_flags(parser, TrainConfig)
+        args = parser.parse_args(argv)
+        flags.resolve(args, defaults, config, "run.yaml", {a.dest: a for a in parser._actions})
+        return flags.build(TrainConfig, args).compile
+
+    assert parse([], {}) is None and parse(["--compile"], {}) is True and parse(["--no-compile"], {}) is False
+    assert parse([], {"compile": "auto"}) is None and parse([], {"compile": True}) is True
+    assert parse(["--no-compile"], {"compile": True}) is False  # typed flags win
+    with pytest.raises(LrptError, match="compile must be true, false or auto"):
+        parse([], {"compile": "maybe"})
+    with pytest.raises(LrptError, match="keep_best must be true or false"):
+        parse([], {"keep_best": "auto"})
