@@ -1,19 +1,38 @@
-"""Training and inference speed: HF PEFT prompt tuning vs lrpt, same model, batch and dtype, one process.
+"""Training speed: lrpt against fair anchors, same model, batch, dtype and process.
 
-Training rows (batch B × L input tokens, an n-token prompt, AdamW on the prompt only, the
-loss of a 2-way label-word classifier at the last position):
+Every row is one training step (batch B × L input tokens, an n-token prompt, AdamW on the prompt
+only, the loss of a 2-way label-word classifier at the last position), reported as tok/s and as a
+ratio to **the compiled floor**:
 
-- ``peft``: HF PEFT prompt tuning (PeftModelForCausalLM), logits at every position, as PEFT does;
-- ``frozen-last``: the frozen model alone with the head at the last position only (anchor: the
-  cost of a forward and an activation-gradient backward, no prompt machinery);
-- ``lrpt-<method>``: lrpt's real training step (``lrpt.training.Training.step``), eager or compiled.
+- ``peft``: HF PEFT prompt tuning (PeftModelForCausalLM) eagerly, logits at every position, as
+  PEFT does by default;
+- ``peft-keep1``: the same with ``logits_to_keep=1``: PeftModelForCausalLM passes extra keyword
+  arguments through to the base model for prompt tuning (peft 0.21: ``self.base_model(
+  inputs_embeds=..., **kwargs)``), so the head runs at the last position only; checked at run time
+  (the logits must have one position, else the script stops);
+- ``peft+compile``: ``peft`` with its forward and loss under ``torch.compile`` (``--compile-mode``);
+- ``floor`` / ``floor+compile``: what a skilled user writes by hand in ~20 lines: the frozen HF
+  model, an ``nn.Parameter`` prompt concatenated in front of ``inputs_embeds``, the backbone
+  (``model.model``), the head at the last position only, cross-entropy over the two label
+  logits, backward, fused AdamW; eager and compiled with ``--compile-mode`` (reduce-overhead:
+  CUDA graphs);
+- ``lrpt-<method>`` / ``lrpt-<method>+compile``: lrpt's real training step
+  (``lrpt.training.Training.step``, gradient clipping at 1.0 included), eager and compiled with the
+  same mode.
 
-Variants alternate in rounds after warm-up; each figure is the median over rounds of the
-mean step time of a round, timed with CUDA events (wall clock on CPU). Throughput counts
-input tokens (B × L). Generation speed is benchmarks/generate.py's.
+Anchors get lrpt's advantages: bf16 weights and autocast on CUDA, fused AdamW on CUDA, the same
+compile mode. ``vs_floor`` is the compiled floor's step time over the row's (> 1: faster than the
+floor); where compiled variants are skipped (``--smoke``), the eager floor is the reference and the
+JSON says so. Input shapes (``--inputs``): ``long`` is B=16 × 256 tokens, ``short`` B=32 × 48 tokens
+(classification-sized); each runs as its own block of variants.
 
-    python benchmarks/speed.py --device cuda --shape smollm2-135m
-    python benchmarks/speed.py --device cpu --smoke        # seconds; run by the test suite
+Variants alternate in rounds after warm-up; each figure is the median over rounds of the mean step
+time of a round, timed with CUDA events (wall clock on CPU). Throughput counts input tokens (B × L).
+Every result is printed as one JSON line as soon as its block ends (and appended to
+``--out DIR``/speed.jsonl).
+
+    python3 benchmarks/speed.py --device cuda --shape smollm2-135m --out logs/
+    python3 benchmarks/speed.py --device cpu --smoke        # seconds; run by the test suite
 """
 
 from __future__ import annotations
@@ -77,50 +96,83 @@ def nonembedding_params(model) -> int:
     return sum(p.numel() for p in model.parameters()) - emb - (0 if tied else out.numel())
 
 
+INPUTS = {"long": (16, 256), "short": (32, 48)}  # name: (batch B, input tokens L)
+
+
 def lrpt_step(model, method: str, rows: list[list[int]], labels: list[int], n: int, compile_mode: str | None):
+    """lrpt's own training step on one fixed batch (compiled with ``compile_mode``, or eager if None)."""
     rank = None if method == "prompt" else 4
     spec = PromptSpec(method, n_tokens=n, rank=rank)
     dim = model.config.hidden_size
     prompt = PromptModule(spec, init_params(spec, dim, 0)).to(model.device)
     task = Task("bench", template="{text}", label_words=[" 0", " 1"])
     data = [Encoded(r, y) for r, y in zip(rows, labels)]
-    cfg = TrainConfig(compile=compile_mode is not None, compile_mode=compile_mode or None, pad_to_multiple=1)
+    cfg = TrainConfig(compile=compile_mode is not None, compile_mode=compile_mode, pad_to_multiple=1,
+                      batch_size=len(rows), progress=False)
     ops = Training(get_backend("torch"), model, LabelTokenizer(), prompt, task, data, None, cfg)
     batch = [list(range(len(rows)))]
     return lambda: ops.step(batch, 1e-3)
 
 
-def peft_step(model, ids, mask, labels, n: int):
+def peft_steps(model, ids, mask, labels, n: int, compile_mode: str | None) -> dict[str, object]:
+    """PEFT prompt tuning as a user runs it: eager, eager with ``logits_to_keep=1``, and compiled."""
     from peft import PeftModelForCausalLM, PromptTuningConfig
 
     peft_model = PeftModelForCausalLM(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n))
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    fused = model.device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=1e-3, fused=fused)
     label_ids = torch.tensor([x[0] for x in LABELS], device=model.device)
+
+    def loss_fn(ids, mask, labels, keep):
+        extra = {"logits_to_keep": keep} if keep else {}
+        logits = peft_model(input_ids=ids, attention_mask=mask, **extra).logits
+        if keep and logits.shape[1] != keep:
+            raise SystemExit(f"PEFT did not pass logits_to_keep={keep} to the base model: {logits.shape[1]} positions")
+        logits = logits[:, -1].float()
+        return torch.nn.functional.cross_entropy(torch.log_softmax(logits, -1)[:, label_ids], labels)
+
+    def make(fn, keep):
+        opt = torch.optim.AdamW(params, lr=1e-3, fused=model.device.type == "cuda")
+
+        def step():
+            with _autocast(model):
+                loss = fn(ids, mask, labels, keep)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        return step
+
+    out = {"peft": make(loss_fn, 0), "peft-keep1": make(loss_fn, 1)}
+    if compile_mode is not None:
+        out["peft+compile"] = make(torch.compile(loss_fn, mode=compile_mode), 0)
+    return out
+
+
+def floor_step(model, ids, labels, n: int, compile_mode: str | None):
+    """The hand-written soft-prompt step a skilled user writes (the anchor every row is a ratio to)."""
+    emb, dev = model.get_input_embeddings(), model.device
+    torch.manual_seed(0)
+    prompt = torch.nn.Parameter(torch.randn(n, emb.weight.shape[1], device=dev) * emb.weight.float().std())
+    opt = torch.optim.AdamW([prompt], lr=1e-3, fused=dev.type == "cuda")
+    label_ids = torch.tensor([x[0] for x in LABELS], device=dev)
+
+    def loss_fn(ids, labels):
+        x = emb(ids)
+        x = torch.cat([prompt.to(x.dtype).expand(ids.shape[0], -1, -1), x], 1)
+        h = model.model(inputs_embeds=x, use_cache=False).last_hidden_state[:, -1]
+        logits = model.lm_head(h).float()
+        return torch.nn.functional.cross_entropy(logits[:, label_ids], labels)
+
+    fn = torch.compile(loss_fn, mode=compile_mode) if compile_mode is not None else loss_fn
 
     def step():
         with _autocast(model):
-            logits = peft_model(input_ids=ids, attention_mask=mask).logits[:, -1].float()
-            loss = torch.nn.functional.cross_entropy(torch.log_softmax(logits, -1)[:, label_ids], labels)
+            loss = fn(ids, labels)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return step, peft_model
-
-
-def frozen_last_step(model, ids, labels):
-    label_ids = torch.tensor([x[0] for x in LABELS], device=model.device)
-
-    def step():
-        with _autocast(model):
-            x = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-            logits = model(inputs_embeds=x, logits_to_keep=1).logits[:, -1].float()
-            loss = torch.nn.functional.cross_entropy(torch.log_softmax(logits, -1)[:, label_ids], labels)
-        loss.backward()
         return loss.detach()
 
     return step
@@ -148,26 +200,27 @@ def time_steps(fn, steps: int, device: str) -> float:
     return (time.perf_counter() - t) * 1000 / steps
 
 
-def bench_training(model, args) -> list[dict]:
+def bench_training(model, args, name: str, batch: int, seq: int, compiled: bool) -> list[dict]:
+    """Every variant on one input shape, alternating in rounds; one result dict per variant."""
     dev = model.device
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
-    rows = [rng.integers(100, vocab, args.seq).tolist() for _ in range(args.batch)]
-    labels = rng.integers(0, 2, args.batch).tolist()
+    rows = [rng.integers(100, vocab, seq).tolist() for _ in range(batch)]
+    labels = rng.integers(0, 2, batch).tolist()
     ids = torch.tensor(rows, device=dev)
     mask = torch.ones_like(ids)
     y = torch.tensor(labels, device=dev)
-    variants: dict[str, object] = {}
-    variants["frozen-last"] = frozen_last_step(model, ids, y)
-    peft_fn, _ = peft_step(model, ids, mask, y, args.tokens)
-    variants["peft"] = peft_fn
+    mode = args.compile_mode if compiled else None
+    variants: dict[str, object] = {"floor": floor_step(model, ids, y, args.tokens, None)}
+    if compiled:
+        variants["floor+compile"] = floor_step(model, ids, y, args.tokens, mode)
+    variants.update(peft_steps(model, ids, mask, y, args.tokens, mode))
     for method in args.methods:
         variants[f"lrpt-{method}"] = lrpt_step(model, method, rows, labels, args.tokens, None)
-    for method in args.compiled:
-        variants[f"lrpt-{method}+{args.compile_mode}"] = lrpt_step(model, method, rows, labels, args.tokens,
-                                                                  args.compile_mode)
-    peak, times = {}, {k: [] for k in variants}
-    for name, fn in variants.items():  # warm-up (compilation, graph capture), peak memory over it
+    for method in args.compiled if compiled else []:
+        variants[f"lrpt-{method}+compile"] = lrpt_step(model, method, rows, labels, args.tokens, mode)
+    peak, warm, times = {}, {}, {k: [] for k in variants}
+    for key, fn in variants.items():  # warm-up (compilation, graph capture), peak memory over it
         t0 = time.perf_counter()
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -176,19 +229,22 @@ def bench_training(model, args) -> list[dict]:
             fn()
         if dev.type == "cuda":
             torch.cuda.synchronize()
-            peak[name] = torch.cuda.max_memory_allocated() / 2**30
-        print(f"  warmed {name} in {time.perf_counter() - t0:.1f} s", flush=True)
+            peak[key] = torch.cuda.max_memory_allocated() / 2**30
+        warm[key] = time.perf_counter() - t0
+        print(f"  [{name}] warmed {key} in {warm[key]:.1f} s", file=sys.stderr, flush=True)
     for _ in range(args.rounds):
-        for name, fn in variants.items():
-            times[name].append(time_steps(fn, args.steps, dev.type))
-    tokens = args.batch * args.seq
-    ms_peft = statistics.median(times["peft"])
+        for key, fn in variants.items():
+            times[key].append(time_steps(fn, args.steps, dev.type))
+    reference = "floor+compile" if compiled else "floor"
+    ms_ref = statistics.median(times[reference])
+    tokens = batch * seq
     out = []
-    for name in variants:
-        ms = statistics.median(times[name])
-        out.append({"variant": name, "step_ms": round(ms, 3), "tok_s": round(tokens / ms * 1000),
-                    "vs_peft": round(ms_peft / ms, 3), "peak_gib": round(peak.get(name, float("nan")), 2),
-                    "spread_ms": round(max(times[name]) - min(times[name]), 3)})
+    for key in variants:
+        ms = statistics.median(times[key])
+        out.append({"input": name, "batch": batch, "seq": seq, "variant": key, "step_ms": round(ms, 3),
+                    "tok_s": round(tokens / ms * 1000), "vs_floor": round(ms_ref / ms, 3), "reference": reference,
+                    "peak_gib": round(peak[key], 2) if key in peak else None, "warmup_s": round(warm[key], 1),
+                    "spread_ms": round(max(times[key]) - min(times[key]), 3), "rounds": args.rounds})
     return out
 
 
@@ -196,38 +252,77 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--tokens", type=int, default=20)
-    ap.add_argument("--methods", nargs="*", default=["prompt", "lopt1", "lopt2", "lopa"])
-    ap.add_argument("--compiled", nargs="*", default=[], help="methods to also run compiled")
-    ap.add_argument("--compile-mode", default="reduce-overhead")
+    ap.add_argument("--inputs", nargs="+", default=["long", "short"], choices=sorted(INPUTS),
+                    help="input shapes: long = 16 x 256 tokens, short = 32 x 48 tokens")
+    ap.add_argument("--batch", type=int, help="a custom input shape instead of --inputs (with --seq)")
+    ap.add_argument("--seq", type=int, help="input tokens of the custom shape")
+    ap.add_argument("--tokens", type=int, default=20, help="prompt tokens n")
+    ap.add_argument("--methods", nargs="*", default=["lopt1"], help="lrpt methods to run eagerly")
+    ap.add_argument("--compiled", nargs="*", default=["lopt1"], help="lrpt methods to run compiled")
+    ap.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of every compiled row")
+    ap.add_argument("--no-compile", action="store_true", help="skip every compiled row (the eager floor is the reference)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--smoke", action="store_true", help="tiny shape, few steps (CPU test)")
-    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--smoke", action="store_true", help="tiny shape, few steps, no compiled rows (CPU test)")
+    ap.add_argument("--json", help="write all results here as one JSON document")
+    ap.add_argument("--out", help="directory to append the JSON lines to (speed.jsonl)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.shape, args.batch, args.seq, args.warmup, args.steps, args.rounds = "tiny", 2, 16, 1, 1, 2
-        args.tokens = 4
+        args.shape, args.warmup, args.steps, args.rounds, args.tokens = "tiny", 1, 1, 2, 4
+        args.batch, args.seq, args.no_compile = 2, 16, True
+    if (args.batch is None) != (args.seq is None):
+        ap.error("--batch and --seq go together")
+    inputs = {"custom": (args.batch, args.seq)} if args.batch else {k: INPUTS[k] for k in args.inputs}
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = build_model(args.shape, args.device, dtype)
     info = {"shape": args.shape, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-            "dtype": str(dtype), "batch": args.batch, "seq": args.seq, "prompt_tokens": args.tokens,
-            "nonembedding_params": nonembedding_params(model), "torch": torch.__version__}
-    print(json.dumps(info), flush=True)
-    train = bench_training(model, args)
+            "dtype": str(dtype), "inputs": inputs, "prompt_tokens": args.tokens,
+            "compile_mode": None if args.no_compile else args.compile_mode,
+            "nonembedding_params": nonembedding_params(model), "torch": torch.__version__,
+            "commit": _commit()}
+    log = Path(args.out) / "speed.jsonl" if args.out else None
+    if log:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    emit(info, log)
     flops_per_token = 4 * info["nonembedding_params"]  # forward + activation-gradient backward
+    train = []
+    for name, (batch, seq) in inputs.items():
+        for r in bench_training(model, args, name, batch, seq, compiled=not args.no_compile):
+            r["tflops"] = round(r["tok_s"] * flops_per_token / 1e12, 1)
+            emit(r, log)
+            train.append(r)
+    print(f"\n{'input':<8}{'variant':<26}{'step ms':>10}{'tok/s':>12}{'vs floor':>10}{'peak GiB':>10}"
+          f"{'TFLOP/s':>9}", file=sys.stderr)
     for r in train:
-        r["tflops"] = round(r["tok_s"] * flops_per_token / 1e12, 1)
-    print(f"\n{'variant':<34}{'step ms':>10}{'tok/s':>12}{'vs PEFT':>9}{'peak GiB':>10}{'TFLOP/s':>9}")
-    for r in train:
-        print(f"{r['variant']:<34}{r['step_ms']:>10.2f}{r['tok_s']:>12,}{r['vs_peft']:>9.2f}"
-              f"{r['peak_gib']:>10.2f}{r['tflops']:>9.1f}")
+        peak = f"{r['peak_gib']:>10.2f}" if r["peak_gib"] is not None else f"{'-':>10}"
+        print(f"{r['input']:<8}{r['variant']:<26}{r['step_ms']:>10.2f}{r['tok_s']:>12,}{r['vs_floor']:>10.2f}"
+              f"{peak}{r['tflops']:>9.1f}", file=sys.stderr)
+    print(f"(vs floor: the step time of {train[0]['reference']} over the row's)", file=sys.stderr, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "train": train}, indent=2))
     return 0
+
+
+def emit(record: dict, log: Path | None) -> None:
+    """One JSON line on stdout now (unbuffered), and appended to the log file if there is one."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if log is not None:
+        with log.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def _commit() -> str | None:
+    """The commit being measured (RESULTS.md names it), if this is a git checkout."""
+    import subprocess
+
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                           cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() or None
 
 
 if __name__ == "__main__":

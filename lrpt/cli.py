@@ -271,7 +271,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec = None if start_from else flags.build(PromptSpec, args, rank=None if args.method == "prompt" else args.rank)
     if spec is not None:
         spec.validate()
-    train_config = flags.build(TrainConfig, args, compile=args.compile or bool(args.compile_mode)).validate()
+    # --compile-mode alone asks for compilation; --no-compile wins over a mode (the printed choice says so).
+    compile_ = True if args.compile is None and args.compile_mode else args.compile
+    train_config = flags.build(TrainConfig, args, compile=compile_).validate()
     if args.eval_limit is not None:
         check_number("eval_limit", args.eval_limit, low=0, integer=True)
     task = _task_from_args(args, known.task if known else None)
@@ -287,7 +289,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         prompt = backend.init_prompt(spec, model, tokenizer, seed=train_config.seed)
     began = time.perf_counter()
     result = backend.train(model, tokenizer, prompt, task, train_rows, eval_rows, train_config, out,
-                           resume=args.resume, context=args.context, truncate=not args.no_truncate)
+                           resume=args.resume, context=args.context, truncate=not args.no_truncate,
+                           log=lambda m: print(f"lrpt: {m}", file=sys.stderr, flush=True))
     seconds = time.perf_counter() - began
     spec = prompt.spec
     rows = [("backend", name), ("method", spec.method), ("prompt tokens", spec.n_tokens),
@@ -296,6 +299,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             ("training examples", len(train_rows))]
     if result.truncated:
         rows.append(("truncated inputs", f"{result.truncated} (longer than the model's context)"))
+    if result.compile_choice:
+        rows.append(("training step", result.compile_choice))
     rows += [("steps", result.step),
             ("final train loss", f"{result.final_loss:.4f}")]
     if result.best_metric is not None:

@@ -189,14 +189,19 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     raise DataError(f"unknown schedule {schedule!r}: use cosine, linear or constant")
 
 
-def target_positions(seqs: Sequence[Sequence[int]], n_targets: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def target_positions(seqs: Sequence[Sequence[int]], n_targets: Sequence[int],
+                     width: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Where to read log-probabilities of the last ``n_targets[i]`` tokens of each sequence.
 
     Returns (token index of the predicting position, target id, weight 1/0), each (B, Kmax):
     the logits at token t predict token t+1, so target j of row i is read at
     ``len(seq) - n + j - 1``. Both backends score label words and completions this way.
+    ``width`` fixes Kmax (a compiled step's shapes); the extra slots have weight 0.
     """
-    width = max(n_targets)
+    if width is None:
+        width = max(n_targets)
+    elif width < max(n_targets):
+        raise DataError(f"a target has {max(n_targets)} tokens, more than the fixed target width {width}")
     index = np.zeros((len(seqs), width), np.int64)
     target = np.zeros((len(seqs), width), np.int64)
     weight = np.zeros((len(seqs), width), np.float32)

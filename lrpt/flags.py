@@ -56,10 +56,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, defaults: dict[str, An
         kind, optional = _base_type(hints[f.name])
         default = (defaults or {}).get(f.name, f.default)
         name = f.metadata["flag"] or "--" + f.name.replace("_", "-")
-        shown = f"{f.metadata['help']} (default: {default})"
+        shown = f"{f.metadata['help']} (default: {'auto' if kind is bool and default is None else default})"
         if kind is bool:
-            parser.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=shown)
+            action = parser.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction,
+                                         default=argparse.SUPPRESS, help=shown)
+            action.auto = optional  # ``bool | None``: None means auto, and a config may say "auto"
         elif kind is str:
             parser.add_argument(name, dest=f.name, default=argparse.SUPPRESS, choices=f.metadata["choices"], help=shown)
         else:
@@ -107,8 +108,11 @@ def _check(action: argparse.Action, value: Any, what: str) -> Any:
     if value is None:
         return None
     if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction)):
+        if value == "auto" and getattr(action, "auto", False):
+            return None
         if not isinstance(value, bool):
-            raise LrptError(f"{what} must be true or false, not {value!r}")
+            choices = "true, false or auto" if getattr(action, "auto", False) else "true or false"
+            raise LrptError(f"{what} must be {choices}, not {value!r}")
         return value
     if action.type is not None:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):

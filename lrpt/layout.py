@@ -41,8 +41,13 @@ class Layout:
 
 
 def pack(tokens: Sequence[Sequence[int]], n_prompt: int | Sequence[int], padding_side: str = "left",
-         pad_id: int = 0, pad_to_multiple: int = 1) -> Layout:
-    """Lay out rows of token ids behind prompts of ``n_prompt`` tokens (per row or shared)."""
+         pad_id: int = 0, pad_to_multiple: int = 1, width: int | None = None,
+         token_width: int | None = None) -> Layout:
+    """Lay out rows of token ids behind prompts of ``n_prompt`` tokens (per row or shared).
+
+    ``width`` and ``token_width`` fix W and T instead of fitting them to the rows (a compiled
+    step traces once per shape, so its batches come in a few fixed shapes: :mod:`lrpt.shapes`);
+    the extra slots are padding, masked like any other."""
     if padding_side not in ("left", "right"):
         raise ValueError("padding_side must be 'left' or 'right'")
     b = len(tokens)
@@ -52,7 +57,15 @@ def pack(tokens: Sequence[Sequence[int]], n_prompt: int | Sequence[int], padding
         raise LrptError("a row has no tokens: every input needs at least one token")
     n_max, t_max = int(n.max()), int(lengths.max())
     content = n + lengths
-    width = int(math.ceil(int(content.max()) / pad_to_multiple) * pad_to_multiple)
+    fitted = int(math.ceil(int(content.max()) / pad_to_multiple) * pad_to_multiple)
+    if width is None:
+        width = fitted
+    elif width < int(content.max()):
+        raise LrptError(f"a batch row needs {int(content.max())} positions, more than the fixed width {width}")
+    if token_width is not None:
+        if token_width < t_max:
+            raise LrptError(f"a batch row has {t_max} tokens, more than the fixed token width {token_width}")
+        t_max = token_width
     ids = np.full((b, width), pad_id, np.int64)
     src = np.full((b, width), n_max, np.int64)
     is_prompt = np.zeros((b, width), bool)
@@ -112,37 +125,53 @@ class Batch:
         return cls(**{k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
 
 
+def fixed_width(n_max: int, tokens: int | None, pad_to_multiple: int) -> int | None:
+    """The width W of a batch whose token width is fixed at ``tokens`` (None: fitted to the rows)."""
+    if tokens is None:
+        return None
+    return int(math.ceil((n_max + tokens) / pad_to_multiple) * pad_to_multiple)
+
+
 def scoring_arrays(rows: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]], n: Sequence[int],
-                   pad_id: int = 0, pad_to_multiple: int = 1) -> dict[str, Any]:
+                   pad_id: int = 0, pad_to_multiple: int = 1, tokens: int | None = None) -> dict[str, Any]:
     """Host-side layout for label scoring (right padded), as ``{name: Layout or array}``.
 
     Single-token label words need the input batch only (``in``) and the ids (``label_ids``);
     multi-token words add one input+word sequence per (row, label) (``seq``) and the positions of
-    the word's tokens (``index``, ``target``, ``weight``).
+    the word's tokens (``index``, ``target``, ``weight``). ``tokens`` fixes the input batch's
+    token width (and with it every shape here), for compiled steps.
     """
-    out: dict[str, Any] = {"in": pack(rows, n, "right", pad_id, pad_to_multiple)}
+    n_max = int(max(n))
+    out: dict[str, Any] = {"in": pack(rows, n, "right", pad_id, pad_to_multiple,
+                                      fixed_width(n_max, tokens, pad_to_multiple), tokens)}
     if all(len(ids) == 1 for ids in label_ids):
         out["label_ids"] = np.array([ids[0] for ids in label_ids], np.int64)
         return out
     k = len(label_ids)
     long_rows = [list(r) + list(ids) for r in rows for ids in label_ids]
-    out["seq"] = pack(long_rows, [x for x in n for _ in range(k)], "right", pad_id, pad_to_multiple)
+    seq_tokens = None if tokens is None else tokens + max(map(len, label_ids))
+    out["seq"] = pack(long_rows, [x for x in n for _ in range(k)], "right", pad_id, pad_to_multiple,
+                      fixed_width(n_max, seq_tokens, pad_to_multiple), seq_tokens)
     return {**out, **_targets(long_rows, [len(label_ids[j % k]) for j in range(len(long_rows))])}
 
 
 def completion_arrays(inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], n: int, pad_id: int = 0,
-                      pad_to_multiple: int = 1) -> dict[str, Any]:
+                      pad_to_multiple: int = 1, tokens: int | None = None,
+                      target_width: int | None = None) -> dict[str, Any]:
     """Host-side layout for the completion loss: the input alone (``in``, LoPA encodes it) and
-    input+target (``seq``) with the target tokens' positions."""
+    input+target (``seq``) with the target tokens' positions. ``tokens`` fixes the token width of
+    both batches and ``target_width`` the width of the target arrays, for compiled steps."""
     seqs = [list(a) + list(t) for a, t in zip(inputs, targets)]
-    return {"in": pack(inputs, n, "right", pad_id), "seq": pack(seqs, n, "right", pad_id, pad_to_multiple),
-            **_targets(seqs, [len(t) for t in targets])}
+    width = fixed_width(n, tokens, pad_to_multiple)
+    return {"in": pack(inputs, n, "right", pad_id, 1 if tokens is None else pad_to_multiple, width, tokens),
+            "seq": pack(seqs, n, "right", pad_id, pad_to_multiple, width, tokens),
+            **_targets(seqs, [len(t) for t in targets], target_width)}
 
 
-def _targets(seqs, n_targets) -> dict[str, np.ndarray]:
+def _targets(seqs, n_targets, width: int | None = None) -> dict[str, np.ndarray]:
     from .data import target_positions
 
-    index, target, weight = target_positions(seqs, n_targets)
+    index, target, weight = target_positions(seqs, n_targets, width)
     return {"index": index, "target": target, "weight": weight}
 
 

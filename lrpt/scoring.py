@@ -61,10 +61,21 @@ def cross_entropy(xp, scores, labels):
     return -xp.mean(xp.take_last(xp.log_softmax(scores), labels[:, None]))
 
 
+def weighted_cross_entropy(xp, scores, labels, row_weight):
+    """Cross-entropy of (B, K) label scores summed with (B,) row weights (1/real rows, 0 for padding)."""
+    return -xp.sum(xp.take_last(xp.log_softmax(scores), labels[:, None])[:, 0] * row_weight)
+
+
 def task_loss(be, model, prompt, task: Task, arrays: dict[str, Any], num_labels: int):
-    """The training loss of one batch: cross-entropy over label scores, or the mean completion NLL."""
+    """The training loss of one batch: cross-entropy over label scores, or the mean completion NLL.
+
+    A batch padded to a fixed shape (``row_weight``, :meth:`lrpt.training.Training.prepare`) averages
+    over its real rows only; its copied rows weigh 0 (their completion targets too)."""
     if task.kind == "classification":
-        return cross_entropy(be.ops, label_scores(be, model, prompt, arrays, num_labels), arrays["labels"])
+        scores = label_scores(be, model, prompt, arrays, num_labels)
+        if "row_weight" in arrays:
+            return weighted_cross_entropy(be.ops, scores, arrays["labels"], arrays["row_weight"])
+        return cross_entropy(be.ops, scores, arrays["labels"])
     nll, count = completion_nll(be, model, prompt, arrays)
     return nll / be.ops.clamp_min(count, 1.0)
 

@@ -22,6 +22,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -84,8 +85,10 @@ class TrainConfig:
     seed: int = knob(0, "seed of the prompt's initialisation, data order and dropout")
     bucket: bool = knob(True, "batch rows of similar length together (less padding)")
     pad_to_multiple: int = knob(8, "pad batch widths to a multiple of this (fewer shapes to compile)")
-    compile: bool = knob(False, "compile the step (torch.compile / mx.compile)")
-    compile_mode: str | None = knob(None, "torch.compile mode, e.g. reduce-overhead (CUDA graphs); torch only")
+    compile: bool | None = knob(None, "compile the step (torch.compile / mx.compile) in a few fixed batch shapes;"
+                                      " unset: auto, compiled on CUDA when the run repays it (lrpt.shapes)")
+    compile_mode: str | None = knob(None, "torch.compile mode, e.g. reduce-overhead (CUDA graphs; auto's choice);"
+                                          " torch only")
     grad_checkpoint: bool = knob(False, "recompute layer activations in the backward pass; MLX only")
     fsdp: bool = knob(False, "shard the frozen model's blocks over the GPUs with FSDP2 (torch, under torchrun)")
     progress: bool = knob(True, "show a progress bar")
@@ -121,6 +124,7 @@ class TrainResult:
     adapter_dir: str | None
     history: list[dict[str, Any]] = field(default_factory=list)
     truncated: int = 0  # training inputs cut to fit the model's context
+    compile_choice: str = ""  # how the step ran (eager or compiled) and why
 
 
 class TrainOps(Protocol):
@@ -158,6 +162,15 @@ def plan(config: TrainConfig, n_examples: int) -> tuple[int, int]:
     return total, min(warmup, total)
 
 
+def run_micro_batches(lengths: list[int], config: TrainConfig) -> Iterator[list[int]]:
+    """Every micro-batch of a whole run, in order (what :func:`run_training` will step through):
+    a compiled run reads it ahead to know its batch shapes."""
+    total, _ = plan(config, len(lengths))
+    cache: dict[int, list[list[int]]] = {}
+    for m in range(total * config.grad_accum):
+        yield _batches_for(m, cache, lengths, config)
+
+
 def run_training(
     ops: TrainOps,
     config: TrainConfig,
@@ -166,11 +179,14 @@ def run_training(
     higher_is_better: bool = True,
     backend: str = "?",
     writer: bool = True,
+    log: Callable[[str], None] | None = None,
+    note: str | None = None,
 ) -> TrainResult:
     """Drive a run to its end (or early stop); write checkpoints, metrics and the final adapter.
 
     ``writer`` is False on every data-parallel rank but the first: those read the run directory
-    (to resume) and never write it."""
+    (to resume) and never write it. ``note`` goes to ``log`` once the run is checked and starts
+    (a refused run says only why it was refused)."""
     config.validate()
     n = len(ops.lengths)
     if n == 0:
@@ -182,14 +198,15 @@ def run_training(
         run.lock()
         run.clean_temp()
     try:
-        return _run(ops, config, run, resume, higher_is_better, backend, n, total, warmup)
+        return _run(ops, config, run, resume, higher_is_better, backend, n, total, warmup,
+                    lambda: log(note) if log is not None and note else None)
     finally:
         if run:
             run.unlock()
 
 
 def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, higher_is_better: bool, backend: str,
-         n: int, total: int, warmup: int) -> TrainResult:
+         n: int, total: int, warmup: int, started_note: Callable[[], None]) -> TrainResult:
     """The loop of :func:`run_training`, inside the run directory's lock."""
     step, micro = 0, 0
     best, best_step, bad_evals = None, None, 0
@@ -209,6 +226,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
         if run.writer:
             atomic_write_json(run.root / "train_config.json", {"backend": backend, **asdict(config)})
 
+    started_note()
     epoch_cache: dict[int, list[list[int]]] = {}
 
     def next_micro_batches(start: int) -> list[list[int]]:

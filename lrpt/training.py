@@ -10,6 +10,9 @@ from (seed, step) at every step, so no random-generator state needs saving.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +23,10 @@ from .data import Encoded, encode_examples, fit_to_context
 from .errors import SpecError, TrainingError
 from .layout import completion_arrays, scoring_arrays, to_arrays
 from .scoring import classification_metrics, completion_metrics, evaluate, task_loss
+from .shapes import Shape, ShapePlan, choose_compile
 from .tasks import Task
 from .tokens import label_token_ids, target_tokenize_fn, tokenize_fn
-from .trainer import TrainConfig, TrainResult, run_training
+from .trainer import TrainConfig, TrainResult, run_micro_batches, run_training
 
 CHECKPOINT_SCHEMA = 1
 
@@ -41,22 +45,48 @@ class Training:
         self.asarray = be.asarray_for(model)
         self.base = be.base_model_info(model)
         self.t = 0  # optimizer steps taken
-        self.stepper = be.Stepper(model, prompt, self.loss, config)
+        # Every micro-batch of a compiled run comes in one of a few fixed shapes (lrpt.shapes), each
+        # compiled once; whether to compile at all is decided from how many steps each shape gets.
+        targets = [len(e.target) for e in train_data] if task.kind == "completion" else None
+        self.shapes = ShapePlan(self.lengths, prompt.spec.n_tokens, config.batch_size, config.pad_to_multiple,
+                                targets) if train_data else None
+        counts = self.shapes.count(run_micro_batches(self.lengths, config)) if self.shapes else Counter()
+        self.compile_choice = choose_compile(config.compile, config.compile_mode, be.NAME, be.device_kind(model),
+                                             config.fsdp, counts)
+        step_config = replace(config, compile=self.compile_choice.compiled, compile_mode=self.compile_choice.mode)
+        self.stepper = be.Stepper(model, prompt, self.loss, step_config, shapes=max(len(counts), 1))
         self.world = self.stepper.world  # (rank, size): (0, 1) unless launched data parallel
+        if self.shapes is not None:  # each rank pads its share of a batch to the same row count
+            self.shapes.rows = -(-config.batch_size // self.world[1])
 
     def loss(self, arrays: dict[str, Any]):
         """The loss of one prepared batch (what the Stepper differentiates, and may compile)."""
         k = len(self.label_ids) if self.label_ids is not None else 0
         return task_loss(self.be, self.model, self.prompt, self.task, arrays, k)
 
-    def prepare(self, rows: list[Encoded]) -> dict[str, Any]:
-        """One batch laid out on the host, then moved to the backend once, as a flat pytree."""
+    def prepare(self, rows: list[Encoded], shape: Shape | None = None) -> dict[str, Any]:
+        """One batch laid out on the host, then moved to the backend once, as a flat pytree.
+
+        With ``shape`` (a compiled step) the batch has exactly that shape: extra rows are copies of
+        the first (real data, so every value stays finite) that weigh 0 in the loss, and extra
+        positions are padding; the loss and gradients are those of ``rows`` alone."""
         n, ptm = self.prompt.spec.n_tokens, self.config.pad_to_multiple
+        real = len(rows)
+        tokens = None
+        if shape is not None:
+            if real > shape.rows:
+                raise TrainingError(f"a micro-batch of {real} rows does not fit the step's {shape.rows}")
+            rows = rows + [rows[0]] * (shape.rows - real)
+            tokens = shape.tokens
         if self.task.kind == "classification":
-            host = scoring_arrays([r.ids for r in rows], self.label_ids, [n] * len(rows), self.pad_id, ptm)
+            host = scoring_arrays([r.ids for r in rows], self.label_ids, [n] * len(rows), self.pad_id, ptm, tokens)
             host["labels"] = np.array([r.target for r in rows], np.int64)
+            if shape is not None:  # the mean over the real rows, as a weighted sum
+                host["row_weight"] = np.where(np.arange(len(rows)) < real, 1.0 / real, 0.0).astype(np.float32)
         else:
-            host = completion_arrays([r.ids for r in rows], [r.target for r in rows], n, self.pad_id, ptm)
+            host = completion_arrays([r.ids for r in rows], [r.target for r in rows], n, self.pad_id, ptm, tokens,
+                                     shape.targets if shape is not None else None)
+            host["weight"][real:] = 0.0  # copied rows count no target tokens
         return to_arrays(host, self.asarray)
 
     def _units(self, idx: list[int]) -> int:
@@ -76,7 +106,8 @@ class Training:
             mine = shard(idx, rank, size)
             if mine or self.stepper.lockstep:  # lockstep (FSDP): a rank with no rows runs one row at weight 0
                 rows = mine or idx[:1]
-                batches.append(self.prepare([self.train_data[i] for i in rows]))
+                shape = self.shapes.shape(idx) if self.compile_choice.compiled else None
+                batches.append(self.prepare([self.train_data[i] for i in rows], shape))
                 weights.append(self._units(mine) / max(self._units(idx), 1) / len(micro_batches))
         handle = self.stepper.step(batches, weights, lr, seed=self.config.seed * 1_000_003 + self.t)
         self.t += 1
@@ -158,14 +189,16 @@ def shard(rows: list, rank: int, size: int) -> list:
 
 def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval_examples: list[dict] | None = None,
           config: TrainConfig | None = None, out_dir: str | Path | None = None, resume: bool = False,
-          context: int | None = None, truncate: bool = True) -> TrainResult:
+          context: int | None = None, truncate: bool = True,
+          log: Callable[[str], None] | None = None) -> TrainResult:
     """Train ``prompt`` on ``task`` with a frozen ``model`` on the model's backend; see
     :func:`lrpt.trainer.run_training`. ``prompt`` may be new (``init_prompt``) or any saved adapter
     (``prompt_from_adapter``): training continues from its tensors.
 
     ``context`` (the model's maximum sequence length, :func:`lrpt.basemodel.context_length`)
     bounds every sequence: longer inputs are cut (counted in ``TrainResult.truncated``), or
-    refused when ``truncate`` is False."""
+    refused when ``truncate`` is False. ``log`` receives one line saying whether the step runs
+    compiled or eager, and why (``TrainResult.compile_choice`` keeps it too)."""
     from .backends import backend_for
 
     be = backend_for(model)
@@ -182,9 +215,12 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
         cut = fit_to_context(train_data, room, reserve, truncate)
         fit_to_context(eval_data or [], room, reserve, truncate)
     ops = Training(be, model, tokenizer, prompt, task, train_data, eval_data, config)
+    choice = ops.compile_choice.line()
     result = run_training(ops, config, out_dir, resume, higher_is_better=task.kind == "classification",
-                          backend=be.NAME, writer=ops.world[0] == 0)
+                          backend=be.NAME, writer=ops.world[0] == 0,
+                          log=log if ops.world[0] == 0 else None, note=choice)
     result.truncated = cut
+    result.compile_choice = choice.removeprefix("training step: ")
     return result
 
 

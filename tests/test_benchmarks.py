@@ -20,10 +20,13 @@ def run(*args):
 
 def test_speed_smoke(tmp_path):
     out = run("benchmarks/speed.py", "--device", "cpu", "--smoke", "--methods", "lopt1", "lopa", "--json",
-              tmp_path / "s.json")
+              tmp_path / "s.json", "--out", tmp_path / "logs")
     data = json.loads((tmp_path / "s.json").read_text())
-    assert {r["variant"] for r in data["train"]} == {"frozen-last", "peft", "lrpt-lopt1", "lrpt-lopa"}
-    assert all(r["tok_s"] > 0 for r in data["train"]) and "vs PEFT" in out
+    assert {r["variant"] for r in data["train"]} == {"floor", "peft", "peft-keep1", "lrpt-lopt1", "lrpt-lopa"}
+    assert all(r["tok_s"] > 0 and r["vs_floor"] > 0 and r["reference"] == "floor" for r in data["train"])
+    lines = [json.loads(x) for x in out.splitlines()]  # stdout is JSON lines, the same as the log file
+    assert lines == [json.loads(x) for x in (tmp_path / "logs" / "speed.jsonl").read_text().splitlines()]
+    assert lines[0]["shape"] == "tiny" and lines[1:] == data["train"]
 
 
 def test_generate_smoke(tmp_path):
@@ -63,3 +66,26 @@ def test_ddp_fsdp_smoke():
                                                "--master-port", "29538", "benchmarks/ddp.py", *small,
                                                "--fsdp").splitlines() if line.startswith("{")))
     assert (one["gpus"], two["gpus"], two["fsdp"]) == (1, 2, True) and one["tok_s"] > 0 and two["tok_s"] > 0
+
+
+def test_epoch_smoke(tiny_dirs, tmp_path):
+    """benchmarks/epoch.py runs `lrpt train` per variant and reports wall clock, accuracy and the choice."""
+    from tiny import toy_data
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, seed in (("train", 1), ("validation", 2)):
+        rows = [{"sentence": r["text"], "label": r["label"]} for r in toy_data(24, seed=seed)]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = run("benchmarks/epoch.py", "--model", tiny_dirs["llama"], "--data", data, "--preset", "sst2",
+              "--limit", "16", "--batch-size", "8", "--variants", "eager", "auto", "--out", tmp_path / "logs")
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert lines == [json.loads(x) for x in (tmp_path / "logs" / "epoch.jsonl").read_text().splitlines()]
+    runs = {r["variant"]: r for r in lines if "round" in r}
+    assert set(runs) == {"eager", "auto"} and all(r["exit"] == 0 and r["wall_s"] > 0 for r in runs.values())
+    assert all(0 <= r["accuracy"] <= 1 and r["steps_logged"] == 2 for r in runs.values())
+    assert runs["eager"]["choice"].startswith("eager: compilation is off")
+    assert runs["auto"]["choice"].startswith("eager: auto: on cpu")
+    summary = {r["summary"]: r for r in lines if "summary" in r}
+    assert summary["eager"]["vs_eager"] == 1.0 and summary["auto"]["runs"] == 1
+    assert (tmp_path / "logs" / "auto-r0.log").read_text().count("lrpt: training step:") == 1

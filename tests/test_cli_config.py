@@ -50,6 +50,7 @@ def test_resume_refuses_changed_settings_and_needs_no_flags(tiny_dirs, tmp_path,
     out = tmp_path / "r"
     common = ["--backend", "torch", "--model", str(tiny_dirs["llama"]), "--out", str(out)]
     assert main(["train", *common, *DATA, "--method", "lopa", "--head-hidden", "8", "--steps", "2"]) == 0
+    assert "training step: eager" in capsys.readouterr().err  # a started run says how its step runs
     for change, needle in ((["--lr", "0.5"], "lr 0.01 → 0.5"), (["--seed", "3"], "seed 0 → 3"),
                            (["--method", "lopt1"], "method 'lopa' → 'lopt1'"),
                            (["--labels", "positive,negative"], "labels None → 'positive,negative'"),

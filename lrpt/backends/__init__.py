@@ -72,6 +72,7 @@ class Backend(Protocol):
     PromptModule: type
     Stepper: type
     load_model: Callable[..., tuple[Any, Any]]
+    device_kind: Callable[[Any], str]
     hf_tokenizer: Callable[[Any], Any]
     base_model_info: Callable[[Any], Any]
     init_prompt: Callable[..., Any]

@@ -60,6 +60,12 @@ def load_model(path: str | Path, dtype: str | None = None, device=None, quiet: b
     return model, tokenizer
 
 
+def device_kind(model) -> str:
+    """Where the model computes: mlx's default device, ``gpu`` (Metal or CUDA) or ``cpu``."""
+    del model  # mlx computes on its default device, not a model's
+    return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
+
+
 def hf_tokenizer(tokenizer):
     """The HF tokenizer inside mlx-lm's wrapper (the same one the torch backend uses)."""
     return getattr(tokenizer, "_tokenizer", tokenizer)

@@ -29,7 +29,8 @@ def refuse_fsdp() -> None:
 class Stepper:
     """One optimizer step over micro-batches; the AdamW moments in the core's checkpoint schema."""
 
-    def __init__(self, model, prompt, loss: Callable[[dict[str, Any]], mx.array], config: TrainConfig):
+    def __init__(self, model, prompt, loss: Callable[[dict[str, Any]], mx.array], config: TrainConfig,
+                 shapes: int = 1):
         if config.compile_mode:
             raise TrainingError("compile_mode is torch.compile's: with --backend mlx use --compile alone")
         if config.fsdp:
@@ -40,6 +41,9 @@ class Stepper:
         self.opt.init(prompt.trainable_parameters())
         if config.grad_checkpoint:
             _checkpoint_layers(model)
+        # ``shapes``: how many fixed batch shapes a compiled run traces (torch sizes its recompile
+        # limit from it; mx.compile keeps one trace per shape with no limit, so it is not needed here).
+        del shapes
         self.grad_fn = nn.value_and_grad(prompt, loss)
         if config.compile:
             state = [prompt.state, mx.random.state]

@@ -117,6 +117,11 @@ def read_gguf(path: str | Path) -> GGUFModel:
     return GGUFModel(state, config, tokenizer, getattr(model, "generation_config", None))
 
 
+def device_kind(model) -> str:
+    """Where the model computes: ``cuda``, ``cpu``, ``mps``... (whether compiling pays depends on it)."""
+    return model.device.type
+
+
 def hf_tokenizer(tokenizer):
     """The HF tokenizer (the torch backend uses it directly; MLX unwraps mlx-lm's wrapper)."""
     return tokenizer

@@ -21,7 +21,8 @@ from .model import autocast
 class Stepper:
     """One optimizer step over micro-batches; the AdamW moments in the core's checkpoint schema."""
 
-    def __init__(self, model, prompt, loss: Callable[[dict[str, Any]], torch.Tensor], config: TrainConfig):
+    def __init__(self, model, prompt, loss: Callable[[dict[str, Any]], torch.Tensor], config: TrainConfig,
+                 shapes: int = 1):
         if config.grad_checkpoint:
             raise TrainingError("grad_checkpoint is the MLX backend's (recomputing layers in the backward pass):"
                                 " drop --grad-checkpoint with --backend torch")
@@ -30,8 +31,16 @@ class Stepper:
         self.params = [p for _, p in self.named]
         self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay,
                                      fused=model.device.type == "cuda")
-        # With ``compile``, traced once per batch shape (CUDA graphs with compile_mode="reduce-overhead").
-        self.loss = torch.compile(loss, mode=config.compile_mode) if config.compile else loss
+        # With ``compile``, traced once per batch shape (CUDA graphs with compile_mode="reduce-overhead"):
+        # the run's batches come in ``shapes`` fixed shapes (lrpt.shapes), each a static graph. Static
+        # (dynamic=False): no recompilation into a dynamic-shape graph on the second shape, and
+        # dynamo's recompile limit (8 by default; past it a step silently runs eager) covers them all.
+        self.loss = loss
+        if config.compile:
+            limits = torch._dynamo.config
+            name = "recompile_limit" if hasattr(limits, "recompile_limit") else "cache_size_limit"  # older torch
+            setattr(limits, name, max(getattr(limits, name), shapes + 8))
+            self.loss = torch.compile(loss, mode=config.compile_mode, dynamic=False)
         self.dropout = prompt.spec.method == "lopa" and prompt.spec.dropout > 0
         self.world = world(need_group=config.fsdp)
         # Under FSDP every forward and backward is a collective: ranks run the same number of them.

@@ -1,0 +1,139 @@
+"""Fixed batch shapes for compiled training steps, and whether compiling a run pays.
+
+A compiled step (``torch.compile``, ``mx.compile``) is traced, and on CUDA with
+``reduce-overhead`` captured as a CUDA graph, once per distinct input shape. Fitting every
+batch to its own longest row gives real, variable-length data a new shape almost every step, so
+a compiled run spends its time compiling. Here every micro-batch of a compiled run is padded to
+one of a few **buckets**: widths on a geometric ladder of multiples of ``pad_to_multiple``,
+from the shortest row's need up to the longest row's, and always the same row count (a short
+batch gets copies of its first row with weight 0). Padding is masked and padded rows weigh
+nothing, so a bucketed batch has the loss and gradients of the unpadded one (tested in fp32).
+
+Whether compiling pays is decided from the run itself (:func:`choose_compile`): the number of
+micro-steps per distinct shape against what one compilation costs. The thresholds below are
+**provisional**: estimated, not yet measured (``benchmarks/epoch.py`` measures them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+# Each bucket is at least this many times wider than the one below it (then rounded up to a
+# multiple of pad_to_multiple). 1.5 keeps padding under a third of a batch's width, and SST-2's
+# widths (about 26 to 95 positions with a 20-token prompt) in 4 shapes. Provisional.
+BUCKET_GROWTH = 1.5
+# ``auto`` compiles when the run takes at least this many micro-steps per distinct batch shape.
+# Estimate behind it (provisional until measured): one compilation of SmolLM2-135M's step with
+# CUDA graphs costs ~30 s, and a compiled step saves ~0.1 s over an eager one at batch 32 of
+# short inputs (launch-bound), so a shape needs ~300 steps to repay its compilation.
+AUTO_MIN_STEPS_PER_SHAPE = 300
+# The torch.compile mode ``auto`` uses when --compile-mode is not given: CUDA graphs remove
+# the launch overhead that dominates the eager step of small models.
+AUTO_COMPILE_MODE = "reduce-overhead"
+
+
+def ladder(shortest: int, longest: int, multiple: int, growth: float = BUCKET_GROWTH) -> list[int]:
+    """Bucket widths covering needs from ``shortest`` to ``longest``: multiples of ``multiple``,
+    each at least ``growth`` times the one below, the last exactly the longest need rounded up."""
+    top = _round_up(longest, multiple)
+    rungs = [min(_round_up(max(shortest, 1), multiple), top)]
+    while rungs[-1] < top:
+        rungs.append(min(max(rungs[-1] + multiple, _round_up(math.ceil(rungs[-1] * growth), multiple)), top))
+    return rungs
+
+
+def bucket(need: int, rungs: Sequence[int]) -> int:
+    """The narrowest rung that holds ``need``."""
+    for r in rungs:
+        if r >= need:
+            return r
+    raise ValueError(f"{need} is wider than the widest bucket {rungs[-1]}")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What fixes a training batch's array shapes: its row count, the token width of its input
+    (classification) or input+target (completion) batch, and the completion target width."""
+
+    rows: int
+    tokens: int
+    targets: int = 0
+
+
+class ShapePlan:
+    """The bucketed shape of every micro-batch of a run, from the examples' lengths.
+
+    ``lengths[i]`` is example i's input tokens (+ its target tokens for completion), what one
+    packed row holds after the ``n_prompt`` prompt positions; ``targets[i]`` its completion
+    target length (None: classification).
+    """
+
+    def __init__(self, lengths: Sequence[int], n_prompt: int, rows: int, multiple: int,
+                 targets: Sequence[int] | None = None, growth: float = BUCKET_GROWTH):
+        self.lengths, self.n_prompt, self.rows, self.targets = lengths, n_prompt, rows, targets
+        self.widths = ladder(n_prompt + min(lengths), n_prompt + max(lengths), multiple, growth)
+        self.target_widths = ladder(min(targets), max(targets), multiple, growth) if targets else []
+
+    def shape(self, idx: Sequence[int]) -> Shape:
+        """The shape of the micro-batch of examples ``idx`` (the whole batch: every data-parallel
+        rank pads its share to the same shape, so all ranks compile the same graphs)."""
+        width = bucket(self.n_prompt + max(self.lengths[i] for i in idx), self.widths)
+        targets = bucket(max(self.targets[i] for i in idx), self.target_widths) if self.targets else 0
+        return Shape(self.rows, width - self.n_prompt, targets)
+
+    def count(self, micro_batches: Iterable[Sequence[int]]) -> Counter:
+        """How many of ``micro_batches`` fall in each shape."""
+        return Counter(self.shape(idx) for idx in micro_batches)
+
+
+@dataclass(frozen=True)
+class CompileChoice:
+    """Whether the step runs compiled, in which torch.compile mode, and the one-line reason."""
+
+    compiled: bool
+    mode: str | None
+    reason: str
+
+    def line(self) -> str:
+        """What ``lrpt train`` prints about it."""
+        how = f"compiled ({self.mode or 'default mode'})" if self.compiled else "eager"
+        return f"training step: {how}: {self.reason}"
+
+
+def choose_compile(setting: bool | None, mode: str | None, backend: str, device: str, fsdp: bool,
+                   shapes: Counter) -> CompileChoice:
+    """``setting`` True/False is the user's word; None (``auto``) decides from the run: compile on
+    CUDA (torch) when the micro-steps per distinct batch shape reach :data:`AUTO_MIN_STEPS_PER_SHAPE`.
+
+    ``shapes`` counts the run's micro-batches per bucketed shape. Compiling is all or nothing, so
+    with a cost C per shape and a saving s per step it pays when steps × s > shapes × C, that is
+    when the mean steps per shape exceeds C / s, whatever the spread between shapes.
+    """
+    steps, distinct = sum(shapes.values()), max(len(shapes), 1)
+    counted = f"{steps} micro-steps over {distinct} batch shape{'s' * (distinct != 1)}"
+    if setting is False:
+        return CompileChoice(False, None, "compilation is off (--no-compile)")
+    if setting:
+        return CompileChoice(True, mode, f"asked for (--compile); {counted}, each shape compiled once")
+    if backend != "torch":
+        return CompileChoice(False, None, f"auto: the {backend} backend trains eagerly unless --compile is given"
+                                          " (compiling it is not measured to pay)")
+    if device != "cuda":
+        return CompileChoice(False, None, f"auto: on {device}, compiling does not pay; --compile forces it")
+    if fsdp:
+        return CompileChoice(False, None, "auto: compiling under --fsdp is not measured; --compile forces it")
+    per_shape = steps / distinct
+    if per_shape < AUTO_MIN_STEPS_PER_SHAPE:
+        return CompileChoice(False, None, f"auto: {counted} ({per_shape:.0f} per shape) is below the"
+                                          f" {AUTO_MIN_STEPS_PER_SHAPE} per shape that repay a compilation"
+                                          " (provisional threshold); --compile forces it")
+    mode = mode or AUTO_COMPILE_MODE
+    return CompileChoice(True, mode, f"auto: {counted} ({per_shape:.0f} per shape, at least the"
+                                     f" {AUTO_MIN_STEPS_PER_SHAPE} that repay a compilation; provisional threshold)")
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return int(math.ceil(x / multiple) * multiple)

@@ -1,0 +1,175 @@
+"""Fixed batch shapes for compiled steps (lrpt.shapes): the ladder, exactness of padded batches, and
+the rule that decides whether a run compiles."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from lrpt.shapes import AUTO_MIN_STEPS_PER_SHAPE, Shape, ShapePlan, bucket, choose_compile, ladder
+from lrpt.trainer import TrainConfig, run_micro_batches
+
+
+def test_ladder_is_bounded_geometric_and_ends_at_the_longest_need():
+    rungs = ladder(26, 95, 8)
+    assert rungs == [32, 48, 72, 96]
+    assert all(r % 8 == 0 for r in rungs) and all(b >= 1.5 * a for a, b in zip(rungs, rungs[1:-1]))
+    assert ladder(5, 5, 8) == [8]
+    assert len(ladder(1, 8192, 8)) <= 20  # a few shapes even for a huge spread of lengths
+    assert bucket(33, rungs) == 48 and bucket(32, rungs) == 32
+    with pytest.raises(ValueError):
+        bucket(97, rungs)
+
+
+def test_plan_gives_every_micro_batch_of_a_run_one_of_few_shapes():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(4, 80, 1000).tolist()
+    config = TrainConfig(batch_size=32, epochs=2)
+    plan = ShapePlan(lengths, 20, 32, 8)
+    counts = plan.count(run_micro_batches(lengths, config))
+    assert sum(counts.values()) == 2 * 32  # ceil(1000 / 32) micro-batches per epoch
+    assert len(counts) <= len(plan.widths) <= 5
+    for idx in run_micro_batches(lengths, config):
+        shape = plan.shape(idx)
+        assert shape.rows == 32 and shape.tokens >= max(lengths[i] for i in idx)
+
+
+def test_choose_compile_rule():
+    few, many = Counter({Shape(32, 40): 100, Shape(32, 60): 100}), Counter({Shape(32, 40): AUTO_MIN_STEPS_PER_SHAPE})
+    assert not choose_compile(None, None, "torch", "cpu", False, many).compiled
+    assert not choose_compile(None, None, "mlx", "gpu", False, many).compiled
+    assert not choose_compile(None, None, "torch", "cuda", False, few).compiled
+    auto = choose_compile(None, None, "torch", "cuda", False, many)
+    assert auto.compiled and auto.mode == "reduce-overhead" and "per shape" in auto.line()
+    assert choose_compile(None, "default", "torch", "cuda", False, many).mode == "default"
+    assert not choose_compile(None, None, "torch", "cuda", True, many).compiled  # fsdp: not measured
+    forced = choose_compile(True, None, "torch", "cpu", False, few)
+    assert forced.compiled and forced.mode is None and "--compile" in forced.reason
+    assert not choose_compile(False, "reduce-overhead", "torch", "cuda", False, many).compiled
+    for choice in (auto, forced):
+        assert "\n" not in choice.line()
+
+
+# -- padded batches give the unpadded loss and gradients (torch, fp32, CPU) -----------------------
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_dirs):
+    from lrpt.backends import get_backend
+
+    return get_backend("torch").load_model(tiny_dirs["llama"], device="cpu")
+
+
+def _training(llama, method: str, task, rows: list[dict], **config):
+    from tiny import spec_for
+
+    from lrpt.backends import get_backend
+    from lrpt.data import encode_examples
+    from lrpt.tokens import target_tokenize_fn, tokenize_fn
+    from lrpt.training import Training
+
+    be = get_backend("torch")
+    model, tok = llama
+    prompt = be.init_prompt(spec_for(method, dropout=0.0), model, tok, seed=0)
+    data = encode_examples(task, tokenize_fn(tok), rows, target_tokenize_fn(tok))
+    cfg = TrainConfig(**{"batch_size": 8, "progress": False, **config})
+    return Training(be, model, tok, prompt, task, data, None, cfg), data
+
+
+def _loss_and_grads(ops, rows, shape=None):
+    for p in ops.prompt.parameters():
+        p.grad = None
+    loss = ops.loss(ops.prepare(rows, shape))
+    loss.backward()
+    return float(loss.detach()), [p.grad.detach().clone() for p in ops.prompt.parameters() if p.requires_grad]
+
+
+def _tasks():
+    from tiny import toy_task
+
+    from lrpt import Task
+
+    multi = Task("multi", template="Review: {text}\nSentiment:", label_words=[" bad plot", " very good"])
+    completion = Task("gen", kind="completion", template="{prompt}")
+    return {"single-token labels": toy_task(), "multi-token labels": multi, "completion": completion}
+
+
+@pytest.mark.parametrize("kind", ["single-token labels", "multi-token labels", "completion"])
+@pytest.mark.parametrize("method", ["lopt1", "lopa"])
+def test_padded_batch_has_the_loss_and_gradients_of_the_unpadded_one(llama, kind, method):
+    from tiny import sentences, toy_data
+
+    task = _tasks()[kind]
+    if task.kind == "completion":
+        rows = [{"prompt": a, "completion": " " + b} for a, b in zip(sentences(5, seed=3), sentences(5, seed=4))]
+    else:
+        rows = toy_data(5, seed=2)
+    ops, data = _training(llama, method, task, rows)
+    plain_loss, plain_grads = _loss_and_grads(ops, data)
+    longest = max(ops.lengths)
+    targets = max(len(e.target) for e in data) + 3 if task.kind == "completion" else 0
+    shape = Shape(rows=8, tokens=longest + 11, targets=targets)  # 3 copied rows, wider than needed
+    padded = ops.prepare(data, shape)
+    width = padded["in_token_ids"].shape
+    assert width == (8, longest + 11) or task.kind == "completion"
+    padded_loss, padded_grads = _loss_and_grads(ops, data, shape)
+    assert padded_loss == pytest.approx(plain_loss, abs=1e-6, rel=1e-5)
+    for a, b in zip(plain_grads, padded_grads):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+def test_a_compiled_run_pads_every_micro_batch_to_the_plan(llama):
+    """With compilation on, each micro-batch (the last, short one too) has its bucket's shape."""
+    from tiny import toy_data, toy_task
+
+    ops, data = _training(llama, "lopt1", toy_task(), toy_data(21, seed=2), steps=3)
+    ops.compile_choice = choose_compile(True, None, "torch", "cpu", False, Counter())  # shapes only, no compile
+    seen = []
+    ops.prepare = lambda rows, shape=None: seen.append((len(rows), shape)) or {}
+    ops.stepper.step = lambda batches, weights, lr, seed: None
+    for idx in run_micro_batches(ops.lengths, ops.config):
+        ops.step([idx], 0.1)
+    assert sorted(n for n, _ in seen) == [5, 8, 8]
+    assert all(shape is not None and shape.rows == 8 for _, shape in seen)
+    assert {s.tokens + ops.prompt.spec.n_tokens for _, s in seen} <= set(ops.shapes.widths)
+
+
+def test_train_says_how_the_step_runs(llama):
+    from tiny import spec_for, toy_data, toy_task
+
+    from lrpt.backends import get_backend
+
+    model, tok = llama
+    be = get_backend("torch")
+    prompt = be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+    lines: list[str] = []
+    result = be.train(model, tok, prompt, toy_task(), toy_data(16), None,
+                      TrainConfig(steps=1, batch_size=8, progress=False), log=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("training step: eager: auto: on cpu,")
+    assert result.compile_choice.startswith("eager")
+
+
+def test_compile_flag_is_on_off_or_auto():
+    import argparse
+
+    from lrpt import flags
+    from lrpt.errors import LrptError
+
+    def parse(argv, config):
+        parser = argparse.ArgumentParser()
+        defaults = flags.add_flags(parser, TrainConfig)
+        args = parser.parse_args(argv)
+        flags.resolve(args, defaults, config, "run.yaml", {a.dest: a for a in parser._actions})
+        return flags.build(TrainConfig, args).compile
+
+    assert parse([], {}) is None and parse(["--compile"], {}) is True and parse(["--no-compile"], {}) is False
+    assert parse([], {"compile": "auto"}) is None and parse([], {"compile": True}) is True
+    assert parse(["--no-compile"], {"compile": True}) is False  # typed flags win
+    with pytest.raises(LrptError, match="compile must be true, false or auto"):
+        parse([], {"compile": "maybe"})
+    with pytest.raises(LrptError, match="keep_best must be true or false"):
+        parse([], {"keep_best": "auto"})
