@@ -84,6 +84,8 @@ class TrainConfig:
     seed: int = knob(0, "seed of the prompt's initialisation, data order and dropout")
     bucket: bool = knob(True, "batch rows of similar length together (less padding)")
     pad_to_multiple: int = knob(8, "pad batch widths to a multiple of this (fewer shapes to compile)")
+    shared_prefix: bool = knob(True, "run a static prompt (prompt, lopt1, lopt2) once per batch and let every row"
+                               " attend to it: the same loss and gradients, less work (off: the plain path)")
     compile: bool = knob(False, "compile the step (torch.compile / mx.compile)")
     compile_mode: str | None = knob(None, "torch.compile mode, e.g. reduce-overhead (CUDA graphs); torch only")
     grad_checkpoint: bool = knob(False, "recompute layer activations in the backward pass; MLX only")

@@ -84,6 +84,8 @@ class Backend(Protocol):
     embed: Callable[[Any, Any], Any]
     prompt_rows: Callable[..., Any]
     forward_hidden: Callable[[Any, Any, Any], Any]
+    shares_prefix: Callable[[Any], bool]
+    forward_after_prefix: Callable[[Any, Any, Any], Any]
     logits_at: Callable[[Any, Any, Any], Any]
     forward_logits: Callable[..., Any]
     generate: Callable[..., list[str]]
