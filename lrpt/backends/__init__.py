@@ -62,7 +62,8 @@ class Backend(Protocol):
 
     ``ops`` is the core's op set (:mod:`lrpt.ops`). The rest: load a model; place, create, load and
     snapshot prompts; lay a batch out in the framework's arrays; run the model's blocks on prompted
-    embeddings and its own head at chosen positions; generate with the framework's machinery; and
+    embeddings (or behind one prompt's keys and values, run once: :mod:`lrpt.prefix`) and its own
+    head at chosen positions; generate with the framework's machinery; and
     a ``Stepper`` for autograd, the optimizer and compilation. ``score_labels``, ``classify``,
     ``evaluate`` and ``train`` are the core's own, re-exported.
     """
