@@ -243,9 +243,15 @@ def forward_hidden(model, prompt_embeds: torch.Tensor, batch: Batch) -> torch.Te
 
 
 def shares_prefix(model) -> bool:
-    """Whether :func:`forward_after_prefix` runs ``model`` exactly: transformers models take a filled
-    KV cache and attend to it, with autograd through it, so every model this backend loads does."""
-    return True
+    """Whether :func:`forward_after_prefix` runs ``model``: transformers models take a filled KV cache
+    and attend to it, with autograd through it, so every model this backend loads does, unless its
+    blocks are sharded by FSDP2 (``--fsdp``). FSDP2 reshards a block after each forward, and a block
+    run twice in one step (prompt, then tokens) failed its backward on freed parameter storage."""
+    if not torch.distributed.is_available():
+        return True
+    from torch.distributed.fsdp import FSDPModule
+
+    return not any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def forward_after_prefix(model, prefix_embeds: torch.Tensor, suffix: Suffix) -> torch.Tensor:
