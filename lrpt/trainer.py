@@ -304,7 +304,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
 # Anything else (lr, batch, seed, schedule...) would silently make it another run.
 RESUMABLE_CHANGES = frozenset({"steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "log_every",
                                "eval_batch_size", "progress", "compile", "compile_mode", "grad_checkpoint",
-                               "fsdp"})
+                               "fsdp", "shared_prefix"})
 
 
 def check_resume_config(path: Path, config: TrainConfig) -> None:

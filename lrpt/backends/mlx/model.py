@@ -199,10 +199,20 @@ def shares_prefix(model) -> bool:
     return not getattr(call, "__qualname__", "").startswith("grad_checkpoint.")
 
 
-class _Recorder:
-    """A stateless stand-in for one layer's KV cache that keeps the keys and values of one pass."""
+class _OnePass:
+    """A stand-in for one layer's KV cache for a single pass: tokens sit at positions ``offset``..,
+    and the mask is mlx-lm's causal one for that offset (with the layer's window, if any)."""
 
     offset = 0
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None, **_):
+        from mlx_lm.models.cache import create_attention_mask
+
+        return create_attention_mask(n, self.offset, return_array, window_size)
+
+
+class _Recorder(_OnePass):
+    """Keeps the keys and values of the pass (the prompt's, at positions 0..n−1) and hands them back."""
 
     def __init__(self):
         self.keys: mx.array | None = None
@@ -212,29 +222,18 @@ class _Recorder:
         self.keys, self.values = keys, values
         return keys, values
 
-    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None, **_):
-        from mlx_lm.models.cache import create_attention_mask
 
-        return create_attention_mask(n, 0, return_array, window_size)
-
-
-class _Behind(_Recorder):
-    """One layer's cache holding a prompt's keys and values, broadcast over the batch: tokens attend
-    to them and sit at positions n.. (``offset``), exactly as behind the prompt in one sequence."""
+class _Behind(_OnePass):
+    """Puts a prompt's keys and values, broadcast over the batch, before the pass's own: tokens attend
+    to them and sit at positions n.., exactly as behind the prompt in one sequence."""
 
     def __init__(self, keys: mx.array, values: mx.array, batch: int):
-        super().__init__()
         self.prefix = (mx.broadcast_to(keys, (batch, *keys.shape[1:])),
                        mx.broadcast_to(values, (batch, *values.shape[1:])))
         self.offset = keys.shape[2]
 
     def update_and_fetch(self, keys, values):
         return mx.concatenate([self.prefix[0], keys], axis=2), mx.concatenate([self.prefix[1], values], axis=2)
-
-    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None, **_):
-        from mlx_lm.models.cache import create_attention_mask
-
-        return create_attention_mask(n, self.offset, return_array, window_size)
 
 
 def forward_after_prefix(model, prefix_embeds: mx.array, suffix: Suffix) -> mx.array:
