@@ -653,8 +653,21 @@ def test_options_of_one_backend_are_refused_by_the_other(kit, llama):
 # -- MLX only: features torch has no counterpart for ---------------------------------------------
 
 
+@pytest.fixture
+def restores_mlx_layers(tiny_dirs):
+    """mlx-lm's grad_checkpoint patches the layer class for good, for every model of that class in the
+    process: put it back afterwards, so later tests (and the shared prefix) see plain layers."""
+    step = importlib.import_module("lrpt.backends.mlx.step")
+    model, _ = _load("mlx", str(tiny_dirs["llama"]))
+    cls = type(model.layers[0])
+    call = cls.__dict__["__call__"]
+    yield
+    cls.__call__ = call
+    step._CHECKPOINTED.discard(id(model))
+
+
 @pytest.mark.parametrize("shared", [False, True])
-def test_mlx_grad_checkpoint_gives_the_same_step(tiny_dirs, shared):
+def test_mlx_grad_checkpoint_gives_the_same_step(tiny_dirs, shared, restores_mlx_layers):
     """Recomputing layers in the backward pass changes nothing. mx.checkpoint does not differentiate
     through the layers' cache objects, so checkpointed layers take the plain path even when asked
     for the shared prefix (lrpt.backends.mlx.model.shares_prefix)."""
