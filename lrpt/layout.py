@@ -132,6 +132,34 @@ def fixed_width(n_max: int, tokens: int | None, pad_to_multiple: int) -> int | N
     return int(math.ceil((n_max + tokens) / pad_to_multiple) * pad_to_multiple)
 
 
+@dataclass
+class Suffix:
+    """The token part of a right-padded batch whose rows all follow one shared prompt of ``n`` tokens.
+
+    The prompt sits once, at positions 0..n−1, in front of every row (a batch-1 prefix the rows
+    attend to); a row's tokens follow at positions n..n+ℓ−1, then its pads, which the mask hides.
+    Index k of these arrays is packed index n+k of the :class:`Batch` they come from, so states
+    computed for them answer a packed index ``i`` at ``i − n``.
+    """
+
+    ids: Any  # (B, W−n) token ids, pads after each row's tokens
+    attention_mask: Any  # (B, W−n) 1 at real tokens
+    position_ids: Any  # (B, W−n) n.. at real tokens
+    n: int
+
+
+def after_prefix(batch: Batch, n: int) -> Suffix:
+    """The token part of a right-padded ``batch`` whose rows all carry the same ``n``-token prompt.
+
+    Right padding puts every row's prompt at slots 0..n−1, so the suffix is a plain slice (no
+    gather); a left-padded batch would leave pads between prompt and tokens, which sliding-window
+    attention (it measures distance in slots) would count: it is refused here.
+    """
+    if batch.left_padded:
+        raise LrptError("a shared prompt prefix needs a right-padded batch")
+    return Suffix(batch.ids[:, n:], batch.attention_mask[:, n:], batch.position_ids[:, n:], n)
+
+
 def scoring_arrays(rows: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]], n: Sequence[int],
                    pad_id: int = 0, pad_to_multiple: int = 1, tokens: int | None = None) -> dict[str, Any]:
     """Host-side layout for label scoring (right padded), as ``{name: Layout or array}``.

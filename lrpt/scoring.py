@@ -22,38 +22,42 @@ import numpy as np
 from .data import Encoded, classification_metrics
 from .layout import Batch, completion_arrays, scoring_arrays, to_arrays
 from .methods import prompt_list
+from .prefix import prompted_hidden
 from .tasks import Task
 from .tokens import encode_texts, label_token_ids
 
 
-def label_scores(be, model, prompt, arrays: dict[str, Any], num_labels: int, which: Sequence[int] | None = None):
-    """(B, K) label log-probabilities from :func:`lrpt.layout.scoring_arrays` (differentiable)."""
+def label_scores(be, model, prompt, arrays: dict[str, Any], num_labels: int, which: Sequence[int] | None = None,
+                 shared: bool = True):
+    """(B, K) label log-probabilities from :func:`lrpt.layout.scoring_arrays` (differentiable).
+
+    ``shared``: a static prompt runs once for the batch where it applies (:mod:`lrpt.prefix`)."""
     xp = be.ops
     inputs = Batch.unpack(arrays, "in_")
-    prompts = be.prompt_rows(model, prompt, inputs, which)
     if "label_ids" in arrays:
-        hidden = be.forward_hidden(model, prompts, inputs)
-        logits = be.logits_at(model, hidden, inputs.last_pos[:, None])[:, 0]
+        hidden, shift = prompted_hidden(be, model, prompt, which, inputs, inputs, shared=shared)
+        logits = be.logits_at(model, hidden, inputs.last_pos[:, None] - shift)[:, 0]
         return xp.index_last(xp.log_softmax(logits), arrays["label_ids"])
-    picked = target_logprobs(be, model, xp.repeat_rows(prompts, num_labels), arrays)
+    picked = target_logprobs(be, model, prompt, arrays, which, num_labels, shared)
     return xp.reshape(xp.sum(picked, 1), (-1, num_labels))
 
 
-def target_logprobs(be, model, prompts, arrays: dict[str, Any]):
-    """(B', K) log-probabilities of the target tokens of the ``seq_`` batch (0 where weight is 0)."""
+def target_logprobs(be, model, prompt, arrays: dict[str, Any], which: Sequence[int] | None = None, repeat: int = 1,
+                    shared: bool = True):
+    """(B', K) log-probabilities of the target tokens of the ``seq_`` batch (0 where weight is 0);
+    its rows are ``repeat`` consecutive copies per row of the ``in_`` batch."""
     xp = be.ops
     seq = Batch.unpack(arrays, "seq_")
-    hidden = be.forward_hidden(model, prompts, seq)
-    logits = be.logits_at(model, hidden, xp.take_last(seq.token_pos, arrays["index"]))
+    hidden, shift = prompted_hidden(be, model, prompt, which, Batch.unpack(arrays, "in_"), seq, repeat, shared)
+    logits = be.logits_at(model, hidden, xp.take_last(seq.token_pos, arrays["index"]) - shift)
     return xp.take_last(xp.log_softmax(logits), arrays["target"][..., None])[..., 0] * arrays["weight"]
 
 
-def completion_nll(be, model, prompt, arrays: dict[str, Any], axis: int | None = None):
+def completion_nll(be, model, prompt, arrays: dict[str, Any], axis: int | None = None, shared: bool = True):
     """Summed negative log-likelihood of the completion tokens, and their count (targets only);
     ``axis=-1``: per row."""
     xp = be.ops
-    prompts = be.prompt_rows(model, prompt, Batch.unpack(arrays, "in_"))
-    return -xp.sum(target_logprobs(be, model, prompts, arrays), axis), xp.sum(arrays["weight"], axis)
+    return -xp.sum(target_logprobs(be, model, prompt, arrays, shared=shared), axis), xp.sum(arrays["weight"], axis)
 
 
 def cross_entropy(xp, scores, labels):
@@ -66,17 +70,17 @@ def weighted_cross_entropy(xp, scores, labels, row_weight):
     return -xp.sum(xp.take_last(xp.log_softmax(scores), labels[:, None])[:, 0] * row_weight)
 
 
-def task_loss(be, model, prompt, task: Task, arrays: dict[str, Any], num_labels: int):
+def task_loss(be, model, prompt, task: Task, arrays: dict[str, Any], num_labels: int, shared: bool = True):
     """The training loss of one batch: cross-entropy over label scores, or the mean completion NLL.
 
     A batch padded to a fixed shape (``row_weight``, :meth:`lrpt.training.Training.prepare`) averages
     over its real rows only; its copied rows weigh 0 (their completion targets too)."""
     if task.kind == "classification":
-        scores = label_scores(be, model, prompt, arrays, num_labels)
+        scores = label_scores(be, model, prompt, arrays, num_labels, shared=shared)
         if "row_weight" in arrays:
             return weighted_cross_entropy(be.ops, scores, arrays["labels"], arrays["row_weight"])
         return cross_entropy(be.ops, scores, arrays["labels"])
-    nll, count = completion_nll(be, model, prompt, arrays)
+    nll, count = completion_nll(be, model, prompt, arrays, shared=shared)
     return nll / be.ops.clamp_min(count, 1.0)
 
 
@@ -109,33 +113,38 @@ def _backend(model):
 
 
 def score_rows(be, model, prompt, rows: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]],
-               which: Sequence[int] | None = None, pad_id: int = 0, batch_size: int = 32) -> np.ndarray:
-    """(N, K) float32 label log-probabilities of token rows, in batches, without gradients."""
+               which: Sequence[int] | None = None, pad_id: int = 0, batch_size: int = 32,
+               shared_prefix: bool = True) -> np.ndarray:
+    """(N, K) float32 label log-probabilities of token rows, in batches, without gradients
+    (``shared_prefix``: see :mod:`lrpt.prefix`)."""
     asarray = be.asarray_for(model)
     out = []
     with be.inference(model):
         for i in range(0, len(rows), batch_size):
             sub, sw = rows[i : i + batch_size], None if which is None else which[i : i + batch_size]
             host = scoring_arrays(sub, label_ids, prompt_lengths(prompt, len(sub), sw), pad_id)
-            out.append(be.ops.to_numpy(label_scores(be, model, prompt, to_arrays(host, asarray), len(label_ids), sw)))
+            scores = label_scores(be, model, prompt, to_arrays(host, asarray), len(label_ids), sw, shared_prefix)
+            out.append(be.ops.to_numpy(scores))
     return np.concatenate(out) if out else np.zeros((0, len(label_ids)), np.float32)
 
 
 def score_labels(model, tokenizer, prompt, texts: Sequence[str], label_words: Sequence[str],
-                 which: Sequence[int] | None = None, batch_size: int = 32) -> np.ndarray:
+                 which: Sequence[int] | None = None, batch_size: int = 32, shared_prefix: bool = True) -> np.ndarray:
     """(N, K) label log-probabilities for already templated ``texts`` (one prompt, mixed prompts
-    chosen per row by ``which``, or None for the plain model)."""
+    chosen per row by ``which``, or None for the plain model); ``shared_prefix``: a static prompt
+    runs once per batch (:mod:`lrpt.prefix`; the same scores, less work)."""
     be = _backend(model)
     be.place(prompt, model)
     hf = be.hf_tokenizer(tokenizer)
     with eval_mode(prompt):
         return score_rows(be, model, prompt, encode_texts(hf, texts), label_token_ids(hf, label_words), which,
-                          hf.pad_token_id or 0, batch_size)
+                          hf.pad_token_id or 0, batch_size, shared_prefix)
 
 
-def classify(model, tokenizer, prompt, texts, label_words, which=None, batch_size=32) -> np.ndarray:
+def classify(model, tokenizer, prompt, texts, label_words, which=None, batch_size=32,
+             shared_prefix: bool = True) -> np.ndarray:
     """Predicted label index for each templated text (argmax of :func:`score_labels`)."""
-    return score_labels(model, tokenizer, prompt, texts, label_words, which, batch_size).argmax(-1)
+    return score_labels(model, tokenizer, prompt, texts, label_words, which, batch_size, shared_prefix).argmax(-1)
 
 
 def completion_metrics(nll: np.ndarray) -> dict[str, float]:
@@ -145,9 +154,9 @@ def completion_metrics(nll: np.ndarray) -> dict[str, float]:
 
 
 def evaluate(model, tokenizer, prompt, task: Task, data: list[Encoded],
-             batch_size: int = 32) -> tuple[dict[str, float], np.ndarray | None]:
+             batch_size: int = 32, shared_prefix: bool = True) -> tuple[dict[str, float], np.ndarray | None]:
     """Metrics on encoded examples, and per row: the (N, K) label scores for classification, the
-    (N, 2) completion NLL and target-token count for completion."""
+    (N, 2) completion NLL and target-token count for completion (``shared_prefix``: :mod:`lrpt.prefix`)."""
     be = _backend(model)
     be.place(prompt, model)
     hf = be.hf_tokenizer(tokenizer)
@@ -155,14 +164,14 @@ def evaluate(model, tokenizer, prompt, task: Task, data: list[Encoded],
     with eval_mode(prompt):
         if task.kind == "classification":
             scores = score_rows(be, model, prompt, [r.ids for r in data], label_token_ids(hf, task.label_words),
-                                None, pad, batch_size)
+                                None, pad, batch_size, shared_prefix)
             return classification_metrics(task, [r.target for r in data], scores), scores
         per_row, asarray = [], be.asarray_for(model)
         with be.inference(model):
             for i in range(0, len(data), batch_size):
                 rows = data[i : i + batch_size]
                 host = completion_arrays([r.ids for r in rows], [r.target for r in rows], prompt.spec.n_tokens, pad)
-                a, b = completion_nll(be, model, prompt, to_arrays(host, asarray), axis=-1)
+                a, b = completion_nll(be, model, prompt, to_arrays(host, asarray), axis=-1, shared=shared_prefix)
                 per_row.append(np.stack([be.ops.to_numpy(a), be.ops.to_numpy(b)], -1).astype(np.float64))
         nll = np.concatenate(per_row) if per_row else np.zeros((0, 2))
         return completion_metrics(nll), nll

@@ -85,6 +85,8 @@ class TrainConfig:
     seed: int = knob(0, "seed of the prompt's initialisation, data order and dropout")
     bucket: bool = knob(True, "batch rows of similar length together (less padding)")
     pad_to_multiple: int = knob(8, "pad batch widths to a multiple of this (fewer shapes to compile)")
+    shared_prefix: bool = knob(True, "run a static prompt (prompt, lopt1, lopt2) once per batch and let every row"
+                               " attend to it: the same loss and gradients, less work (off: the plain path)")
     compile: bool | None = knob(None, "compile the step (torch.compile / mx.compile) in a few fixed batch shapes;"
                                       " unset: auto, compiled on CUDA when the run repays it (lrpt.shapes)")
     compile_mode: str | None = knob(None, "torch.compile mode, e.g. reduce-overhead (CUDA graphs; auto's choice);"
@@ -320,7 +322,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
 # Anything else (lr, batch, seed, schedule...) would silently make it another run.
 RESUMABLE_CHANGES = frozenset({"steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "log_every",
                                "eval_batch_size", "progress", "compile", "compile_mode", "grad_checkpoint",
-                               "fsdp"})
+                               "fsdp", "shared_prefix"})
 
 
 def check_resume_config(path: Path, config: TrainConfig) -> None:

@@ -62,7 +62,7 @@ class Training:
     def loss(self, arrays: dict[str, Any]):
         """The loss of one prepared batch (what the Stepper differentiates, and may compile)."""
         k = len(self.label_ids) if self.label_ids is not None else 0
-        return task_loss(self.be, self.model, self.prompt, self.task, arrays, k)
+        return task_loss(self.be, self.model, self.prompt, self.task, arrays, k, self.config.shared_prefix)
 
     def prepare(self, rows: list[Encoded], shape: Shape | None = None) -> dict[str, Any]:
         """One batch laid out on the host, then moved to the backend once, as a flat pytree.
@@ -126,14 +126,14 @@ class Training:
         rank, size = self.world
         if size == 1:
             return evaluate(self.model, self.tokenizer, self.prompt, self.task, self.eval_data,
-                            self.config.eval_batch_size)[0]
+                            self.config.eval_batch_size, self.config.shared_prefix)[0]
         mine = shard(self.eval_data, rank, size)
         run = mine
         if self.stepper.lockstep:  # FSDP: the same number of batches on every rank
             width = len(shard(self.eval_data, 0, size))
             run = mine + [self.eval_data[0]] * (width - len(mine))
         _, scores = evaluate(self.model, self.tokenizer, self.prompt, self.task, run,
-                             self.config.eval_batch_size) if run else ({}, None)
+                             self.config.eval_batch_size, self.config.shared_prefix) if run else ({}, None)
         part = scores[: len(mine)] if scores is not None else None
         if self.task.kind == "classification":
             k = len(self.task.label_words)

@@ -105,6 +105,42 @@ class Kit:
 
         return {k for k, _ in tree_flatten(module.trainable_parameters())}
 
+    def layer_input_shapes(self, model, run) -> list[tuple]:
+        """The (batch, length) of every input the first transformer block saw while ``run()`` ran."""
+        seen: list[tuple] = []
+        if self.name == "torch":
+            def spy(module, args, kwargs):
+                seen.append(tuple((args[0] if args else kwargs["hidden_states"]).shape[:2]))
+
+            hook = model.base_model.layers[0].register_forward_pre_hook(spy, with_kwargs=True)
+            try:
+                run()
+            finally:
+                hook.remove()
+            return seen
+        layer = model.layers[0]
+        cls = type(layer)
+        layer.__class__ = type("Spy", (cls,), {"__call__": lambda s, x, *a, **k: seen.append(tuple(x.shape[:2]))
+                                                or cls.__call__(s, x, *a, **k)})
+        try:
+            run()
+        finally:
+            layer.__class__ = cls
+        return seen
+
+    def value_and_grads(self, prompt, loss) -> tuple[float, dict[str, np.ndarray]]:
+        """``loss()`` (a scalar of the prompt's parameters) and its gradient by canonical name."""
+        if self.name == "torch":
+            prompt.zero_grad(set_to_none=True)
+            value = loss()
+            value.backward()
+            return float(value), {n: p.grad.numpy().copy() for n, p in prompt.named_parameters() if p.requires_grad}
+        import mlx.nn as nn
+        from mlx.utils import tree_flatten
+
+        value, grads = nn.value_and_grad(prompt, loss)()
+        return float(value), {k: np.array(v) for k, v in tree_flatten(grads)}
+
 
 @pytest.fixture(params=BACKENDS, scope="module")
 def kit(request) -> Kit:
@@ -325,6 +361,111 @@ def test_multi_token_label_words_sum_logprobs(kit, llama):
     assert list(kit.be.classify(model, tok, prompt, TEXTS, words)) == list(got.argmax(-1))
 
 
+# -- the shared static-prompt prefix (lrpt.prefix) ------------------------------------------------
+
+
+def _batch_arrays(kit, model, tok, kind, n, label_words=(" good", " bad")):
+    """Host layouts of a small batch (rows of different lengths, widths padded to 8) on the backend."""
+    from lrpt.layout import completion_arrays, scoring_arrays, to_arrays
+
+    rows = kit.ids(tok, TEXTS + ["fun film"])
+    if kind == "completion":
+        host = completion_arrays(rows, [r[:3] for r in reversed(rows)], n, pad_to_multiple=8)
+    else:
+        host = scoring_arrays(rows, label_token_ids(kit.be.hf_tokenizer(tok), list(label_words)), [n] * len(rows),
+                              pad_to_multiple=8)
+        host["labels"] = np.array([0, 1, 1, 0])
+    return to_arrays(host, kit.be.asarray_for(model))
+
+
+SHARED_CASES = {"label": (TASK, (" good", " bad")), "multi-token label": (TASK, (" good", " really bad film")),
+                "completion": (Task("echo", kind="completion", template="{prompt}"), ())}
+
+
+@pytest.mark.parametrize("case", SHARED_CASES)
+@pytest.mark.parametrize("method", ["prompt", "lopt1", "lopt2"])
+def test_shared_prefix_gives_the_same_loss_and_gradients(kit, arch_model, method, case):
+    """The prompt run once per batch (shared prefix) is exact: loss and gradients of the plain path."""
+    from lrpt.scoring import task_loss
+
+    model, tok = arch_model
+    task, words = SHARED_CASES[case]
+    prompt = kit.be.init_prompt(spec_for(method, n=5), model, tok, seed=1)
+    arrays = _batch_arrays(kit, model, tok, task.kind, 5, words)
+    out = {shared: kit.value_and_grads(prompt, lambda s=shared: task_loss(kit.be, model, prompt, task, arrays,
+                                                                          len(words), s))
+           for shared in (False, True)}
+    assert abs(out[True][0] - out[False][0]) <= 1e-5
+    for name, grad in out[False][1].items():
+        assert np.abs(grad).max() > 0
+        close(out[True][1][name], grad, atol=1e-5)
+
+
+def test_shared_prefix_longer_than_the_sliding_window(kit, tiny_dirs):
+    """Gemma 3's sliding layers (window 6) behind a 9-token shared prompt: the window still counts
+    from each token over the prompt's keys, as in the plain path."""
+    from lrpt.scoring import task_loss
+
+    model, tok = _load(kit.name, str(tiny_dirs["gemma3"]))
+    prompt = kit.be.init_prompt(spec_for("lopt1", n=9), model, tok, seed=1)
+    arrays = _batch_arrays(kit, model, tok, "classification", 9)
+    out = [kit.value_and_grads(prompt, lambda s=s: task_loss(kit.be, model, prompt, TASK, arrays, 2, s))
+           for s in (False, True)]
+    assert abs(out[1][0] - out[0][0]) <= 1e-5
+    for name, grad in out[0][1].items():
+        close(out[1][1][name], grad, atol=1e-5)
+
+
+def test_shared_prefix_applies_only_to_one_static_prompt(kit, llama):
+    """LoPA (per-row prompts), mixed adapters and left-padded batches keep the plain path."""
+    from lrpt.prefix import shared_prompt
+
+    model, tok = llama
+    static = kit.be.init_prompt(spec_for("lopt1"), model, tok)
+    lopa = kit.be.init_prompt(spec_for("lopa"), model, tok)
+    rows = kit.ids(tok, TEXTS)
+    right, left = (kit.be.make_batch(rows, 4, side) for side in ("right", "left"))
+    assert shared_prompt(kit.be, model, static, None, right) is static
+    assert shared_prompt(kit.be, model, [lopa, static], [1, 1, 1], right) is static
+    assert shared_prompt(kit.be, model, static, None, right, enabled=False) is None
+    assert shared_prompt(kit.be, model, static, None, left) is None
+    assert shared_prompt(kit.be, model, lopa, None, right) is None
+    assert shared_prompt(kit.be, model, [static, static], [0, 1, 0], right) is None
+    assert shared_prompt(kit.be, model, None, None, right) is None
+
+
+def test_shared_prefix_runs_the_prompt_once(kit, llama):
+    """Shared: the blocks see the prompt at batch 1 and B rows of tokens only (no B×n prompt rows)."""
+    from lrpt.scoring import label_scores
+
+    model, tok = llama
+    prompt = kit.be.init_prompt(spec_for("prompt", n=5), model, tok)
+    arrays = _batch_arrays(kit, model, tok, "classification", 5)
+    rows, width = arrays["seq_ids" if "seq_ids" in arrays else "in_ids"].shape
+    shapes = {s: kit.layer_input_shapes(model, lambda s=s: label_scores(kit.be, model, prompt, arrays, 2, shared=s))
+              for s in (False, True)}
+    assert shapes[False] == [(rows, width)]
+    assert shapes[True] == [(1, 5), (rows, width - 5)]
+
+
+def test_shared_prefix_is_the_default_in_scoring_and_training(kit, llama, monkeypatch):
+    model, tok = llama
+    prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok)
+    calls = []
+    real = kit.be.forward_after_prefix
+    monkeypatch.setattr(kit.be, "forward_after_prefix", lambda *a: calls.append(1) or real(*a))
+    plain = kit.be.score_labels(model, tok, prompt, TEXTS, [" good", " bad"], shared_prefix=False)
+    assert not calls
+    close(kit.be.score_labels(model, tok, prompt, TEXTS, [" good", " bad"]), plain)
+    assert calls
+    calls.clear()
+    kit.be.train(model, tok, prompt, TASK, toy_data(16), None, cfg(steps=1, eval_every=0))
+    assert calls
+    calls.clear()
+    kit.be.train(model, tok, prompt, TASK, toy_data(16), None, cfg(steps=1, eval_every=0, shared_prefix=False))
+    assert not calls
+
+
 # -- generation ------------------------------------------------------------------------------------
 
 
@@ -485,6 +626,21 @@ def test_compiled_step_matches_eager(kit, llama):
         close(out[0][1][k], out[1][1][k], atol=1e-4)
 
 
+def test_compiled_shared_prefix_step_matches_eager_plain(kit, llama):
+    """The default shared-prefix step compiles (torch.compile / mx.compile) and trains like the plain path."""
+    model, tok = llama
+    out = []
+    for compile_, shared in ((False, False), (False, True), (True, True)):
+        prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+        res = kit.be.train(model, tok, prompt, TASK, toy_data(48), None,
+                           cfg(steps=4, compile=compile_, shared_prefix=shared, pad_to_multiple=16))
+        out.append((res.final_loss, prompt.to_params()))
+    for loss, params in out[1:]:
+        assert abs(loss - out[0][0]) < 1e-4
+        for k in params:
+            close(params[k], out[0][1][k], atol=1e-4)
+
+
 def test_options_of_one_backend_are_refused_by_the_other(kit, llama):
     """No silent no-ops: grad_checkpoint is MLX's, compile_mode is torch.compile's."""
     model, tok = llama
@@ -497,14 +653,33 @@ def test_options_of_one_backend_are_refused_by_the_other(kit, llama):
 # -- MLX only: features torch has no counterpart for ---------------------------------------------
 
 
-def test_mlx_grad_checkpoint_gives_the_same_step(tiny_dirs):
+@pytest.fixture
+def restores_mlx_layers(tiny_dirs):
+    """mlx-lm's grad_checkpoint patches the layer class for good, for every model of that class in the
+    process: put it back afterwards, so later tests (and the shared prefix) see plain layers."""
+    step = importlib.import_module("lrpt.backends.mlx.step")
+    model, _ = _load("mlx", str(tiny_dirs["llama"]))
+    cls = type(model.layers[0])
+    call = cls.__dict__["__call__"]
+    yield
+    cls.__call__ = call
+    step._CHECKPOINTED.discard(id(model))
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_mlx_grad_checkpoint_gives_the_same_step(tiny_dirs, shared, restores_mlx_layers):
+    """Recomputing layers in the backward pass changes nothing. mx.checkpoint does not differentiate
+    through the layers' cache objects, so checkpointed layers take the plain path even when asked
+    for the shared prefix (lrpt.backends.mlx.model.shares_prefix)."""
     be = get_backend("mlx")
     model, tok = _load("mlx", str(tiny_dirs["llama"]))
     out = []
-    for gc in (False, True):
+    for gc, sh in ((False, False), (True, shared)):
         prompt = be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
-        be.train(model, tok, prompt, TASK, toy_data(48), None, cfg(steps=4, grad_accum=2, grad_checkpoint=gc))
+        be.train(model, tok, prompt, TASK, toy_data(48), None,
+                 cfg(steps=4, grad_accum=2, grad_checkpoint=gc, shared_prefix=sh))
         out.append(prompt.to_params())
+    assert not be.shares_prefix(model)
     for k in out[0]:
         close(out[0][k], out[1][k])
 

@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-from tiny import METHODS, TEXTS, spec_for, toy_data, toy_task  # noqa: E402
+from tiny import ARCHS, METHODS, TEXTS, sentences, spec_for, toy_data, toy_task  # noqa: E402
 
 from lrpt import Adapter  # noqa: E402
 
@@ -111,8 +111,45 @@ def test_bf16_cuda_scores_within_tolerance(tiny_dirs, tb):
     gpu_model, _ = tb.load_model(tiny_dirs["llama"], device="cuda", quiet=True)  # bf16 by default on CUDA
     assert gpu_model.dtype == torch.bfloat16
     ref = tb.score_labels(cpu_model, tok, tb.prompt_from_adapter(adapter, cpu_model), texts, words)
-    got = tb.score_labels(gpu_model, tok, tb.prompt_from_adapter(adapter, gpu_model), texts, words)
-    assert np.abs(got - ref).max() <= BF16_ATOL
+    for shared in (False, True):  # the plain path and the shared prompt prefix (lrpt.prefix)
+        got = tb.score_labels(gpu_model, tok, tb.prompt_from_adapter(adapter, gpu_model), texts, words,
+                              shared_prefix=shared)
+        assert np.abs(got - ref).max() <= BF16_ATOL
+
+
+def shared_vs_plain(tb, model, tok, kind: str) -> dict[bool, tuple[float, list[np.ndarray]]]:
+    """The training loss of one batch and its gradients, by path (shared prompt prefix or plain)."""
+    from lrpt import Task
+    from lrpt.data import encode_examples
+    from lrpt.tokens import target_tokenize_fn, tokenize_fn
+    from lrpt.trainer import TrainConfig
+    from lrpt.training import Training
+
+    if kind == "classification":
+        task, rows = toy_task(), toy_data(16)
+    else:
+        task = Task("echo", kind="completion", template="Q: {prompt}\nA:")
+        rows = [{"prompt": s, "completion": " " + s.split()[0]} for s in sentences(16, seed=2)]
+    data = encode_examples(task, tokenize_fn(tok), rows, target_tokenize_fn(tok))
+    out = {}
+    for shared in (False, True):
+        prompt = tb.prompt_from_adapter(_adapter("lopt1"), model)
+        ops = Training(tb, model, tok, prompt, task, data, None, TrainConfig(shared_prefix=shared))
+        loss = ops.loss(ops.prepare(data[:8]))
+        loss.backward()
+        out[shared] = (float(loss), [p.grad.detach().cpu().numpy() for p in prompt.parameters()])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["classification", "completion"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prefix_loss_and_gradients_equal_the_plain_path_on_cuda(tiny_dirs, tb, arch, kind):
+    """fp32 on CUDA: the prompt run once per batch gives the plain path's loss and gradients."""
+    model, tok = tb.load_model(tiny_dirs[arch], dtype="float32", device="cuda", quiet=True)
+    out = shared_vs_plain(tb, model, tok, kind)
+    assert abs(out[True][0] - out[False][0]) <= 1e-5
+    for a, b in zip(out[True][1], out[False][1]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
 def test_python_api_moves_a_cpu_prompt_to_the_model(tiny_dirs, tb):
@@ -149,8 +186,9 @@ def test_generation_batched_equals_one_by_one_on_cuda(tiny_dirs, tb, method):
 # -- compiled vs eager ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-def test_compiled_loss_and_gradients_match_eager(tiny_dirs, tb, mode):
+def test_compiled_loss_and_gradients_match_eager(tiny_dirs, tb, mode, shared):
     from lrpt.data import encode_examples
     from lrpt.tokens import tokenize_fn
     from lrpt.trainer import TrainConfig
@@ -162,7 +200,8 @@ def test_compiled_loss_and_gradients_match_eager(tiny_dirs, tb, mode):
     grads = {}
     for compiled in (False, True):
         prompt = tb.prompt_from_adapter(_adapter("lopt1"), model)
-        ops = Training(tb, model, tok, prompt, task, data, None, TrainConfig(compile=compiled, compile_mode=mode))
+        ops = Training(tb, model, tok, prompt, task, data, None,
+                       TrainConfig(compile=compiled, compile_mode=mode, shared_prefix=shared))
         for _ in range(3 if compiled else 1):  # compiled: warm up (CUDA graphs record on later calls)
             prompt.zero_grad(set_to_none=True)
             loss = ops.stepper.loss(ops.prepare(data[:8]))  # the Stepper's (compiled) loss

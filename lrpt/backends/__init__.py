@@ -62,7 +62,8 @@ class Backend(Protocol):
 
     ``ops`` is the core's op set (:mod:`lrpt.ops`). The rest: load a model; place, create, load and
     snapshot prompts; lay a batch out in the framework's arrays; run the model's blocks on prompted
-    embeddings and its own head at chosen positions; generate with the framework's machinery; and
+    embeddings (or behind one prompt's keys and values, run once: :mod:`lrpt.prefix`) and its own
+    head at chosen positions; generate with the framework's machinery; and
     a ``Stepper`` for autograd, the optimizer and compilation. ``score_labels``, ``classify``,
     ``evaluate`` and ``train`` are the core's own, re-exported.
     """
@@ -85,6 +86,8 @@ class Backend(Protocol):
     embed: Callable[[Any, Any], Any]
     prompt_rows: Callable[..., Any]
     forward_hidden: Callable[[Any, Any, Any], Any]
+    shares_prefix: Callable[[Any], bool]
+    forward_after_prefix: Callable[[Any, Any, Any], Any]
     logits_at: Callable[[Any, Any, Any], Any]
     forward_logits: Callable[..., Any]
     generate: Callable[..., list[str]]

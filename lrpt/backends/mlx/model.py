@@ -23,7 +23,7 @@ import numpy as np
 from ... import methods
 from ...basemodel import BaseModelInfo, fingerprint_from_rows, fingerprint_rows
 from ...errors import LrptError
-from ...layout import Batch, pack
+from ...layout import Batch, Suffix, pack
 from ...reference import init_for_model
 from ...spec import PromptSpec
 from . import ops
@@ -196,6 +196,73 @@ def _call_backbone(model, prompt_embeds: mx.array, batch: Batch, gather: mx.arra
 def forward_hidden(model, prompt_embeds: mx.array, batch: Batch) -> mx.array:
     """Last hidden states (B, W, d) of the backbone on the prompted batch."""
     return _call_backbone(model, prompt_embeds, batch, None)
+
+
+def shares_prefix(model) -> bool:
+    """Whether :func:`forward_after_prefix` runs ``model`` exactly, gradients included.
+
+    mlx-lm models attend to whatever keys their per-layer cache objects hand back, at positions from
+    its offset, and ``mx.grad`` flows through them: yes, unless the layers run under mlx-lm's
+    ``grad_checkpoint`` (``--grad-checkpoint``). ``mx.checkpoint`` differentiates only through the
+    arrays passed to the layer, and the cache (holding the prompt's keys and values) is an object it
+    does not look into: the prompt's gradient through them is lost (measured: a different step).
+    """
+    call = type(model.layers[0]).__call__
+    return not getattr(call, "__qualname__", "").startswith("grad_checkpoint.")
+
+
+class _OnePass:
+    """A stand-in for one layer's KV cache for a single pass: tokens sit at positions ``offset``..,
+    and the mask is mlx-lm's causal one for that offset (with the layer's window, if any)."""
+
+    offset = 0
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None, **_):
+        from mlx_lm.models.cache import create_attention_mask
+
+        return create_attention_mask(n, self.offset, return_array, window_size)
+
+
+class _Recorder(_OnePass):
+    """Keeps the keys and values of the pass (the prompt's, at positions 0..n−1) and hands them back."""
+
+    def __init__(self):
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+
+    def update_and_fetch(self, keys, values):
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+class _Behind(_OnePass):
+    """Puts a prompt's keys and values, broadcast over the batch, before the pass's own: tokens attend
+    to them and sit at positions n.., exactly as behind the prompt in one sequence."""
+
+    def __init__(self, keys: mx.array, values: mx.array, batch: int):
+        self.prefix = (mx.broadcast_to(keys, (batch, *keys.shape[1:])),
+                       mx.broadcast_to(values, (batch, *values.shape[1:])))
+        self.offset = keys.shape[2]
+
+    def update_and_fetch(self, keys, values):
+        return mx.concatenate([self.prefix[0], keys], axis=2), mx.concatenate([self.prefix[1], values], axis=2)
+
+
+def forward_after_prefix(model, prefix_embeds: mx.array, suffix: Suffix) -> mx.array:
+    """Last hidden states (B, W−n, d) of the suffix's tokens behind one shared (n, d) prompt.
+
+    The prompt runs once, at batch 1, and each layer's keys and values are kept; the tokens then run
+    behind them, broadcast over the rows, at positions n.. (the caches' offset). The batch is right
+    padded (:func:`lrpt.layout.after_prefix`), so the causal mask alone keeps real tokens off the
+    pads, and the suffix's mask and positions need not be read. Gradients flow through the kept
+    keys and values into the prompt, once.
+    """
+    n, layers = suffix.n, len(model.layers)
+    recorders = [_Recorder() for _ in range(layers)]
+    run_backbone(model, mx.zeros((1, n), mx.int32), recorders, prefix_embeds[None], mx.arange(n)[None],
+                 mx.ones((1, n), mx.bool_))
+    batch = suffix.ids.shape[0]
+    return run_backbone(model, suffix.ids, [_Behind(r.keys, r.values, batch) for r in recorders])
 
 
 def logits_at(model, hidden: mx.array, index: mx.array) -> mx.array:

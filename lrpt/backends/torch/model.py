@@ -24,7 +24,7 @@ import torch
 from ... import methods
 from ...basemodel import BaseModelInfo, fingerprint_from_rows, fingerprint_rows
 from ...errors import LrptError
-from ...layout import Batch, pack
+from ...layout import Batch, Suffix, pack
 from ...reference import init_for_model
 from ...spec import PromptSpec
 from . import ops
@@ -253,6 +253,59 @@ def forward_hidden(model, prompt_embeds: torch.Tensor, batch: Batch) -> torch.Te
         inputs_embeds=inputs, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
     )
     return out.last_hidden_state
+
+
+def shares_prefix(model) -> bool:
+    """Whether :func:`forward_after_prefix` runs ``model``: transformers models take a filled KV cache
+    and attend to it, with autograd through it, so every model this backend loads does, unless its
+    blocks are sharded by FSDP2 (``--fsdp``). FSDP2 reshards a block after each forward, and a block
+    run twice in one step (prompt, then tokens) failed its backward on freed parameter storage."""
+    if not torch.distributed.is_available():
+        return True
+    from torch.distributed.fsdp import FSDPModule
+
+    return not any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def forward_after_prefix(model, prefix_embeds: torch.Tensor, suffix: Suffix) -> torch.Tensor:
+    """Last hidden states (B, W−n, d) of the suffix's tokens behind one shared (n, d) prompt.
+
+    The prompt runs once, at batch 1, into a transformers cache; its per-layer keys and values are
+    expanded (views) to the B rows, and the tokens run behind them with positions n.. and the mask
+    ``[ones(n), row mask]`` (the cache concatenates the prompt's keys with the tokens' per layer).
+    Autograd flows through the cache into the prompt, once.
+    """
+    from transformers import DynamicCache
+
+    n = suffix.n
+    dev = suffix.ids.device
+    tok = embed(model, suffix.ids)
+    backbone = model.base_model
+    cache = {_cache_kwarg(backbone): DynamicCache(config=model.config)}
+    backbone(inputs_embeds=prefix_embeds.to(tok.dtype)[None], position_ids=torch.arange(n, device=dev)[None],
+             use_cache=True, **cache)
+    _expand_cache(*cache.values(), tok.shape[0])
+    mask = torch.cat([suffix.attention_mask.new_ones(tok.shape[0], n), suffix.attention_mask], dim=1)
+    out = backbone(inputs_embeds=tok, attention_mask=mask, position_ids=suffix.position_ids, use_cache=True, **cache)
+    return out.last_hidden_state
+
+
+def _cache_kwarg(backbone) -> str:
+    """The name a model's forward takes its KV cache by (transformers 5 renames ``past_key_values``)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+
+
+def _expand_cache(cache, batch: int) -> None:
+    """Each layer's batch-1 keys and values as views over ``batch`` rows (the next update concatenates)."""
+    if hasattr(cache, "layers"):
+        for layer in cache.layers:
+            layer.keys = layer.keys.expand(batch, -1, -1, -1)
+            layer.values = layer.values.expand(batch, -1, -1, -1)
+        return
+    for kv in (cache.key_cache, cache.value_cache):  # transformers 4.x: per-layer lists
+        kv[:] = [t.expand(batch, -1, -1, -1) for t in kv]
 
 
 def logits_at(model, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

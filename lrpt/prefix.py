@@ -1,0 +1,59 @@
+"""A static prompt shared by every row of a batch runs once: the shared-prefix path, decided here.
+
+For ``prompt``, ``lopt1`` and ``lopt2`` the prompt is the same matrix for every row and sits at
+positions 0..n−1, so its hidden states are the same in every layer and every row. The shared
+path runs it once (batch 1) and lets every row's tokens attend to its keys and values, expanded
+across the batch; gradients flow back through the prefix once. It is exact: the same attention
+over the same keys at the same positions as the plain path, which runs ``[prompt][tokens]`` for
+every row (DESIGN.md, "Positions and padding"), so results differ by float rounding only. It saves
+the prompt's share, n/(n+T), of the per-token work (projections, MLPs); attention still reads
+n+T keys per token, and each layer's keys are still written per row where the framework
+concatenates the prompt's keys with the tokens'.
+
+Where it applies is decided here, once for both backends: one static prompt for all rows (LoPA's
+prompts differ per row; mixed adapters give rows different prompts), a right-padded batch (see
+:func:`lrpt.layout.after_prefix`; scoring and training batches are), a backend that runs this
+model's blocks behind a prefix exactly (``be.shares_prefix(model)``), and the caller's switch
+(``TrainConfig.shared_prefix``, ``shared_prefix=`` of the scoring functions; on by default). The
+backend supplies only the framework work, ``be.forward_after_prefix``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .layout import Batch, after_prefix
+from .methods import prompt_list
+
+
+def shared_prompt(be, model, prompt: Any, which: Sequence[int] | None, batch: Batch,
+                  enabled: bool = True) -> Any | None:
+    """The one static prompt module every row of ``batch`` carries, when the shared path applies; else None."""
+    if not enabled or prompt is None or batch.left_padded or not be.shares_prefix(model):
+        return None
+    prompts = prompt_list(prompt)
+    chosen = {0} if which is None else set(which)
+    if len(chosen) != 1:
+        return None
+    p = prompts[chosen.pop()]
+    return p if p.spec.is_static and p.spec.n_tokens > 0 else None
+
+
+def prompted_hidden(be, model, prompt: Any, which: Sequence[int] | None, inputs: Batch, batch: Batch,
+                    repeat: int = 1, shared: bool = True) -> tuple[Any, int]:
+    """Last hidden states of ``batch`` behind its prompts, and the shift of packed indices into them.
+
+    ``inputs`` is what LoPA encodes (the input alone); ``batch`` is what runs (its rows are
+    ``repeat`` consecutive copies per row of ``inputs``: multi-token label words). Plain path: the
+    (B, W, d) states of the packed batch, shift 0. Shared path: the (B, W−n, d) states of the
+    tokens only, shift n (packed index i is at i − n).
+    """
+    static = shared_prompt(be, model, prompt, which, batch, shared)
+    if static is not None:
+        suffix = after_prefix(batch, static.spec.n_tokens)
+        return be.forward_after_prefix(model, be.ops.float32(static()), suffix), suffix.n
+    rows = be.prompt_rows(model, prompt, inputs, which)
+    if repeat > 1:
+        rows = be.ops.repeat_rows(rows, repeat)
+    return be.forward_hidden(model, rows, batch), 0
