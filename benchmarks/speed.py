@@ -18,7 +18,9 @@ ratio to **the compiled floor**:
   CUDA graphs);
 - ``lrpt-<method>`` / ``lrpt-<method>+compile``: lrpt's real training step
   (``lrpt.training.Training.step``, gradient clipping at 1.0 included), eager and compiled with the
-  same mode.
+  same mode; static prompts run once per batch as a shared prefix (lrpt's default);
+- ``lrpt-<method>-plain[+compile]`` (``--plain``): the same step with ``shared_prefix=False``, the
+  prompt run in every row as the floor does.
 
 Anchors get lrpt's advantages: bf16 weights and autocast on CUDA, fused AdamW on CUDA, the same
 compile mode. ``vs_floor`` is the compiled floor's step time over the row's (> 1: faster than the
@@ -99,8 +101,10 @@ def nonembedding_params(model) -> int:
 INPUTS = {"long": (16, 256), "short": (32, 48)}  # name: (batch B, input tokens L)
 
 
-def lrpt_step(model, method: str, rows: list[list[int]], labels: list[int], n: int, compile_mode: str | None):
-    """lrpt's own training step on one fixed batch (compiled with ``compile_mode``, or eager if None)."""
+def lrpt_step(model, method: str, rows: list[list[int]], labels: list[int], n: int, compile_mode: str | None,
+              shared_prefix: bool = True):
+    """lrpt's own training step on one fixed batch (compiled with ``compile_mode``, or eager if None);
+    ``shared_prefix=False``: without the shared static-prompt prefix (every row runs its prompt)."""
     rank = None if method == "prompt" else 4
     spec = PromptSpec(method, n_tokens=n, rank=rank)
     dim = model.config.hidden_size
@@ -108,7 +112,7 @@ def lrpt_step(model, method: str, rows: list[list[int]], labels: list[int], n: i
     task = Task("bench", template="{text}", label_words=[" 0", " 1"])
     data = [Encoded(r, y) for r, y in zip(rows, labels)]
     cfg = TrainConfig(compile=compile_mode is not None, compile_mode=compile_mode, pad_to_multiple=1,
-                      batch_size=len(rows), progress=False)
+                      batch_size=len(rows), progress=False, shared_prefix=shared_prefix)
     ops = Training(get_backend("torch"), model, LabelTokenizer(), prompt, task, data, None, cfg)
     batch = [list(range(len(rows)))]
     return lambda: ops.step(batch, 1e-3)
@@ -219,6 +223,9 @@ def bench_training(model, args, name: str, batch: int, seq: int, compiled: bool)
         variants[f"lrpt-{method}"] = lrpt_step(model, method, rows, labels, args.tokens, None)
     for method in args.compiled if compiled else []:
         variants[f"lrpt-{method}+compile"] = lrpt_step(model, method, rows, labels, args.tokens, mode)
+    for method in args.plain:  # the same step without the shared prefix, as compiled as the rows above
+        variants[f"lrpt-{method}-plain{'+compile' if compiled else ''}"] = lrpt_step(
+            model, method, rows, labels, args.tokens, mode, shared_prefix=False)
     peak, warm, times = {}, {}, {k: [] for k in variants}
     for key, fn in variants.items():  # warm-up (compilation, graph capture), peak memory over it
         t0 = time.perf_counter()
@@ -259,6 +266,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=20, help="prompt tokens n")
     ap.add_argument("--methods", nargs="*", default=["lopt1"], help="lrpt methods to run eagerly")
     ap.add_argument("--compiled", nargs="*", default=["lopt1"], help="lrpt methods to run compiled")
+    ap.add_argument("--plain", nargs="*", default=[], help="lrpt methods to run also without the shared prefix"
+                    " (compiled when the compiled rows are)")
     ap.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of every compiled row")
     ap.add_argument("--no-compile", action="store_true", help="skip every compiled row (the eager floor is the reference)")
     ap.add_argument("--warmup", type=int, default=5)
