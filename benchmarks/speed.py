@@ -18,7 +18,8 @@ ratio to **the compiled floor**:
   CUDA graphs);
 - ``lrpt-<method>`` / ``lrpt-<method>+compile``: lrpt's real training step
   (``lrpt.training.Training.step``, gradient clipping at 1.0 included), eager and compiled with the
-  same mode; static prompts run once per batch as a shared prefix (lrpt's default);
+  same mode, with lrpt's default for the shared prefix (auto: a compiled step runs a static prompt
+  once per batch as a shared prefix; an eager step on CUDA runs it in every row);
 - ``lrpt-<method>-plain[+compile]`` (``--plain``): the same step with ``shared_prefix=False``, the
   prompt run in every row as the floor does.
 
@@ -102,9 +103,9 @@ INPUTS = {"long": (16, 256), "short": (32, 48)}  # name: (batch B, input tokens 
 
 
 def lrpt_step(model, method: str, rows: list[list[int]], labels: list[int], n: int, compile_mode: str | None,
-              shared_prefix: bool = True):
+              shared_prefix: bool | None = None):
     """lrpt's own training step on one fixed batch (compiled with ``compile_mode``, or eager if None);
-    ``shared_prefix=False``: without the shared static-prompt prefix (every row runs its prompt)."""
+    ``shared_prefix``: lrpt's default (None: auto) or forced; False runs the prompt in every row."""
     rank = None if method == "prompt" else 4
     spec = PromptSpec(method, n_tokens=n, rank=rank)
     dim = model.config.hidden_size

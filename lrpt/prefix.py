@@ -14,8 +14,17 @@ Where it applies is decided here, once for both backends: one static prompt for 
 prompts differ per row; mixed adapters give rows different prompts), a right-padded batch (see
 :func:`lrpt.layout.after_prefix`; scoring and training batches are), a backend that runs this
 model's blocks behind a prefix exactly (``be.shares_prefix(model)``), and the caller's switch
-(``TrainConfig.shared_prefix``, ``shared_prefix=`` of the scoring functions; on by default). The
-backend supplies only the framework work, ``be.forward_after_prefix``.
+(``TrainConfig.shared_prefix``, ``shared_prefix=`` of the scoring functions). The backend
+supplies only the framework work, ``be.forward_after_prefix``.
+
+Where it pays (the switch's default, None: :func:`prefix_pays`): the shared path runs every block
+twice, the prompt at batch 1 and then the rows, so it launches twice the kernels. Measured on an
+H200 at the Llama-3.2-1B shape (benchmarks/RESULTS.md): compiled with CUDA graphs, where launches
+cost nothing, it is the faster step (1.09× the hand-written floor against 0.99× for the plain path
+at 32 × 48 tokens, 1.03× against 0.98× at 16 × 256); run eagerly on CUDA, where this model is
+launch-bound, the doubled launches made the step 2× slower. So: on for a compiled training step,
+off for eager CUDA (training and scoring), on elsewhere (CPU, MLX), where the arithmetic it saves
+is the cost (measured only on small CPU models so far).
 """
 
 from __future__ import annotations
@@ -27,9 +36,17 @@ from .layout import Batch, after_prefix
 from .methods import prompt_list
 
 
+def prefix_pays(be, model) -> bool:
+    """Auto (eager): the shared path everywhere but on CUDA, where eager steps are launch-bound."""
+    return be.device_kind(model) != "cuda"
+
+
 def shared_prompt(be, model, prompt: Any, which: Sequence[int] | None, batch: Batch,
-                  enabled: bool = True) -> Any | None:
-    """The one static prompt module every row of ``batch`` carries, when the shared path applies; else None."""
+                  enabled: bool | None = None) -> Any | None:
+    """The one static prompt module every row of ``batch`` carries, when the shared path applies; else None.
+    ``enabled`` None: where it pays (:func:`prefix_pays`)."""
+    if enabled is None:
+        enabled = prefix_pays(be, model)
     if not enabled or prompt is None or batch.left_padded or not be.shares_prefix(model):
         return None
     prompts = prompt_list(prompt)
@@ -41,7 +58,7 @@ def shared_prompt(be, model, prompt: Any, which: Sequence[int] | None, batch: Ba
 
 
 def prompted_hidden(be, model, prompt: Any, which: Sequence[int] | None, inputs: Batch, batch: Batch,
-                    repeat: int = 1, shared: bool = True) -> tuple[Any, int]:
+                    repeat: int = 1, shared: bool | None = None) -> tuple[Any, int]:
     """Last hidden states of ``batch`` behind its prompts, and the shift of packed indices into them.
 
     ``inputs`` is what LoPA encodes (the input alone); ``batch`` is what runs (its rows are

@@ -28,7 +28,7 @@ from .tokens import encode_texts, label_token_ids
 
 
 def label_scores(be, model, prompt, arrays: dict[str, Any], num_labels: int, which: Sequence[int] | None = None,
-                 shared: bool = True):
+                 shared: bool | None = None):
     """(B, K) label log-probabilities from :func:`lrpt.layout.scoring_arrays` (differentiable).
 
     ``shared``: a static prompt runs once for the batch where it applies (:mod:`lrpt.prefix`)."""
@@ -43,7 +43,7 @@ def label_scores(be, model, prompt, arrays: dict[str, Any], num_labels: int, whi
 
 
 def target_logprobs(be, model, prompt, arrays: dict[str, Any], which: Sequence[int] | None = None, repeat: int = 1,
-                    shared: bool = True):
+                    shared: bool | None = None):
     """(B', K) log-probabilities of the target tokens of the ``seq_`` batch (0 where weight is 0);
     its rows are ``repeat`` consecutive copies per row of the ``in_`` batch."""
     xp = be.ops
@@ -53,7 +53,7 @@ def target_logprobs(be, model, prompt, arrays: dict[str, Any], which: Sequence[i
     return xp.take_last(xp.log_softmax(logits), arrays["target"][..., None])[..., 0] * arrays["weight"]
 
 
-def completion_nll(be, model, prompt, arrays: dict[str, Any], axis: int | None = None, shared: bool = True):
+def completion_nll(be, model, prompt, arrays: dict[str, Any], axis: int | None = None, shared: bool | None = None):
     """Summed negative log-likelihood of the completion tokens, and their count (targets only);
     ``axis=-1``: per row."""
     xp = be.ops
@@ -70,7 +70,7 @@ def weighted_cross_entropy(xp, scores, labels, row_weight):
     return -xp.sum(xp.take_last(xp.log_softmax(scores), labels[:, None])[:, 0] * row_weight)
 
 
-def task_loss(be, model, prompt, task: Task, arrays: dict[str, Any], num_labels: int, shared: bool = True):
+def task_loss(be, model, prompt, task: Task, arrays: dict[str, Any], num_labels: int, shared: bool | None = None):
     """The training loss of one batch: cross-entropy over label scores, or the mean completion NLL.
 
     A batch padded to a fixed shape (``row_weight``, :meth:`lrpt.training.Training.prepare`) averages
@@ -114,7 +114,7 @@ def _backend(model):
 
 def score_rows(be, model, prompt, rows: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]],
                which: Sequence[int] | None = None, pad_id: int = 0, batch_size: int = 32,
-               shared_prefix: bool = True) -> np.ndarray:
+               shared_prefix: bool | None = None) -> np.ndarray:
     """(N, K) float32 label log-probabilities of token rows, in batches, without gradients
     (``shared_prefix``: see :mod:`lrpt.prefix`)."""
     asarray = be.asarray_for(model)
@@ -129,7 +129,7 @@ def score_rows(be, model, prompt, rows: Sequence[Sequence[int]], label_ids: Sequ
 
 
 def score_labels(model, tokenizer, prompt, texts: Sequence[str], label_words: Sequence[str],
-                 which: Sequence[int] | None = None, batch_size: int = 32, shared_prefix: bool = True) -> np.ndarray:
+                 which: Sequence[int] | None = None, batch_size: int = 32, shared_prefix: bool | None = None) -> np.ndarray:
     """(N, K) label log-probabilities for already templated ``texts`` (one prompt, mixed prompts
     chosen per row by ``which``, or None for the plain model); ``shared_prefix``: a static prompt
     runs once per batch (:mod:`lrpt.prefix`; the same scores, less work)."""
@@ -142,7 +142,7 @@ def score_labels(model, tokenizer, prompt, texts: Sequence[str], label_words: Se
 
 
 def classify(model, tokenizer, prompt, texts, label_words, which=None, batch_size=32,
-             shared_prefix: bool = True) -> np.ndarray:
+             shared_prefix: bool | None = None) -> np.ndarray:
     """Predicted label index for each templated text (argmax of :func:`score_labels`)."""
     return score_labels(model, tokenizer, prompt, texts, label_words, which, batch_size, shared_prefix).argmax(-1)
 
@@ -154,7 +154,7 @@ def completion_metrics(nll: np.ndarray) -> dict[str, float]:
 
 
 def evaluate(model, tokenizer, prompt, task: Task, data: list[Encoded],
-             batch_size: int = 32, shared_prefix: bool = True) -> tuple[dict[str, float], np.ndarray | None]:
+             batch_size: int = 32, shared_prefix: bool | None = None) -> tuple[dict[str, float], np.ndarray | None]:
     """Metrics on encoded examples, and per row: the (N, K) label scores for classification, the
     (N, 2) completion NLL and target-token count for completion (``shared_prefix``: :mod:`lrpt.prefix`)."""
     be = _backend(model)

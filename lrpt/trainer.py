@@ -85,8 +85,9 @@ class TrainConfig:
     seed: int = knob(0, "seed of the prompt's initialisation, data order and dropout")
     bucket: bool = knob(True, "batch rows of similar length together (less padding)")
     pad_to_multiple: int = knob(8, "pad batch widths to a multiple of this (fewer shapes to compile)")
-    shared_prefix: bool = knob(True, "run a static prompt (prompt, lopt1, lopt2) once per batch and let every row"
-                               " attend to it: the same loss and gradients, less work (off: the plain path)")
+    shared_prefix: bool | None = knob(None, "run a static prompt (prompt, lopt1, lopt2) once per batch and let every"
+                                      " row attend to it: the same loss and gradients, less work where launches are"
+                                      " free; unset: auto, on for a compiled step and on CPU/MLX, off for an eager step on CUDA (lrpt.prefix)")
     compile: bool | None = knob(None, "compile the step (torch.compile / mx.compile) in a few fixed batch shapes;"
                                       " unset: auto, compiled on CUDA when the run repays it (lrpt.shapes)")
     compile_mode: str | None = knob(None, "torch.compile mode, e.g. reduce-overhead (CUDA graphs; auto's choice);"

@@ -53,6 +53,9 @@ class Training:
         counts = self.shapes.count(run_micro_batches(self.lengths, config)) if self.shapes else Counter()
         self.compile_choice = choose_compile(config.compile, config.compile_mode, be.NAME, be.device_kind(model),
                                              config.fsdp, counts)
+        # The shared prefix pays in a compiled step (no launch cost); eager, where it pays (lrpt.prefix).
+        self.shared = config.shared_prefix if config.shared_prefix is not None else (
+            True if self.compile_choice.compiled else None)
         step_config = replace(config, compile=self.compile_choice.compiled, compile_mode=self.compile_choice.mode)
         self.stepper = be.Stepper(model, prompt, self.loss, step_config, shapes=max(len(counts), 1))
         self.world = self.stepper.world  # (rank, size): (0, 1) unless launched data parallel
@@ -62,7 +65,7 @@ class Training:
     def loss(self, arrays: dict[str, Any]):
         """The loss of one prepared batch (what the Stepper differentiates, and may compile)."""
         k = len(self.label_ids) if self.label_ids is not None else 0
-        return task_loss(self.be, self.model, self.prompt, self.task, arrays, k, self.config.shared_prefix)
+        return task_loss(self.be, self.model, self.prompt, self.task, arrays, k, self.shared)
 
     def prepare(self, rows: list[Encoded], shape: Shape | None = None) -> dict[str, Any]:
         """One batch laid out on the host, then moved to the backend once, as a flat pytree.

@@ -466,6 +466,25 @@ def test_shared_prefix_is_the_default_in_scoring_and_training(kit, llama, monkey
     assert not calls
 
 
+def test_shared_prefix_auto_is_off_for_eager_cuda_and_on_for_compiled_steps(kit, llama, monkeypatch):
+    """Auto (lrpt.prefix.prefix_pays): an eager step on CUDA is launch-bound and the shared path doubles
+    the launches, so it is off there; a compiled step takes it wherever it runs."""
+    from lrpt.prefix import shared_prompt
+    from lrpt.training import Training
+
+    model, tok = llama
+    prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok)
+    right = kit.be.make_batch(kit.ids(tok, TEXTS), 4, "right")
+    assert shared_prompt(kit.be, model, prompt, None, right) is prompt  # CPU: on
+    monkeypatch.setattr(kit.be, "device_kind", lambda m: "cuda")
+    assert shared_prompt(kit.be, model, prompt, None, right) is None
+    assert shared_prompt(kit.be, model, prompt, None, right, enabled=True) is prompt
+    data = _encoded(kit, tok, toy_data(8))
+    for compile_, shared in ((False, None), (True, True)):
+        ops = Training(kit.be, model, tok, prompt, TASK, data, None, cfg(compile=compile_))
+        assert ops.shared is shared
+
+
 # -- generation ------------------------------------------------------------------------------------
 
 
