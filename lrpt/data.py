@@ -248,10 +248,13 @@ def load_examples(task: Task, split: str, data_dir: str | Path | None = None, li
             raise DataError(f"data directory {directory} has no {split}.jsonl{hint}")
         rows = read_jsonl(path)
         where = str(path)
-    elif task.data == "builtin:demo":
-        from .demo_data import demo_rows
+    elif task.data and task.data.startswith("builtin:"):
+        from .demo_data import BUILTIN
 
-        rows, where = demo_rows(split), "the built-in demo data"
+        name = task.data.removeprefix("builtin:")
+        if name not in BUILTIN:
+            raise DataError(f"task {task.name!r}: no built-in data {name!r} (there are: {', '.join(BUILTIN)})")
+        rows, where = BUILTIN[name](split), f"the built-in {name} data"
     elif task.data:
         rows, where = _load_hub(task.data, split, log), f"dataset {task.data}"
     else:

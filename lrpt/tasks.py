@@ -151,6 +151,10 @@ REGISTRY: dict[str, Task] = {
                 label_words=[" true", " false"], data="super_glue/rte"),
     "demo": Task("demo", template="Review: {sentence}\nSentiment:", label_words=[" negative", " positive"],
                  data="builtin:demo"),
+    # `make demo`'s task: no instruction in the template, so zero-shot the model does not know it is
+    # asked for a topic; a soft prompt learns to ask (lrpt/demo_data.py writes the sentences).
+    "topics": Task("topics", template="{sentence}\n", label_words=[" sports", " food", " weather", " music"],
+                   data="builtin:topics"),
 }
 
 

@@ -7,8 +7,8 @@ import pytest
 
 from lrpt import DataError
 from lrpt.data import epoch_batches, load_examples, metric
-from lrpt.demo_data import demo_rows
-from lrpt.tasks import REGISTRY, get_task
+from lrpt.demo_data import demo_rows, topic_rows
+from lrpt.tasks import REGISTRY, Task, get_task
 
 
 def test_hub_datasets_are_addressed_as_the_registry_says(monkeypatch):
@@ -45,12 +45,20 @@ def test_hub_missing_package_or_failure_is_one_clear_error(monkeypatch):
 
 
 def test_registry_and_demo_data():
-    assert set(REGISTRY) == {"sst2", "ag_news", "boolq", "cb", "rte", "demo"}
+    assert set(REGISTRY) == {"sst2", "ag_news", "boolq", "cb", "rte", "demo", "topics"}
     assert get_task("cb").metric == "macro_f1" and len(get_task("ag_news").label_words) == 4
     rows = load_examples(get_task("demo"), "validation", limit=50)
     assert len(rows) == 50 and rows == load_examples(get_task("demo"), "validation", limit=50)
     assert demo_rows("train", 5) == demo_rows("train", 5) and demo_rows("train", 5) != demo_rows("validation", 5)
     assert {r["label"] for r in demo_rows("train", 200)} == {0, 1}
+    topics = get_task("topics")  # `make demo`'s task: the bare sentence, four topic words
+    rows = load_examples(topics, "validation", limit=50)
+    assert len(rows) == 50 and rows == load_examples(topics, "validation", limit=50)
+    assert topic_rows("train", 5) == topic_rows("train", 5) != topic_rows("validation", 5)
+    assert {r["label"] for r in topic_rows("train", 200)} == {0, 1, 2, 3} and len(topics.label_words) == 4
+    assert topics.format(rows[0]) == rows[0]["sentence"] + "\n"
+    with pytest.raises(DataError, match="no built-in data 'nope'"):
+        load_examples(Task("x", template="{sentence}", label_words=[" a", " b"], data="builtin:nope"), "train")
 
 
 def test_batches_are_a_pure_function_of_seed_and_epoch():
