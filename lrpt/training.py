@@ -22,6 +22,7 @@ from .adapter import Adapter
 from .data import Encoded, encode_examples, fit_to_context
 from .errors import SpecError, TrainingError
 from .layout import completion_arrays, scoring_arrays, to_arrays
+from .prefix import prefix_pays
 from .scoring import classification_metrics, completion_metrics, evaluate, task_loss
 from .shapes import Shape, ShapePlan, choose_compile
 from .tasks import Task
@@ -61,6 +62,15 @@ class Training:
         self.world = self.stepper.world  # (rank, size): (0, 1) unless launched data parallel
         if self.shapes is not None:  # each rank pads its share of a batch to the same row count
             self.shapes.rows = -(-config.batch_size // self.world[1])
+
+    def prefix_note(self) -> str:
+        """How a static prompt runs in this run's training step (lrpt.prefix), for the start-up line."""
+        spec = self.prompt.spec
+        if not (spec.is_static and spec.n_tokens > 0):
+            return ""
+        on = (self.shared if self.shared is not None else prefix_pays(self.be, self.model)) and \
+            self.be.shares_prefix(self.model)
+        return "; static prompt " + ("once per batch (shared prefix)" if on else "in every row (plain path)")
 
     def loss(self, arrays: dict[str, Any]):
         """The loss of one prepared batch (what the Stepper differentiates, and may compile)."""
@@ -218,7 +228,7 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
         cut = fit_to_context(train_data, room, reserve, truncate)
         fit_to_context(eval_data or [], room, reserve, truncate)
     ops = Training(be, model, tokenizer, prompt, task, train_data, eval_data, config)
-    choice = ops.compile_choice.line()
+    choice = ops.compile_choice.line() + ops.prefix_note()
     result = run_training(ops, config, out_dir, resume, higher_is_better=task.kind == "classification",
                           backend=be.NAME, writer=ops.world[0] == 0,
                           log=log if ops.world[0] == 0 else None, note=choice)

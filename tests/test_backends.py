@@ -483,6 +483,7 @@ def test_shared_prefix_auto_is_off_for_eager_cuda_and_on_for_compiled_steps(kit,
     for compile_, shared in ((False, None), (True, True)):
         ops = Training(kit.be, model, tok, prompt, TASK, data, None, cfg(compile=compile_))
         assert ops.shared is shared
+        assert ops.prefix_note().endswith("once per batch (shared prefix)" if compile_ else "in every row (plain path)")
 
 
 # -- generation ------------------------------------------------------------------------------------
