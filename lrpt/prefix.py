@@ -41,20 +41,24 @@ def prefix_pays(be, model) -> bool:
     return be.device_kind(model) != "cuda"
 
 
-def shared_prompt(be, model, prompt: Any, which: Sequence[int] | None, batch: Batch,
-                  enabled: bool | None = None) -> Any | None:
-    """The one static prompt module every row of ``batch`` carries, when the shared path applies; else None.
-    ``enabled`` None: where it pays (:func:`prefix_pays`)."""
+def uses_prefix(be, model, spec, enabled: bool | None = None) -> bool:
+    """Whether a prompt of ``spec`` takes the shared path on ``model``: a static prompt, the switch
+    (``enabled`` None: where it pays, :func:`prefix_pays`), and a backend that runs the model so."""
     if enabled is None:
         enabled = prefix_pays(be, model)
-    if not enabled or prompt is None or batch.left_padded or not be.shares_prefix(model):
+    return bool(enabled) and spec.is_static and spec.n_tokens > 0 and be.shares_prefix(model)
+
+
+def shared_prompt(be, model, prompt: Any, which: Sequence[int] | None, batch: Batch,
+                  enabled: bool | None = None) -> Any | None:
+    """The one static prompt module every row of ``batch`` carries, when the shared path applies; else None."""
+    if prompt is None or batch.left_padded:
         return None
-    prompts = prompt_list(prompt)
     chosen = {0} if which is None else set(which)
     if len(chosen) != 1:
         return None
-    p = prompts[chosen.pop()]
-    return p if p.spec.is_static and p.spec.n_tokens > 0 else None
+    p = prompt_list(prompt)[chosen.pop()]
+    return p if uses_prefix(be, model, p.spec, enabled) else None
 
 
 def prompted_hidden(be, model, prompt: Any, which: Sequence[int] | None, inputs: Batch, batch: Batch,

@@ -22,7 +22,7 @@ from .adapter import Adapter
 from .data import Encoded, encode_examples, fit_to_context
 from .errors import SpecError, TrainingError
 from .layout import completion_arrays, scoring_arrays, to_arrays
-from .prefix import prefix_pays
+from .prefix import uses_prefix
 from .scoring import classification_metrics, completion_metrics, evaluate, task_loss
 from .shapes import Shape, ShapePlan, choose_compile
 from .tasks import Task
@@ -68,8 +68,7 @@ class Training:
         spec = self.prompt.spec
         if not (spec.is_static and spec.n_tokens > 0):
             return ""
-        on = (self.shared if self.shared is not None else prefix_pays(self.be, self.model)) and \
-            self.be.shares_prefix(self.model)
+        on = uses_prefix(self.be, self.model, spec, self.shared)
         return "; static prompt " + ("once per batch (shared prefix)" if on else "in every row (plain path)")
 
     def loss(self, arrays: dict[str, Any]):

@@ -14,6 +14,7 @@ position; the LM head runs only where logits are needed (:func:`logits_at`).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,11 +261,16 @@ def shares_prefix(model) -> bool:
     and attend to it, with autograd through it, so every model this backend loads does, unless its
     blocks are sharded by FSDP2 (``--fsdp``). FSDP2 reshards a block after each forward, and a block
     run twice in one step (prompt, then tokens) failed its backward on freed parameter storage."""
+    return not fsdp_sharded(model)
+
+
+def fsdp_sharded(model) -> bool:
+    """Whether FSDP2 manages any of ``model``'s modules (``--fsdp``, :func:`.step.shard_model`)."""
     if not torch.distributed.is_available():
-        return True
+        return False
     from torch.distributed.fsdp import FSDPModule
 
-    return not any(isinstance(m, FSDPModule) for m in model.modules())
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def forward_after_prefix(model, prefix_embeds: torch.Tensor, suffix: Suffix) -> torch.Tensor:
@@ -281,7 +287,7 @@ def forward_after_prefix(model, prefix_embeds: torch.Tensor, suffix: Suffix) -> 
     dev = suffix.ids.device
     tok = embed(model, suffix.ids)
     backbone = model.base_model
-    cache = {_cache_kwarg(backbone): DynamicCache(config=model.config)}
+    cache = {_cache_kwarg(type(backbone)): DynamicCache(config=model.config)}
     backbone(inputs_embeds=prefix_embeds.to(tok.dtype)[None], position_ids=torch.arange(n, device=dev)[None],
              use_cache=True, **cache)
     _expand_cache(*cache.values(), tok.shape[0])
@@ -290,11 +296,13 @@ def forward_after_prefix(model, prefix_embeds: torch.Tensor, suffix: Suffix) -> 
     return out.last_hidden_state
 
 
-def _cache_kwarg(backbone) -> str:
-    """The name a model's forward takes its KV cache by (transformers 5 renames ``past_key_values``)."""
+@functools.cache
+def _cache_kwarg(backbone_class: type) -> str:
+    """The name a model class's forward takes its KV cache by (transformers 5 renames
+    ``past_key_values``); read once per class, not at every step."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(backbone_class.forward).parameters else "past_key_values"
 
 
 def _expand_cache(cache, batch: int) -> None:

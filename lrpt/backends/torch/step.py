@@ -15,7 +15,7 @@ import torch
 
 from ...errors import TrainingError
 from ...trainer import TrainConfig
-from .model import autocast
+from .model import autocast, fsdp_sharded
 
 
 class Stepper:
@@ -152,9 +152,9 @@ def shard_model(model, device: torch.device | None = None) -> None:
 
     A model still on the CPU reaches ``device`` one block at a time: ``fully_shard`` moves a block
     and keeps this rank's shard, so the GPU never holds more than one whole block."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    if any(isinstance(m, FSDPModule) for m in model.modules()):
+    if fsdp_sharded(model):
         return
     world(need_group=True)
     blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=None)
