@@ -7,8 +7,11 @@ evaluation on the validation split. Variants alternate in rounds (eager, compile
 in one invocation, on the same rows, seed and settings:
 
 - ``eager``: ``--no-compile``;
-- ``compiled``: ``--compile --compile-mode reduce-overhead`` (CUDA graphs, fixed batch shapes);
+- ``compiled``: ``--compile --compile-mode reduce-overhead`` (CUDA graphs, fixed batch shapes;
+  each transformer block compiled once, with dynamic shapes: the default ``--compile-scope blocks``);
 - ``compiled-default``: ``--compile`` (torch.compile's default mode, fixed batch shapes);
+- ``compiled-step``: ``--compile --compile-mode reduce-overhead --compile-scope step`` (the whole
+  step compiled once per batch shape; the other compiled variants compile each block once);
 - ``auto``: no flag: lrpt decides (its one-line choice is reported as ``choice``).
 
 Data: a folder of ``train.jsonl`` / ``validation.jsonl`` given by path (never copied); ``--limit N``
@@ -43,6 +46,7 @@ VARIANTS = {
     "eager": ["--no-compile"],
     "compiled": ["--compile", "--compile-mode", "reduce-overhead"],
     "compiled-default": ["--compile"],
+    "compiled-step": ["--compile", "--compile-mode", "reduce-overhead", "--compile-scope", "step"],
     "auto": [],
 }
 PRESETS = {

@@ -17,9 +17,12 @@ ratio to **the compiled floor**:
   logits, backward, fused AdamW; eager and compiled with ``--compile-mode`` (reduce-overhead:
   CUDA graphs);
 - ``lrpt-<method>`` / ``lrpt-<method>+compile``: lrpt's real training step
-  (``lrpt.training.Training.step``, gradient clipping at 1.0 included), eager and compiled with the
-  same mode, with lrpt's default for the shared prefix (auto: a compiled step runs a static prompt
-  once per batch as a shared prefix; an eager step on CUDA runs it in every row);
+  (``lrpt.training.Training.step``, gradient clipping at 1.0 included), eager and compiled whole
+  (``--compile-scope step``) with the same mode, with lrpt's default for the shared prefix (auto: a
+  step compiled whole runs a static prompt once per batch as a shared prefix; an eager step on CUDA
+  runs it in every row);
+- ``lrpt-<method>+compile-blocks``: compiled with ``--compile-scope blocks`` (``lrpt train``'s default:
+  each block compiled once, the rest eager; fast to compile, shared prefix off);
 - ``lrpt-<method>-plain[+compile]`` (``--plain``): the same step with ``shared_prefix=False``, the
   prompt run in every row as the floor does.
 
@@ -103,9 +106,10 @@ INPUTS = {"long": (16, 256), "short": (32, 48)}  # name: (batch B, input tokens 
 
 
 def lrpt_step(model, method: str, rows: list[list[int]], labels: list[int], n: int, compile_mode: str | None,
-              shared_prefix: bool | None = None):
+              shared_prefix: bool | None = None, scope: str = "step"):
     """lrpt's own training step on one fixed batch (compiled with ``compile_mode``, or eager if None);
-    ``shared_prefix``: lrpt's default (None: auto) or forced; False runs the prompt in every row."""
+    ``shared_prefix``: lrpt's default (None: auto) or forced; False runs the prompt in every row;
+    ``scope``: ``--compile-scope`` (the whole step, the fastest at one fixed shape, or blocks)."""
     rank = None if method == "prompt" else 4
     spec = PromptSpec(method, n_tokens=n, rank=rank)
     dim = model.config.hidden_size
@@ -113,7 +117,7 @@ def lrpt_step(model, method: str, rows: list[list[int]], labels: list[int], n: i
     task = Task("bench", template="{text}", label_words=[" 0", " 1"])
     data = [Encoded(r, y) for r, y in zip(rows, labels)]
     cfg = TrainConfig(compile=compile_mode is not None, compile_mode=compile_mode, pad_to_multiple=1,
-                      batch_size=len(rows), progress=False, shared_prefix=shared_prefix)
+                      batch_size=len(rows), progress=False, shared_prefix=shared_prefix, compile_scope=scope)
     ops = Training(get_backend("torch"), model, LabelTokenizer(), prompt, task, data, None, cfg)
     batch = [list(range(len(rows)))]
     return lambda: ops.step(batch, 1e-3)
@@ -224,6 +228,8 @@ def bench_training(model, args, name: str, batch: int, seq: int, compiled: bool)
         variants[f"lrpt-{method}"] = lrpt_step(model, method, rows, labels, args.tokens, None)
     for method in args.compiled if compiled else []:
         variants[f"lrpt-{method}+compile"] = lrpt_step(model, method, rows, labels, args.tokens, mode)
+        variants[f"lrpt-{method}+compile-blocks"] = lrpt_step(model, method, rows, labels, args.tokens, mode,
+                                                              scope="blocks")
     for method in args.plain:  # the same step without the shared prefix, as compiled as the rows above
         variants[f"lrpt-{method}-plain{'+compile' if compiled else ''}"] = lrpt_step(
             model, method, rows, labels, args.tokens, mode, shared_prefix=False)

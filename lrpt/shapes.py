@@ -30,6 +30,10 @@ BUCKET_GROWTH = 1.5
 # CUDA graphs costs ~30 s, and a compiled step saves ~0.1 s over an eager one at batch 32 of
 # short inputs (launch-bound), so a shape needs ~300 steps to repay its compilation.
 AUTO_MIN_STEPS_PER_SHAPE = 300
+# The same for ``--compile-scope blocks`` (the default): one dynamic-shape compilation of one block
+# serves the whole run, so the rule counts the run's micro-steps, whatever its shapes. Estimate
+# (provisional until measured): ~15 s of compilation against ~0.1 s saved per step.
+AUTO_MIN_STEPS_BLOCKS = 150
 # The torch.compile mode ``auto`` uses when --compile-mode is not given: CUDA graphs remove
 # the launch overhead that dominates the eager step of small models.
 AUTO_COMPILE_MODE = "reduce-overhead"
@@ -96,28 +100,33 @@ class CompileChoice:
     compiled: bool
     mode: str | None
     reason: str
+    scope: str = "blocks"
 
     def line(self) -> str:
         """What ``lrpt train`` prints about it."""
-        how = f"compiled ({self.mode or 'default mode'})" if self.compiled else "eager"
+        how = f"compiled ({self.scope}, {self.mode or 'default mode'})" if self.compiled else "eager"
         return f"training step: {how}: {self.reason}"
 
 
 def choose_compile(setting: bool | None, mode: str | None, backend: str, device: str, fsdp: bool,
-                   shapes: Counter) -> CompileChoice:
+                   shapes: Counter, scope: str | None = None) -> CompileChoice:
     """``setting`` True/False is the user's word; None (``auto``) decides from the run: compile on
-    CUDA (torch) when the micro-steps per distinct batch shape reach :data:`AUTO_MIN_STEPS_PER_SHAPE`.
+    CUDA (torch) when the run's micro-steps repay the compilation.
 
-    ``shapes`` counts the run's micro-batches per bucketed shape. Compiling is all or nothing, so
-    with a cost C per shape and a saving s per step it pays when steps × s > shapes × C, that is
-    when the mean steps per shape exceeds C / s, whatever the spread between shapes.
+    ``shapes`` counts the run's micro-batches per bucketed shape. With a saving s per step, a
+    compilation of cost C pays when steps × s > C: with ``scope`` "step" each shape is compiled, so
+    the mean steps per shape must reach :data:`AUTO_MIN_STEPS_PER_SHAPE` (C / s), whatever the spread
+    between shapes; with "blocks" (the default) one compilation serves every shape, so the run's
+    steps must reach :data:`AUTO_MIN_STEPS_BLOCKS`.
     """
     steps, distinct = sum(shapes.values()), max(len(shapes), 1)
     counted = f"{steps} micro-steps over {distinct} batch shape{'s' * (distinct != 1)}"
     if setting is False:
         return CompileChoice(False, None, "compilation is off (--no-compile)")
     if setting:
-        return CompileChoice(True, mode, f"asked for (--compile); {counted}, each shape compiled once")
+        whole = scope == "step" or backend != "torch"  # mx.compile traces the whole step
+        each = "each shape compiled once" if whole else "one compilation for every block and shape"
+        return CompileChoice(True, mode, f"asked for (--compile); {counted}, {each}", "step" if whole else "blocks")
     if backend != "torch":
         return CompileChoice(False, None, f"auto: the {backend} backend trains eagerly unless --compile is given"
                                           " (compiling it is not measured to pay)")
@@ -125,6 +134,12 @@ def choose_compile(setting: bool | None, mode: str | None, backend: str, device:
         return CompileChoice(False, None, f"auto: on {device}, compiling does not pay; --compile forces it")
     if fsdp:
         return CompileChoice(False, None, "auto: compiling under --fsdp is not measured; --compile forces it")
+    if scope != "step":
+        if steps < AUTO_MIN_STEPS_BLOCKS:
+            return CompileChoice(False, None, f"auto: {counted} is below the {AUTO_MIN_STEPS_BLOCKS} that repay"
+                                              " compiling the blocks (provisional threshold); --compile forces it")
+        return CompileChoice(True, mode or AUTO_COMPILE_MODE, f"auto: {counted}, at least the {AUTO_MIN_STEPS_BLOCKS}"
+                                                              " that repay compiling the blocks (provisional threshold)", "blocks")
     per_shape = steps / distinct
     if per_shape < AUTO_MIN_STEPS_PER_SHAPE:
         return CompileChoice(False, None, f"auto: {counted} ({per_shape:.0f} per shape) is below the"
@@ -132,7 +147,9 @@ def choose_compile(setting: bool | None, mode: str | None, backend: str, device:
                                           " (provisional threshold); --compile forces it")
     mode = mode or AUTO_COMPILE_MODE
     return CompileChoice(True, mode, f"auto: {counted} ({per_shape:.0f} per shape, at least the"
-                                     f" {AUTO_MIN_STEPS_PER_SHAPE} that repay a compilation; provisional threshold)")
+                                     f" {AUTO_MIN_STEPS_PER_SHAPE} that repay a compilation; provisional threshold)",
+                         "step")
+
 
 
 def _round_up(x: int, multiple: int) -> int:

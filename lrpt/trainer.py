@@ -36,6 +36,7 @@ from .fileio import atomic_dir, atomic_write, atomic_write_json, encode_safetens
 from .flags import knob
 
 SCHEDULES = ("cosine", "linear", "constant")
+COMPILE_SCOPES = ("blocks", "step")
 # Divergence guard: a finite loss can still mean a run that has blown up (``--lr 1e9`` gave prompt
 # values of 7e18 and exit 0). Stop when a parameter grows this many times past its starting scale
 # (at least 1), or the loss this many times past the first one logged (at least 1).
@@ -90,6 +91,10 @@ class TrainConfig:
                                       " free; unset: auto, on for a compiled step and on CPU/MLX, off for an eager step on CUDA (lrpt.prefix)")
     compile: bool | None = knob(None, "compile the step (torch.compile / mx.compile) in a few fixed batch shapes;"
                                       " unset: auto, compiled on CUDA when the run repays it (lrpt.shapes)")
+    compile_scope: str | None = knob(None, "what torch.compile compiles: each transformer block (one compilation serves"
+                                     " every block and width: seconds) or the whole step (fastest step; each batch"
+                                     " shape compiles every block: minutes); unset: blocks; torch only",
+                                     choices=COMPILE_SCOPES)
     compile_mode: str | None = knob(None, "torch.compile mode, e.g. reduce-overhead (CUDA graphs; auto's choice);"
                                           " torch only")
     grad_checkpoint: bool = knob(False, "recompute layer activations in the backward pass; MLX only")
@@ -100,6 +105,8 @@ class TrainConfig:
         """Refuse impossible values before any work starts (the optimizer, built later, crashes on NaN)."""
         if self.schedule not in SCHEDULES:
             raise TrainingError(f"unknown schedule {self.schedule!r}: use {', '.join(SCHEDULES)}")
+        if self.compile_scope is not None and self.compile_scope not in COMPILE_SCOPES:
+            raise TrainingError(f"unknown compile scope {self.compile_scope!r}: use {', '.join(COMPILE_SCOPES)}")
         for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints", "eval_batch_size",
                      "pad_to_multiple"):
             check_number(name, getattr(self, name), low=1, integer=True)

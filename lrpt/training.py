@@ -53,10 +53,12 @@ class Training:
                                 targets) if train_data else None
         counts = self.shapes.count(run_micro_batches(self.lengths, config)) if self.shapes else Counter()
         self.compile_choice = choose_compile(config.compile, config.compile_mode, be.NAME, be.device_kind(model),
-                                             config.fsdp, counts)
-        # The shared prefix pays in a compiled step (no launch cost); eager, where it pays (lrpt.prefix).
+                                             config.fsdp, counts, config.compile_scope)
+        # The shared prefix pays in a step compiled whole (no launch cost); eager, where it pays
+        # (lrpt.prefix). Not with compiled blocks: a block behind a cache compiles once per layer.
+        choice = self.compile_choice
         self.shared = config.shared_prefix if config.shared_prefix is not None else (
-            True if self.compile_choice.compiled else None)
+            (choice.scope == "step") if choice.compiled else None)
         step_config = replace(config, compile=self.compile_choice.compiled, compile_mode=self.compile_choice.mode)
         self.stepper = be.Stepper(model, prompt, self.loss, step_config, shapes=max(len(counts), 1))
         self.world = self.stepper.world  # (rank, size): (0, 1) unless launched data parallel

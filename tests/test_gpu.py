@@ -188,9 +188,10 @@ def test_generation_batched_equals_one_by_one_on_cuda(tiny_dirs, tb, method):
 # -- compiled vs eager ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("scope", ["blocks", "step"])
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-def test_compiled_loss_and_gradients_match_eager(tiny_dirs, tb, mode, shared):
+def test_compiled_loss_and_gradients_match_eager(tiny_dirs, tb, mode, shared, scope):
     from lrpt.data import encode_examples
     from lrpt.tokens import tokenize_fn
     from lrpt.trainer import TrainConfig
@@ -203,7 +204,7 @@ def test_compiled_loss_and_gradients_match_eager(tiny_dirs, tb, mode, shared):
     for compiled in (False, True):
         prompt = tb.prompt_from_adapter(_adapter("lopt1"), model)
         ops = Training(tb, model, tok, prompt, task, data, None,
-                       TrainConfig(compile=compiled, compile_mode=mode, shared_prefix=shared))
+                       TrainConfig(compile=compiled, compile_mode=mode, shared_prefix=shared, compile_scope=scope))
         for _ in range(3 if compiled else 1):  # compiled: warm up (CUDA graphs record on later calls)
             prompt.zero_grad(set_to_none=True)
             loss = ops.stepper.loss(ops.prepare(data[:8]))  # the Stepper's (compiled) loss
@@ -212,6 +213,26 @@ def test_compiled_loss_and_gradients_match_eager(tiny_dirs, tb, mode, shared):
     assert abs(grads[True][0] - grads[False][0]) <= 1e-4 * max(1.0, abs(grads[False][0]))
     for a, b in zip(grads[True][1], grads[False][1]):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("scope", ["blocks", "step"])
+def test_compiled_training_over_many_widths_equals_eager(tiny_dirs, tb, scope):
+    """A whole compiled run with CUDA graphs over rows of many lengths (several bucket widths, the
+    short last batch too) ends where the eager run ends, and evaluation after it stays right."""
+    from lrpt.trainer import TrainConfig
+
+    model, tok = tb.load_model(tiny_dirs["llama"], dtype="float32", device="cuda", quiet=True)
+    rows = toy_data(90, seed=5)
+    out = {}
+    for compiled in (False, True):
+        prompt = tb.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+        res = tb.train(model, tok, prompt, toy_task(), rows, rows[:16], TrainConfig(
+            steps=14, batch_size=8, compile=compiled, compile_mode="reduce-overhead", compile_scope=scope,
+            pad_to_multiple=4, progress=False, eval_every=7))
+        out[compiled] = (res.final_loss, res.best_metric, prompt.to_params())
+    assert out[True][0] == pytest.approx(out[False][0], abs=1e-4) and out[True][1] == out[False][1]
+    for k in out[False][2]:
+        np.testing.assert_allclose(out[True][2][k], out[False][2][k], atol=1e-4)
 
 
 # -- the real model ------------------------------------------------------------------------------------

@@ -8,7 +8,15 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from lrpt.shapes import AUTO_MIN_STEPS_PER_SHAPE, Shape, ShapePlan, bucket, choose_compile, ladder
+from lrpt.shapes import (
+    AUTO_MIN_STEPS_BLOCKS,
+    AUTO_MIN_STEPS_PER_SHAPE,
+    Shape,
+    ShapePlan,
+    bucket,
+    choose_compile,
+    ladder,
+)
 from lrpt.trainer import TrainConfig, run_micro_batches
 
 
@@ -38,17 +46,25 @@ def test_plan_gives_every_micro_batch_of_a_run_one_of_few_shapes():
 
 def test_choose_compile_rule():
     few, many = Counter({Shape(32, 40): 100, Shape(32, 60): 100}), Counter({Shape(32, 40): AUTO_MIN_STEPS_PER_SHAPE})
+    short = Counter({Shape(32, 40): AUTO_MIN_STEPS_BLOCKS // 2, Shape(32, 60): AUTO_MIN_STEPS_BLOCKS // 2 - 1})
     assert not choose_compile(None, None, "torch", "cpu", False, many).compiled
     assert not choose_compile(None, None, "mlx", "gpu", False, many).compiled
-    assert not choose_compile(None, None, "torch", "cuda", False, few).compiled
-    auto = choose_compile(None, None, "torch", "cuda", False, many)
-    assert auto.compiled and auto.mode == "reduce-overhead" and "per shape" in auto.line()
+    # blocks (the default scope): one compilation for the run, so the run's steps count
+    assert choose_compile(None, None, "torch", "cuda", False, few).compiled
+    assert not choose_compile(None, None, "torch", "cuda", False, short).compiled
+    blocks = choose_compile(None, None, "torch", "cuda", False, many)
+    assert blocks.compiled and blocks.scope == "blocks" and "(blocks, reduce-overhead)" in blocks.line()
+    # step: each shape compiled, so the steps per shape count
+    assert not choose_compile(None, None, "torch", "cuda", False, few, "step").compiled
+    auto = choose_compile(None, None, "torch", "cuda", False, many, "step")
+    assert auto.compiled and auto.mode == "reduce-overhead" and "per shape" in auto.line() and auto.scope == "step"
     assert choose_compile(None, "default", "torch", "cuda", False, many).mode == "default"
     assert not choose_compile(None, None, "torch", "cuda", True, many).compiled  # fsdp: not measured
     forced = choose_compile(True, None, "torch", "cpu", False, few)
-    assert forced.compiled and forced.mode is None and "--compile" in forced.reason
+    assert forced.compiled and forced.mode is None and "--compile" in forced.reason and forced.scope == "blocks"
+    assert choose_compile(True, None, "mlx", "cpu", False, few).scope == "step"  # mx.compile: the whole step
     assert not choose_compile(False, "reduce-overhead", "torch", "cuda", False, many).compiled
-    for choice in (auto, forced):
+    for choice in (auto, forced, blocks):
         assert "\n" not in choice.line()
 
 
@@ -173,3 +189,29 @@ def test_compile_flag_is_on_off_or_auto():
         parse([], {"compile": "maybe"})
     with pytest.raises(LrptError, match="keep_best must be true or false"):
         parse([], {"keep_best": "auto"})
+
+
+def test_compiled_blocks_compile_once_for_every_block_and_width(llama):
+    """--compile-scope blocks (the default): one dynamic-shape compilation serves all blocks and
+    every batch width, and the step trains as the eager one does; evaluation stays eager."""
+    from tiny import spec_for, toy_data, toy_task
+    from torch._dynamo.utils import counters
+
+    from lrpt.backends import get_backend
+
+    model, tok = llama
+    be = get_backend("torch")
+    data = toy_data(40, seed=3)
+    out = {}
+    for compile_ in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        prompt = be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+        res = be.train(model, tok, prompt, toy_task(), data, data[:8], TrainConfig(
+            steps=5, batch_size=8, compile=compile_, pad_to_multiple=4, progress=False))
+        out[compile_] = (res.final_loss, prompt.to_params(), counters["stats"]["unique_graphs"])
+        assert all(b._compiled_call_impl is None for b in model.model.layers)  # eager again after the step
+    assert len(model.model.layers) > 1 and out[True][2] == 1 and out[False][2] == 0
+    assert out[True][0] == pytest.approx(out[False][0], abs=1e-4)
+    for k in out[False][1]:
+        np.testing.assert_allclose(out[True][1][k], out[False][1][k], atol=1e-4)

@@ -264,6 +264,11 @@ def shares_prefix(model) -> bool:
     return not fsdp_sharded(model)
 
 
+def transformer_blocks(model) -> torch.nn.ModuleList | None:
+    """The model's transformer blocks: its longest ``ModuleList`` (no per-architecture table)."""
+    return max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=None)
+
+
 def fsdp_sharded(model) -> bool:
     """Whether FSDP2 manages any of ``model``'s modules (``--fsdp``, :func:`.step.shard_model`)."""
     if not torch.distributed.is_available():

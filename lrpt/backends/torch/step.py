@@ -15,7 +15,7 @@ import torch
 
 from ...errors import TrainingError
 from ...trainer import TrainConfig
-from .model import autocast, fsdp_sharded
+from .model import autocast, fsdp_sharded, transformer_blocks
 
 
 class Stepper:
@@ -31,16 +31,9 @@ class Stepper:
         self.params = [p for _, p in self.named]
         self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay,
                                      fused=model.device.type == "cuda")
-        # With ``compile``, traced once per batch shape (CUDA graphs with compile_mode="reduce-overhead"):
-        # the run's batches come in ``shapes`` fixed shapes (lrpt.shapes), each a static graph. Static
-        # (dynamic=False): no recompilation into a dynamic-shape graph on the second shape, and
-        # dynamo's recompile limit (8 by default; past it a step silently runs eager) covers them all.
         self.loss = loss
         if config.compile:
-            limits = torch._dynamo.config
-            name = "recompile_limit" if hasattr(limits, "recompile_limit") else "cache_size_limit"  # older torch
-            setattr(limits, name, max(getattr(limits, name), shapes + 8))
-            self.loss = torch.compile(loss, mode=config.compile_mode, dynamic=False)
+            self.loss = compiled(model, loss, config, shapes)
         self.dropout = prompt.spec.method == "lopa" and prompt.spec.dropout > 0
         self.world = world(need_group=config.fsdp)
         # Under FSDP every forward and backward is a collective: ranks run the same number of them.
@@ -122,6 +115,54 @@ class Stepper:
             }
 
 
+def compiled(model, loss: Callable[[dict[str, Any]], torch.Tensor], config: TrainConfig, shapes: int):
+    """``loss`` with torch.compile, over ``config.compile_scope``:
+
+    - ``blocks``: each transformer block's call is compiled, with dynamic shapes. Every block runs
+      the same code, so one compilation serves all of them and every batch width (CUDA graphs with
+      ``reduce-overhead`` are still recorded once per shape, which is cheap); the embedding lookup,
+      prompt, head and loss between them run eagerly. Compiling takes seconds, not minutes.
+    - ``step``: the whole loss, once per fixed batch shape (lrpt.shapes), each a static graph: the
+      fastest step, but each shape compiles every block, which takes minutes on real, many-shaped
+      data.
+
+    Dynamo's recompile limit (8 by default; past it a step silently runs eager) is raised to cover
+    the ``shapes`` (step) or one compilation per block (blocks run behind a KV cache: the shared
+    prefix, which auto leaves off with blocks).
+    """
+    limits = torch._dynamo.config
+    name = "recompile_limit" if hasattr(limits, "recompile_limit") else "cache_size_limit"  # older torch
+    blocks = transformer_blocks(model) if config.compile_scope != "step" else None
+    # Blocks behind a KV cache (the shared prefix, when asked for) compile once per layer and pass.
+    setattr(limits, name, max(getattr(limits, name), shapes + 8, 2 * len(blocks or ()) + 8))
+    mark = config.compile_mode == "reduce-overhead" and model.device.type == "cuda"
+    if config.compile_scope == "step":
+        step = torch.compile(loss, mode=config.compile_mode, dynamic=False)
+    else:
+        if blocks is None or len(blocks) == 0:
+            raise TrainingError(f"--compile-scope blocks: cannot find the transformer blocks of {type(model).__name__};"
+                                " use --compile-scope step")
+        calls = [torch.compile(b._call_impl, mode=config.compile_mode, dynamic=True) for b in blocks]
+
+        def step(arrays: dict[str, Any]) -> torch.Tensor:
+            # nn.Module.compile's own hook (``_compiled_call_impl``), set only while the step's
+            # forward runs, so evaluation and generation in the same process stay eager.
+            for b, call in zip(blocks, calls):
+                b._compiled_call_impl = call
+            try:
+                return loss(arrays)
+            finally:
+                for b in blocks:
+                    b._compiled_call_impl = None
+
+    def run(arrays: dict[str, Any]) -> torch.Tensor:
+        if mark:  # a new iteration: CUDA graphs may reuse the memory of the last one's outputs
+            torch.compiler.cudagraph_mark_step_begin()
+        return step(arrays)
+
+    return run
+
+
 def world(need_group: bool = False) -> tuple[int, int]:
     """(rank, size) of the data-parallel group: ``torchrun`` sets the environment, and the group is
     started here once (NCCL on CUDA, gloo on CPU); (0, 1) otherwise. ``need_group``: start it even
@@ -157,7 +198,7 @@ def shard_model(model, device: torch.device | None = None) -> None:
     if fsdp_sharded(model):
         return
     world(need_group=True)
-    blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=None)
+    blocks = transformer_blocks(model)
     if blocks is None or len(blocks) == 0:
         raise TrainingError(f"--fsdp: cannot find the transformer blocks of {type(model).__name__}")
     for block in blocks:
