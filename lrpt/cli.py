@@ -21,7 +21,7 @@ from .data import load_examples
 from .errors import DataError, LrptError
 from .fetch import DEFAULT_MODEL
 from .fileio import atomic_write
-from .spec import PromptSpec
+from .spec import METHOD_DEFAULTS, PromptSpec
 from .tasks import REGISTRY, Task, get_task
 from .trainer import TrainConfig, check_number
 
@@ -262,8 +262,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not out:
         raise LrptError("say where the run goes: --out DIR")
     run_settings, resumed = _run_settings(Path(out)) if getattr(args, "resume", False) else ({}, None)
-    flags.resolve(args, args.train_defaults, {**run_settings, **config}, args.config or "--resume",
-                  args.train_actions)
+    given = {**run_settings, **config}
+    # The method's own defaults (rank, LoPA's h′; its lr is TrainConfig's auto) under typed flags and config.
+    method = getattr(args, "method", None) or given.get("method") or args.train_defaults["method"]
+    per_method = {k: v for k, v in METHOD_DEFAULTS.get(method, {}).items() if k != "lr"}
+    flags.resolve(args, {**args.train_defaults, **per_method}, given, args.config or "--resume", args.train_actions)
     out = Path(args.out)
     start_from = Adapter.load(args.init_from) if args.init_from else None
     known = start_from or resumed
@@ -537,7 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("train", help="train a soft prompt on a frozen model")
+    per_method = "; ".join(f"{m}: " + ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in d.items())
+                           for m, d in METHOD_DEFAULTS.items())
+    p = sub.add_parser("train", help="train a soft prompt on a frozen model",
+                       epilog=f"Defaults per method, where no flag or config key sets them: {per_method}.")
     _common(p)
     _data_args(p)
     p.add_argument("-c", "--config", help="YAML file of flag values (keys are flag names); typed flags override it")
@@ -551,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Every PromptSpec and TrainConfig field is a flag, derived from the dataclasses.
     spec_group = p.add_argument_group("prompt (PromptSpec)")
     train_group = p.add_argument_group("training (TrainConfig)")
-    defaults = {**flags.add_flags(spec_group, PromptSpec, {"rank": 4}), **flags.add_flags(train_group, TrainConfig)}
+    defaults = {**flags.add_flags(spec_group, PromptSpec, {"rank": "per method"}),
+                **flags.add_flags(train_group, TrainConfig)}
     # Every train flag defaults to "absent", so a -c config can fill what was not typed (argparse
     # offers no other way to tell a typed flag from its default than these actions).
     for action in p._actions:

@@ -31,7 +31,7 @@ def _base_type(hint: Any) -> tuple[type, bool]:
 
 def _number(kind: type, optional: bool):
     def parse(text: str):
-        if optional and text.lower() in ("none", "null", "off"):
+        if optional and text.lower() in ("none", "null", "off", "auto"):
             return None
         try:
             value = kind(text)
@@ -56,7 +56,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, defaults: dict[str, An
         kind, optional = _base_type(hints[f.name])
         default = (defaults or {}).get(f.name, f.default)
         name = f.metadata["flag"] or "--" + f.name.replace("_", "-")
-        shown = f"{f.metadata['help']} (default: {'auto' if kind is bool and default is None else default})"
+        auto = default is None and (kind is bool or "unset: auto" in f.metadata["help"])
+        shown = f"{f.metadata['help']} (default: {'auto' if auto else default})"
         if kind is bool:
             action = parser.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction,
                                          default=argparse.SUPPRESS, help=shown)

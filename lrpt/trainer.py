@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,6 +42,9 @@ COMPILE_SCOPES = ("blocks", "step")
 # (at least 1), or the loss this many times past the first one logged (at least 1).
 DIVERGED_PARAM_FACTOR = 1e4
 DIVERGED_LOSS_FACTOR = 1e3
+# With --epochs unset, a run is one pass over the data or, on small data, as many passes as make
+# this many optimizer steps (CB's 250 rows are 16 steps at batch 16: too few to train a prompt).
+AUTO_MIN_STEPS = 200
 
 
 def check_number(name: str, value: Any, low: float | None = None, high: float | None = None,
@@ -68,8 +71,10 @@ class TrainConfig:
     """Hyper-parameters and bookkeeping of a run (the same on both backends)."""
 
     steps: int | None = knob(None, "optimizer steps (overrides --epochs)")
-    epochs: float = knob(1.0, "passes over the training data")
-    lr: float = knob(3e-2, "peak learning rate of AdamW")
+    epochs: float | None = knob(None, "passes over the training data; unset: auto, one pass, or more on small data"
+                                      f" to make {AUTO_MIN_STEPS} optimizer steps")
+    lr: float | None = knob(None, "peak learning rate of AdamW; unset: auto, the method's default"
+                                  " (lrpt.spec.METHOD_DEFAULTS)")
     batch_size: int = knob(16, "rows per micro-batch")
     grad_accum: int = knob(1, "micro-batches per optimizer step")
     weight_decay: float = knob(0.0, "AdamW's decoupled weight decay")
@@ -115,13 +120,21 @@ class TrainConfig:
         if self.steps is not None:
             check_number("steps", self.steps, low=1, integer=True)
         check_number("seed", self.seed, low=0, high=2**32 - 1, integer=True)
-        check_number("lr", self.lr, low=0, low_open=True)
-        check_number("epochs", self.epochs, low=0, low_open=True, high=1e6)
+        if self.lr is not None:
+            check_number("lr", self.lr, low=0, low_open=True)
+        if self.epochs is not None:
+            check_number("epochs", self.epochs, low=0, low_open=True, high=1e6)
         check_number("warmup", self.warmup, low=0, high=1e9)
         check_number("weight_decay", self.weight_decay, low=0)
         if self.max_grad_norm is not None:
             check_number("max_grad_norm", self.max_grad_norm, low=0, low_open=True)
         return self
+
+    def for_method(self, method: str) -> TrainConfig:
+        """This config with an unset ``lr`` filled by ``method``'s default (lrpt.spec.METHOD_DEFAULTS)."""
+        from .spec import METHOD_DEFAULTS
+
+        return self if self.lr is not None else replace(self, lr=METHOD_DEFAULTS[method]["lr"])
 
 
 @dataclass
@@ -167,7 +180,12 @@ class TrainOps(Protocol):
 def plan(config: TrainConfig, n_examples: int) -> tuple[int, int]:
     """(total optimizer steps, warmup steps) for a run."""
     per_epoch = math.ceil(n_examples / config.batch_size)
-    total = config.steps or max(1, math.ceil(config.epochs * per_epoch / config.grad_accum))
+    if config.steps:
+        total = config.steps
+    elif config.epochs is None:  # auto: one pass, at least AUTO_MIN_STEPS
+        total = max(math.ceil(per_epoch / config.grad_accum), AUTO_MIN_STEPS)
+    else:
+        total = max(1, math.ceil(config.epochs * per_epoch / config.grad_accum))
     warmup = int(config.warmup * total) if config.warmup < 1 else int(config.warmup)
     return total, min(warmup, total)
 
@@ -330,7 +348,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
 # Anything else (lr, batch, seed, schedule...) would silently make it another run.
 RESUMABLE_CHANGES = frozenset({"steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "log_every",
                                "eval_batch_size", "progress", "compile", "compile_mode", "grad_checkpoint",
-                               "fsdp", "shared_prefix"})
+                               "fsdp", "shared_prefix", "compile_scope"})
 
 
 def check_resume_config(path: Path, config: TrainConfig) -> None:

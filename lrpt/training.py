@@ -27,7 +27,7 @@ from .scoring import classification_metrics, completion_metrics, evaluate, task_
 from .shapes import Shape, ShapePlan, choose_compile
 from .tasks import Task
 from .tokens import label_token_ids, target_tokenize_fn, tokenize_fn
-from .trainer import TrainConfig, TrainResult, run_micro_batches, run_training
+from .trainer import AUTO_MIN_STEPS, TrainConfig, TrainResult, plan, run_micro_batches, run_training
 
 CHECKPOINT_SCHEMA = 1
 
@@ -37,6 +37,7 @@ class Training:
 
     def __init__(self, be, model, tokenizer, prompt, task: Task, train_data: list[Encoded],
                  eval_data: list[Encoded] | None, config: TrainConfig):
+        config = config.for_method(prompt.spec.method)
         self.be, self.model, self.tokenizer, self.prompt, self.task = be, model, tokenizer, prompt, task
         self.train_data, self.eval_data, self.config = train_data, eval_data or [], config
         self.lengths = [len(e.ids) + (len(e.target) if isinstance(e.target, list) else 0) for e in train_data]
@@ -216,7 +217,7 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
     from .backends import backend_for
 
     be = backend_for(model)
-    config = (config or TrainConfig()).validate()
+    config = (config or TrainConfig()).for_method(prompt.spec.method).validate()
     be.place(prompt, model)
     hf = be.hf_tokenizer(tokenizer)
     tok, tgt = tokenize_fn(hf), target_tokenize_fn(hf)
@@ -229,13 +230,22 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
         cut = fit_to_context(train_data, room, reserve, truncate)
         fit_to_context(eval_data or [], room, reserve, truncate)
     ops = Training(be, model, tokenizer, prompt, task, train_data, eval_data, config)
-    choice = ops.compile_choice.line() + ops.prefix_note()
+    choice = ops.compile_choice.line() + ops.prefix_note() + length_note(config, len(train_data))
     result = run_training(ops, config, out_dir, resume, higher_is_better=task.kind == "classification",
                           backend=be.NAME, writer=ops.world[0] == 0,
                           log=log if ops.world[0] == 0 else None, note=choice)
     result.truncated = cut
     result.compile_choice = choice.removeprefix("training step: ")
     return result
+
+
+def length_note(config: TrainConfig, n: int) -> str:
+    """What the start-up line says of an auto-length run (``epochs`` unset) that is not one pass."""
+    total, _ = plan(config, n)
+    one_pass = -(-n // config.batch_size) / config.grad_accum
+    if config.steps or config.epochs is not None or total <= one_pass:
+        return ""
+    return f"; {total} optimizer steps (auto: {total / one_pass:.1f} passes over {n} rows, at least {AUTO_MIN_STEPS})"
 
 
 def context_room(context: int, n_tokens: int) -> int:

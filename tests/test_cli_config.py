@@ -76,3 +76,42 @@ def test_cross_backend_resume_from_the_cli(tiny_dirs, tmp_path, src, dst):
     assert b.created_by["backend"] == dst
     for k in a.params:
         assert np.linalg.norm(a.params[k] - b.params[k]) <= 1e-5 * np.linalg.norm(a.params[k]), k
+
+
+def test_each_method_gets_its_own_defaults_under_flags_and_config(tiny_dirs, tmp_path):
+    """No tuning flags: the method's rank, LoPA's h′ and its lr (lrpt.spec.METHOD_DEFAULTS); a typed
+    flag or a config key still wins over them."""
+    from lrpt.spec import METHOD_DEFAULTS
+
+    base = ["--backend", "torch", "--model", str(tiny_dirs["llama"]), "--task", "demo", "--train-limit", "16",
+            "--eval-limit", "0", "--batch-size", "8", "--tokens", "4", "--steps", "1", "--no-progress"]
+    runs = {"lopa": [], "lopt1": [], "prompt": [], "lopa-typed": ["--rank", "1", "--lr", "0.5"]}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("head-hidden: 8\n")
+    for name, extra in runs.items():
+        method = name.split("-")[0]
+        out = tmp_path / name
+        assert main(["train", *base, "--method", method, *extra, "--out", str(out),
+                     *(["-c", str(cfg)] if name == "lopa-typed" else [])]) == 0
+        spec = Adapter.load(out / "adapter").spec
+        lr = json.loads((out / "train_config.json").read_text())["lr"]
+        want = METHOD_DEFAULTS[method]
+        if name == "lopa-typed":
+            assert (spec.rank, spec.head_hidden, lr) == (1, 8, 0.5)
+        else:
+            assert lr == want["lr"] and spec.rank == want.get("rank")
+            assert spec.head_hidden == want.get("head_hidden", PromptSpec.head_hidden)
+    assert METHOD_DEFAULTS["lopa"]["lr"] != METHOD_DEFAULTS["lopt1"]["lr"]  # so the test tells them apart
+
+
+def test_auto_length_is_one_pass_or_enough_passes_for_the_minimum_steps():
+    from lrpt.trainer import AUTO_MIN_STEPS, plan
+    from lrpt.training import length_note
+
+    auto = TrainConfig(batch_size=16)
+    assert plan(auto, 250)[0] == AUTO_MIN_STEPS  # CB-sized: 16 steps a pass, so several passes
+    assert plan(auto, 67_349)[0] == 4210  # large: one pass
+    assert plan(TrainConfig(batch_size=16, epochs=1), 250)[0] == 16  # typed: exactly that
+    assert plan(TrainConfig(batch_size=16, steps=7), 250)[0] == 7
+    assert f"{AUTO_MIN_STEPS} optimizer steps (auto: 12.5 passes over 250 rows" in length_note(auto, 250)
+    assert length_note(auto, 67_349) == "" and length_note(TrainConfig(epochs=1), 250) == ""
