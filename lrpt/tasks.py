@@ -149,6 +149,10 @@ REGISTRY: dict[str, Task] = {
                label_words=[" true", " false", " neither"], metric="macro_f1", data="super_glue/cb"),
     "rte": Task("rte", template="{premise}\nQuestion: {hypothesis} True or false?\nAnswer:",
                 label_words=[" true", " false"], data="super_glue/rte"),
+    # TREC's 6 coarse classes (ABBR, DESC, ENTY, HUM, LOC, NUM), read from a folder (--data DIR) of
+    # text/label rows: the hub's copies name the label column differently from version to version.
+    "trec": Task("trec", template="Question: {text}\nAnswer type:",
+                 label_words=[" abbreviation", " description", " entity", " person", " location", " number"]),
     "demo": Task("demo", template="Review: {sentence}\nSentiment:", label_words=[" negative", " positive"],
                  data="builtin:demo"),
     # `make demo`'s task: no instruction in the template, so zero-shot the model does not know it is

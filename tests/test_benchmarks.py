@@ -45,11 +45,18 @@ def test_generate_mlx_smoke(tmp_path):
 
 
 def test_accuracy_smoke(tmp_path):
-    run("benchmarks/accuracy.py", "--smoke", "--json", tmp_path / "a.json")
-    rows = {r["run"]: r for r in json.loads((tmp_path / "a.json").read_text())["results"]}
-    assert set(rows) == {"zero-shot", "lopt1-r2", "lopa-r2", "peft-prompt", "peft-lora"}
-    assert all(0 <= r["accuracy"] <= 1 for r in rows.values())
-    assert run("benchmarks/accuracy.py", "--merge", tmp_path / "a.json").count("%") == 5
+    """Every kind of run, two seeds, two worker processes; the summary reads the results back."""
+    runs = ["zero-shot", "lrpt:lopt1", "lrpt:lopa:lr=1e-3", "peft-prompt:init=text:lr=1e-2",
+            "peft-prompt:init=vocab:lr=1e-2", "peft-lora:lr=1e-3"]
+    run("benchmarks/accuracy.py", "--smoke", "--seeds", "0", "1", "--workers", "2", "--out", tmp_path, "--runs", *runs)
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["run"], r["seed"]) for r in rows) == sorted(
+        [("zero-shot", 0)] + [(r, s) for r in runs[1:] for s in (0, 1)])
+    assert all("error" not in r and 0 <= r["accuracy"] <= 1 for r in rows), rows
+    assert all(r["params"] > 0 for r in rows if r["run"] != "zero-shot")
+    assert next(r["lr"] for r in rows if r["run"] == "lrpt:lopt1") == 3e-2  # the method's default
+    table = run("benchmarks/accuracy.py", "--summary", tmp_path / "results.jsonl")
+    assert table.count("\ndemo") == len(runs) and "±" in table
 
 
 def test_cpu_smoke():

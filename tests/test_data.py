@@ -45,7 +45,7 @@ def test_hub_missing_package_or_failure_is_one_clear_error(monkeypatch):
 
 
 def test_registry_and_demo_data():
-    assert set(REGISTRY) == {"sst2", "ag_news", "boolq", "cb", "rte", "demo", "topics"}
+    assert set(REGISTRY) == {"sst2", "ag_news", "boolq", "cb", "rte", "trec", "demo", "topics"}
     assert get_task("cb").metric == "macro_f1" and len(get_task("ag_news").label_words) == 4
     rows = load_examples(get_task("demo"), "validation", limit=50)
     assert len(rows) == 50 and rows == load_examples(get_task("demo"), "validation", limit=50)
