@@ -22,7 +22,7 @@ validation split. Runs:
 - ``peft-lora:lr=X``: PEFT LoRA r=8, alpha 16, on q_proj and v_proj.
 
 Jobs run in ``--workers`` processes spread over ``--gpus`` (small models leave a GPU mostly idle,
-so several jobs share one), longest tasks first; each result is one JSON line, printed and
+so several jobs share one), seed by seed, longest tasks first; each result is one JSON line, printed and
 appended to ``--out DIR/results.jsonl`` as it ends, so a run cut short keeps what it finished.
 ``--summary FILE...`` prints the mean ± sd table of such files.
 
@@ -87,6 +87,9 @@ def _init_worker(model_path: str, devices: list[str], counter) -> None:
         index = counter.value
         counter.value += 1
     _STATE.update(path=model_path, device=devices[index % len(devices)], data={})
+    import torch
+
+    torch.set_num_threads(1)  # many workers share the host's cores
 
 
 def _model(fresh: bool = False):
@@ -249,12 +252,13 @@ def _peft(task, train_rows, val, kind: str, settings: dict, job: dict) -> dict:
 
 
 def jobs_for(args) -> list[dict]:
-    """Every (task, run, seed), the longest tasks first (the pool's tail then holds short jobs)."""
+    """Every (task, run, seed), seed by seed (a run cut short keeps fewer seeds of every task), the
+    longest tasks first within a seed (zero-shot: once per task, with the first seed)."""
     order = sorted(args.tasks, key=lambda t: LONGEST_FIRST.index(t) if t in LONGEST_FIRST else len(LONGEST_FIRST))
     jobs = []
-    for task in order:
-        for run in args.runs:
-            for seed in ([0] if run == "zero-shot" else args.seeds):
+    for seed in args.seeds:
+        for task in order:
+            for run in [r for r in args.runs if seed == args.seeds[0] or r != "zero-shot"]:
                 jobs.append({"task": task, "run": run, "seed": seed, "data": args.data, "smoke": args.smoke,
                              "steps": args.steps})
     return jobs
