@@ -46,9 +46,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# Rows each task trains on (None: all); SST-2's 67,349 are cut to a fixed-seed 5,000 (lrpt's
+# Rows each task trains on (None: all); SST-2's 67,349 are cut to a fixed-seed 2,000 (lrpt's
 # --train-limit) to keep the grid inside the device time.
-TRAIN_LIMIT = {"sst2": 5000, "rte": None, "cb": None, "trec": None}
+TRAIN_LIMIT = {"sst2": 2000, "rte": None, "cb": None, "trec": None}
 INIT_TEXT = {  # PEFT's TEXT init: one line saying what the task asks
     "sst2": "Is the sentiment of this movie review negative or positive?",
     "rte": "Does the premise entail the hypothesis? Answer true or false.",
