@@ -122,7 +122,7 @@ def timed(fns: dict, syncs: dict, args, errors: list, calls: int) -> tuple[dict[
             for _ in range(args.warmup):
                 fns[key]()
             syncs[key]()
-        except Exception as exc:  # noqa: BLE001 - any MLX failure is a result to report
+        except Exception as exc:  # any MLX failure is a result to report
             if not key.startswith("mlx"):
                 raise
             errors.append(fail(key, "warm-up", exc))
@@ -142,11 +142,88 @@ def timed(fns: dict, syncs: dict, args, errors: list, calls: int) -> tuple[dict[
     return times, warm
 
 
+def out(record: dict) -> dict:
+    """Print ``record`` as one JSON line now (benchmarks/speed.py's ``emit``) and return it."""
+    emit(record, None)
+    return record
+
+
 def fail(variant: str, stage: str, exc) -> dict:
-    err = {"backend": "mlx", "variant": variant, "stage": stage,
-           "error": exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"}
-    emit(err, None)
-    return err
+    """An MLX failure as a result: what failed, where, with the exception's text."""
+    return out({"backend": "mlx", "variant": variant, "stage": stage,
+                "error": exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"})
+
+
+def load(folder: Path, args, info: dict, errors: list) -> tuple[dict, dict, dict]:
+    """Both backends' (model, tokenizer) from ``folder``, and how to synchronise each; MLX left out,
+    with the reason printed, when its probe or its load fails."""
+    import torch
+
+    backends = {"torch": get_backend("torch")}
+    models = {"torch": backends["torch"].load_model(folder, dtype=args.dtype, device=args.device, quiet=True)}
+    sync = {"torch": torch.cuda.synchronize if args.device == "cuda" else (lambda: None)}
+    why = probe_mlx(args.device == "cuda")
+    if why is None:
+        try:
+            import mlx.core as mx
+            import mlx_lm
+
+            if args.device == "cpu":
+                mx.set_default_device(mx.cpu)
+            backends["mlx"] = get_backend("mlx")
+            models["mlx"] = backends["mlx"].load_model(folder, dtype=args.dtype)
+            sync["mlx"] = mx.synchronize
+            info.update(mlx=mx.__version__, mlx_lm=mlx_lm.__version__, mlx_device=str(mx.default_device()))
+        except Exception as exc:  # any MLX failure is a result to report
+            why = exc
+    out(info)
+    if why is not None:
+        errors.append(fail("mlx", "probe/load", why))
+        models.pop("mlx", None)
+    return backends, models, sync
+
+
+def bench_input(name: str, batch: int, seq: int, backends: dict, models: dict, sync: dict, args,
+                errors: list) -> tuple[list[dict], list[dict], dict]:
+    """Every step variant, then each backend's scoring, on one input shape; and the MLX/torch ratios."""
+    rng = np.random.default_rng(0)
+    data = [Encoded(rng.integers(6, 512, seq).tolist(), int(rng.integers(0, 2))) for _ in range(batch)]
+    plan = [("torch", "torch", {})]
+    if args.torch_compile:
+        plan.append(("torch+compile", "torch", {"compiled": True, "mode": args.torch_compile}))
+    if "mlx" in models:
+        plan.append(("mlx", "mlx", {}))
+        plan += [("mlx-plain", "mlx", {"shared": False})] if args.plain else []
+        plan += [] if args.no_mlx_compile else [("mlx+compile", "mlx", {"compiled": True})]
+    ops, fns = {}, {}
+    for key, be, kw in plan:
+        ops[key] = trainer(backends[be], *models[be], data, args, **kw)
+        fns[key] = lambda o=ops[key], idx=list(range(batch)): o.step([idx], 1e-3)
+    times, warm = timed(fns, {key: sync[be] for key, be, _ in plan}, args, errors, args.steps)
+    train = []
+    for key, t in times.items():
+        ms = statistics.median(t)
+        how = (ops[key].compile_choice.line() + ops[key].prefix_note()).removeprefix("training step: ")
+        train.append(out({"input": name, "batch": batch, "seq": seq, "variant": key, "step_ms": round(ms, 3),
+                           "tok_s": round(batch * seq / ms * 1000), "spread_ms": round(max(t) - min(t), 3),
+                           "warmup_s": warm[key], "step": how}))
+    rows = data * args.score_batches
+    sfns = {f"{be} score": (lambda m=models[be], o=ops[be], b=batch: evaluate(*m, o.prompt, TASK, rows, b))
+            for be in models if be in times}
+    stimes, swarm = timed(sfns, {k: sync[k.split()[0]] for k in sfns}, args, errors, 1)
+    score = []
+    for key, t in stimes.items():
+        ms = statistics.median(t)
+        score.append(out({"input": name, "batch": batch, "seq": seq, "variant": key, "rows": len(rows),
+                           "call_ms": round(ms, 3), "rows_s": round(len(rows) / ms * 1000, 1),
+                           "warmup_s": swarm[key]}))
+    step = {r["variant"]: r["step_ms"] for r in train}
+    call = {r["variant"]: r["call_ms"] for r in score}
+    mlx = {k: round(v / step["torch"], 3) for k, v in step.items() if k.startswith("mlx")}
+    ratio = {"input": name, "ratio": "mlx time / torch eager time", "step": mlx,
+             "within_2x": {k: v <= 2.0 for k, v in mlx.items()},
+             "score": round(call["mlx score"] / call["torch score"], 3) if "mlx score" in call else None}
+    return train, score, out(ratio)
 
 
 def main(argv=None) -> int:
@@ -186,71 +263,12 @@ def main(argv=None) -> int:
     errors, train, score, ratios = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_folder(Path(tmp) / shape, shape, args.device, args.dtype)
-        backends = {"torch": get_backend("torch")}
-        models = {"torch": backends["torch"].load_model(folder, dtype=args.dtype, device=args.device, quiet=True)}
-        why = probe_mlx(args.device == "cuda")
-        if why is None:
-            try:
-                import mlx.core as mx
-                import mlx_lm
-
-                if args.device == "cpu":
-                    mx.set_default_device(mx.cpu)
-                backends["mlx"] = get_backend("mlx")
-                models["mlx"] = backends["mlx"].load_model(folder, dtype=args.dtype)
-                info.update(mlx=mx.__version__, mlx_lm=mlx_lm.__version__, mlx_device=str(mx.default_device()))
-            except Exception as exc:  # noqa: BLE001
-                why = exc
-        emit(info, None)
-        if why is not None:
-            errors.append(fail("mlx", "probe/load", why))
-            backends.pop("mlx", None)
-            models.pop("mlx", None)
-        sync = {"torch": torch.cuda.synchronize if args.device == "cuda" else (lambda: None)}
-        if "mlx" in models:
-            sync["mlx"] = mx.synchronize
+        backends, models, sync = load(folder, args, info, errors)
         for name, (batch, seq) in inputs.items():
-            rng = np.random.default_rng(0)
-            data = [Encoded(rng.integers(6, 512, seq).tolist(), int(rng.integers(0, 2))) for _ in range(batch)]
-            plan = [("torch", "torch", {})]
-            if args.torch_compile:
-                plan.append(("torch+compile", "torch", {"compiled": True, "mode": args.torch_compile}))
-            if "mlx" in models:
-                plan.append(("mlx", "mlx", {}))
-                plan += [("mlx-plain", "mlx", {"shared": False})] if args.plain else []
-                plan += [] if args.no_mlx_compile else [("mlx+compile", "mlx", {"compiled": True})]
-            ops, fns, syncs = {}, {}, {}
-            for key, be, kw in plan:
-                m, tok = models[be]
-                ops[key] = trainer(backends[be], m, tok, data, args, **kw)
-                fns[key] = lambda o=ops[key], idx=list(range(batch)): o.step([idx], 1e-3)
-                syncs[key] = sync[be]
-            times, warm = timed(fns, syncs, args, errors, args.steps)
-            for key in times:
-                ms = statistics.median(times[key])
-                r = {"input": name, "batch": batch, "seq": seq, "variant": key, "step_ms": round(ms, 3),
-                     "tok_s": round(batch * seq / ms * 1000), "spread_ms": round(max(times[key]) - min(times[key]), 3),
-                     "warmup_s": warm[key], "step": (ops[key].compile_choice.line() + ops[key].prefix_note()).removeprefix("training step: ")}
-                emit(r, None)
-                train.append(r)
-            rows = data * args.score_batches
-            sfns = {f"{be} score": (lambda m=models[be], o=ops[be], rows=rows, b=batch: evaluate(*m, o.prompt, TASK, rows, b))
-                    for be in models if be in times}
-            stimes, swarm = timed(sfns, {k: sync[k.split()[0]] for k in sfns}, args, errors, 1)
-            for key in stimes:
-                ms = statistics.median(stimes[key])
-                r = {"input": name, "batch": batch, "seq": seq, "variant": key, "rows": len(rows),
-                     "call_ms": round(ms, 3), "rows_s": round(len(rows) / ms * 1000, 1), "warmup_s": swarm[key]}
-                emit(r, None)
-                score.append(r)
-            step = {r["variant"]: r["step_ms"] for r in train if r["input"] == name}
-            call = {r["variant"]: r["call_ms"] for r in score if r["input"] == name}
-            mlx_steps = {k: round(v / step["torch"], 3) for k, v in step.items() if k.startswith("mlx")}
-            ratio = {"input": name, "ratio": "mlx time / torch eager time", "step": mlx_steps,
-                     "within_2x": {k: v <= 2.0 for k, v in mlx_steps.items()},
-                     "score": round(call["mlx score"] / call["torch score"], 3) if "mlx score" in call else None}
-            emit(ratio, None)
-            ratios.append(ratio)
+            t, s, r = bench_input(name, batch, seq, backends, models, sync, args, errors)
+            train += t
+            score += s
+            ratios.append(r)
     print(f"\n{'input':<8}{'variant':<16}{'ms':>10}{'tok/s or rows/s':>18}", file=sys.stderr)
     for r in train + score:
         print(f"{r['input']:<8}{r['variant']:<16}{r.get('step_ms', r.get('call_ms')):>10.2f}"

@@ -10,8 +10,9 @@ batch gets copies of its first row with weight 0). Padding is masked and padded 
 nothing, so a bucketed batch has the loss and gradients of the unpadded one (tested in fp32).
 
 Whether compiling pays is decided from the run itself (:func:`choose_compile`): the number of
-micro-steps per distinct shape against what one compilation costs. The thresholds below are
-**provisional**: estimated, not yet measured (``benchmarks/epoch.py`` measures them).
+micro-steps against what compiling costs. The thresholds below come from whole ``lrpt train``
+runs measured by ``benchmarks/epoch.py`` at one model size (SmolLM2-135M on an H200); they bound
+the break-even point from one side each, and other sizes are not measured.
 """
 
 from __future__ import annotations
@@ -25,15 +26,18 @@ from dataclasses import dataclass
 # multiple of pad_to_multiple). 1.5 keeps padding under a third of a batch's width, and SST-2's
 # widths (about 26 to 95 positions with a 20-token prompt) in 4 shapes. Provisional.
 BUCKET_GROWTH = 1.5
-# ``auto`` compiles when the run takes at least this many micro-steps per distinct batch shape.
-# Estimate behind it (provisional until measured): one compilation of SmolLM2-135M's step with
-# CUDA graphs costs ~30 s, and a compiled step saves ~0.1 s over an eager one at batch 32 of
-# short inputs (launch-bound), so a shape needs ~300 steps to repay its compilation.
-AUTO_MIN_STEPS_PER_SHAPE = 300
+# ``auto`` with ``--compile-scope step`` compiles when the run takes at least this many micro-steps
+# per distinct batch shape. Each shape compiles every block: measured on SST-2 (10k rows, 4 shapes,
+# H200), no step had run after 150 s, so a shape costs at least what the blocks' one compilation
+# costs (below), and needs at least as many steps to repay it.
+AUTO_MIN_STEPS_PER_SHAPE = 2000
 # The same for ``--compile-scope blocks`` (the default): one dynamic-shape compilation of one block
-# serves the whole run, so the rule counts the run's micro-steps, whatever its shapes. Estimate
-# (provisional until measured): ~15 s of compilation against ~0.1 s saved per step.
-AUTO_MIN_STEPS_BLOCKS = 150
+# serves the whole run, so the rule counts the run's micro-steps, whatever its shapes. Measured
+# (H200, SmolLM2-135M shape, SST-2, batch 32, lopt1; RESULTS.md "Whole runs"): eager steps take
+# 0.10 s; compiling (with its CUDA-graph recordings) took over 55 s before the first step, and the
+# 2,105-step full epoch ran in 0.80× eager's wall clock, so a run repays it somewhere between
+# ~1,150 and ~1,650 steps. 313 steps (10k rows) and 171 (TREC) were slower compiled than eager.
+AUTO_MIN_STEPS_BLOCKS = 2000
 # The torch.compile mode ``auto`` uses when --compile-mode is not given: CUDA graphs remove
 # the launch overhead that dominates the eager step of small models.
 AUTO_COMPILE_MODE = "reduce-overhead"
@@ -137,17 +141,17 @@ def choose_compile(setting: bool | None, mode: str | None, backend: str, device:
     if scope != "step":
         if steps < AUTO_MIN_STEPS_BLOCKS:
             return CompileChoice(False, None, f"auto: {counted} is below the {AUTO_MIN_STEPS_BLOCKS} that repay"
-                                              " compiling the blocks (provisional threshold); --compile forces it")
+                                              " compiling the blocks; --compile forces it")
         return CompileChoice(True, mode or AUTO_COMPILE_MODE, f"auto: {counted}, at least the {AUTO_MIN_STEPS_BLOCKS}"
-                                                              " that repay compiling the blocks (provisional threshold)", "blocks")
+                                                              " that repay compiling the blocks", "blocks")
     per_shape = steps / distinct
     if per_shape < AUTO_MIN_STEPS_PER_SHAPE:
         return CompileChoice(False, None, f"auto: {counted} ({per_shape:.0f} per shape) is below the"
                                           f" {AUTO_MIN_STEPS_PER_SHAPE} per shape that repay a compilation"
-                                          " (provisional threshold); --compile forces it")
+                                          "; --compile forces it")
     mode = mode or AUTO_COMPILE_MODE
     return CompileChoice(True, mode, f"auto: {counted} ({per_shape:.0f} per shape, at least the"
-                                     f" {AUTO_MIN_STEPS_PER_SHAPE} that repay a compilation; provisional threshold)",
+                                     f" {AUTO_MIN_STEPS_PER_SHAPE} that repay a compilation)",
                          "step")
 
 

@@ -93,7 +93,8 @@ class TrainConfig:
     pad_to_multiple: int = knob(8, "pad batch widths to a multiple of this (fewer shapes to compile)")
     shared_prefix: bool | None = knob(None, "run a static prompt (prompt, lopt1, lopt2) once per batch and let every"
                                       " row attend to it: the same loss and gradients, less work where launches are"
-                                      " free; unset: auto, on for a compiled step and on CPU/MLX, off for an eager step on CUDA (lrpt.prefix)")
+                                      " free; unset: auto, on for a step compiled whole (--compile-scope step) and on"
+                                      " CPU/MLX, off for an eager step on CUDA and for compiled blocks (lrpt.prefix)")
     compile: bool | None = knob(None, "compile the step (torch.compile / mx.compile) in a few fixed batch shapes;"
                                       " unset: auto, compiled on CUDA when the run repays it (lrpt.shapes)")
     compile_scope: str | None = knob(None, "what torch.compile compiles: each transformer block (one compilation serves"

@@ -46,16 +46,19 @@ def test_plan_gives_every_micro_batch_of_a_run_one_of_few_shapes():
 
 def test_choose_compile_rule():
     few, many = Counter({Shape(32, 40): 100, Shape(32, 60): 100}), Counter({Shape(32, 40): AUTO_MIN_STEPS_PER_SHAPE})
+    assert AUTO_MIN_STEPS_PER_SHAPE >= AUTO_MIN_STEPS_BLOCKS  # a shape compiled whole costs at least the blocks
     short = Counter({Shape(32, 40): AUTO_MIN_STEPS_BLOCKS // 2, Shape(32, 60): AUTO_MIN_STEPS_BLOCKS // 2 - 1})
     assert not choose_compile(None, None, "torch", "cpu", False, many).compiled
     assert not choose_compile(None, None, "mlx", "gpu", False, many).compiled
     # blocks (the default scope): one compilation for the run, so the run's steps count
-    assert choose_compile(None, None, "torch", "cuda", False, few).compiled
+    spread = Counter({Shape(32, w): AUTO_MIN_STEPS_BLOCKS // 4 for w in (40, 48, 56, 64)})
+    assert choose_compile(None, None, "torch", "cuda", False, spread).compiled
     assert not choose_compile(None, None, "torch", "cuda", False, short).compiled
-    blocks = choose_compile(None, None, "torch", "cuda", False, many)
+    blocks = choose_compile(None, None, "torch", "cuda", False, Counter({Shape(32, 40): AUTO_MIN_STEPS_BLOCKS}))
     assert blocks.compiled and blocks.scope == "blocks" and "(blocks, reduce-overhead)" in blocks.line()
     # step: each shape compiled, so the steps per shape count
     assert not choose_compile(None, None, "torch", "cuda", False, few, "step").compiled
+    assert not choose_compile(None, None, "torch", "cuda", False, spread, "step").compiled  # 500 a shape: 2,000 steps, 4 compilations
     auto = choose_compile(None, None, "torch", "cuda", False, many, "step")
     assert auto.compiled and auto.mode == "reduce-overhead" and "per shape" in auto.line() and auto.scope == "step"
     assert choose_compile(None, "default", "torch", "cuda", False, many).mode == "default"
