@@ -468,7 +468,8 @@ def test_shared_prefix_is_the_default_in_scoring_and_training(kit, llama, monkey
 
 def test_shared_prefix_auto_is_off_for_eager_cuda_and_on_for_compiled_steps(kit, llama, monkeypatch):
     """Auto (lrpt.prefix.prefix_pays): an eager step on CUDA is launch-bound and the shared path doubles
-    the launches, so it is off there; a compiled step takes it wherever it runs."""
+    the launches, so it is off there; a step compiled whole takes it wherever it runs (mx.compile always
+    compiles the whole step); torch's compiled blocks do not (behind a cache, a block compiles per layer)."""
     from lrpt.prefix import shared_prompt
     from lrpt.training import Training
 
@@ -480,10 +481,12 @@ def test_shared_prefix_auto_is_off_for_eager_cuda_and_on_for_compiled_steps(kit,
     assert shared_prompt(kit.be, model, prompt, None, right) is None
     assert shared_prompt(kit.be, model, prompt, None, right, enabled=True) is prompt
     data = _encoded(kit, tok, toy_data(8))
-    for compile_, shared in ((False, None), (True, True)):
-        ops = Training(kit.be, model, tok, prompt, TASK, data, None, cfg(compile=compile_))
+    cases = [(False, None, None), (True, None, True)] if kit.name == "mlx" else [
+        (False, None, None), (True, "step", True), (True, None, False)]
+    for compile_, scope, shared in cases:
+        ops = Training(kit.be, model, tok, prompt, TASK, data, None, cfg(compile=compile_, compile_scope=scope))
         assert ops.shared is shared
-        assert ops.prefix_note().endswith("once per batch (shared prefix)" if compile_ else "in every row (plain path)")
+        assert ops.prefix_note().endswith("once per batch (shared prefix)" if shared else "in every row (plain path)")
 
 
 # -- generation ------------------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def test_completion_data(tiny_dirs, tmp_path, capsys):
 def test_unknown_task_subprocess(tiny_dirs, tmp_path):
     r = lrpt("train", "--model", tiny_dirs["llama"], "--task", "nope", "--out", tmp_path / "x")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "lrpt: error: unknown task 'nope': use one of ag_news, boolq, cb, demo, rte, sst2, topics, or --data DIR"]
+        "lrpt: error: unknown task 'nope': use one of ag_news, boolq, cb, demo, rte, sst2, topics, trec, or --data DIR"]
 
 
 def test_missing_fields(tiny_dirs, tmp_path, capsys):
