@@ -34,7 +34,7 @@ AUTO_MIN_STEPS_PER_SHAPE = 2000
 # The same for ``--compile-scope blocks`` (the default): one dynamic-shape compilation of one block
 # serves the whole run, so the rule counts the run's micro-steps, whatever its shapes. Measured
 # (H200, SmolLM2-135M shape, SST-2, batch 32, lopt1; RESULTS.md "Whole runs"): eager steps take
-# 0.10 s; compiling (with its CUDA-graph recordings) took over 55 s before the first step, and the
+# 0.10 s; compiling (with its CUDA-graph recordings) took over 55 s before the 10th step, and the
 # 2,105-step full epoch ran in 0.80× eager's wall clock, so a run repays it somewhere between
 # ~1,150 and ~1,650 steps. 313 steps (10k rows) and 171 (TREC) were slower compiled than eager.
 AUTO_MIN_STEPS_BLOCKS = 2000
