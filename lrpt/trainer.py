@@ -98,8 +98,8 @@ class TrainConfig:
     compile: bool | None = knob(None, "compile the step (torch.compile / mx.compile) in a few fixed batch shapes;"
                                       " unset: auto, compiled on CUDA when the run repays it (lrpt.shapes)")
     compile_scope: str | None = knob(None, "what torch.compile compiles: each transformer block (one compilation serves"
-                                     " every block and width: seconds) or the whole step (fastest step; each batch"
-                                     " shape compiles every block: minutes); unset: blocks; torch only",
+                                     " every block and width) or the whole step (the fastest step, but each batch"
+                                     " shape compiles every block); unset: blocks; torch only",
                                      choices=COMPILE_SCOPES)
     compile_mode: str | None = knob(None, "torch.compile mode, e.g. reduce-overhead (CUDA graphs; auto's choice);"
                                           " torch only")
