@@ -215,6 +215,8 @@ def _peft(task, train_rows, val, kind: str, settings: dict, job: dict) -> dict:
     if any(len(w) != 1 for w in words) and not job["smoke"]:  # the tiny test tokenizer splits words
         raise ValueError("the PEFT rows score one token per label word; a label word here has several")
     label_ids = torch.tensor([w[0] for w in words], device=dev)
+    if config.grad_accum != 1:  # one micro-batch per step below
+        raise ValueError("the PEFT rows take one micro-batch per optimizer step (grad_accum 1)")
     total, warmup = plan(config, len(enc))
     batches = list(run_micro_batches([len(e.ids) for e in enc], config))
 
@@ -269,13 +271,15 @@ def summary(rows: list[dict]) -> str:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["task"], r["run"])].append(r)
+    def mean(rs: list[dict]) -> float:  # over the jobs that finished; none: never the best
+        done = [r["accuracy"] for r in rs if "error" not in r]
+        return statistics.fmean(done) if done else float("-inf")
+
     best: dict[tuple[str, str], str] = {}
     for (task, run), rs in groups.items():
-        if run.startswith("peft"):
-            family = (task, run.split(":lr=")[0])
-            mean = statistics.fmean(r["accuracy"] for r in rs)  # NaN (a failed seed) never wins
-            if family not in best or mean > statistics.fmean(r["accuracy"] for r in groups[(task, best[family])]):
-                best[family] = run
+        family = (task, run.split(":lr=")[0])
+        if run.startswith("peft") and (family not in best or mean(rs) > mean(groups[(task, best[family])])):
+            best[family] = run
     lines = [f"{'task':<6}{'run':<34}{'seeds':>6}{'accuracy % (mean ± sd)':>24}{'macro F1 %':>12}{'min':>7}"
              f"{'params':>10}"]
     for (task, run), rs in sorted(groups.items()):

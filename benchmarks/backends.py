@@ -6,7 +6,8 @@ both backends' ``load_model``: torch (transformers) and mlx (mlx-lm; on Linux wi
 the CUDA build of MLX). Per input shape (``long``: B=16 × 256 tokens, ``short``: B=32 × 48) each
 variant runs lrpt's real training step (``lrpt.training.Training.step``: lopt1, n=20, rank 4, a
 2-label classifier, clipping at 1.0): ``torch`` eager, ``mlx`` eager and ``mlx+compile``
-(``TrainConfig(compile=True)``: mx.compile); with ``--torch-compile MODE`` also ``torch+compile``,
+(``TrainConfig(compile=True)``: mx.compile); with ``--torch-compile MODE`` also ``torch+compile``
+(the whole step compiled, ``--compile-scope step``, as mx.compile does),
 with ``--plain`` also ``mlx-plain`` (the eager MLX step without the shared prefix). Each backend's
 shared-prefix default applies (lrpt.prefix: off for an eager torch step on CUDA, on for MLX and for
 compiled steps); each row says what ran. Scoring: ``lrpt.scoring.evaluate`` of
@@ -107,8 +108,9 @@ def trainer(be, model, tok, data: list[Encoded], args, compiled: bool = False, m
     """lrpt's training step for one fixed batch, as ``lrpt train`` builds it (auto shared prefix unless ``shared``)."""
     prompt = be.init_prompt(PromptSpec("lopt1", n_tokens=args.tokens, rank=args.rank), model, tok, seed=0)
     be.place(prompt, model)
+    scope = "step" if compiled and be.NAME == "torch" else None  # one fixed shape: compile it whole
     cfg = TrainConfig(compile=compiled, compile_mode=mode, pad_to_multiple=1, batch_size=len(data), progress=False,
-                      shared_prefix=shared)
+                      shared_prefix=shared, compile_scope=scope)
     return Training(be, model, tok, prompt, TASK, data, None, cfg)
 
 

@@ -237,13 +237,21 @@ def _check_data_args(args: argparse.Namespace, out: Path) -> None:
         raise LrptError(f"--resume with other data than the run's ({'; '.join(changed)}): drop those flags")
 
 
-def _run_settings(out: Path) -> tuple[dict[str, Any], Adapter | None]:
+# Speed settings only one backend takes; resuming on the other backend drops them (they change no result).
+BACKEND_ONLY = {"torch": ("compile_mode", "compile_scope", "fsdp"), "mlx": ("grad_checkpoint",)}
+
+
+def _run_settings(out: Path, backend: str) -> tuple[dict[str, Any], Adapter | None]:
     """What ``--resume`` starts from: the run's stored TrainConfig and its checkpoint's spec and task,
-    so ``lrpt train --resume --out RUN`` needs no other flag (flags typed must agree with them)."""
+    so ``lrpt train --resume --out RUN`` needs no other flag (flags typed must agree with them);
+    resumed on another ``backend``, without the speed settings only the run's backend takes."""
     from .trainer import RunDir
 
     stored = _read_json(out / "train_config.json")
-    stored.pop("backend", None)
+    was = stored.pop("backend", None)
+    if was != backend:
+        for key in BACKEND_ONLY.get(was, ()):
+            stored.pop(key, None)
     stored.update(_read_json(out / DATA_ARGS_FILE))
     ckpt = RunDir(out).latest_checkpoint()
     adapter = Adapter.load(ckpt / "adapter") if ckpt else None
@@ -261,7 +269,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = getattr(args, "out", None) or config.get("out")
     if not out:
         raise LrptError("say where the run goes: --out DIR")
-    run_settings, resumed = _run_settings(Path(out)) if getattr(args, "resume", False) else ({}, None)
+    if getattr(args, "resume", False):
+        from .backends import resolve
+
+        run_settings, resumed = _run_settings(Path(out), resolve(getattr(args, "backend", None) or "auto"))
+    else:
+        run_settings, resumed = {}, None
     given = {**run_settings, **config}
     # The method's own defaults (rank, LoPA's h′; its lr is TrainConfig's auto) under typed flags and config.
     method = getattr(args, "method", None) or given.get("method") or args.train_defaults["method"]

@@ -29,9 +29,12 @@ def _base_type(hint: Any) -> tuple[type, bool]:
     return (args[0], True) if args else (hint, False)
 
 
-def _number(kind: type, optional: bool):
+def _number(kind: type, optional: bool, auto: bool = False):
+    """A flag's parser: ``none`` unsets an optional number; ``auto`` too where unset means auto."""
+    words = ("none", "null", "off") + (("auto",) if auto else ())
+
     def parse(text: str):
-        if optional and text.lower() in ("none", "null", "off", "auto"):
+        if optional and text.lower() in words:
             return None
         try:
             value = kind(text)
@@ -56,8 +59,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, defaults: dict[str, An
         kind, optional = _base_type(hints[f.name])
         default = (defaults or {}).get(f.name, f.default)
         name = f.metadata["flag"] or "--" + f.name.replace("_", "-")
-        auto = default is None and (kind is bool or "unset: auto" in f.metadata["help"])
-        shown = f"{f.metadata['help']} (default: {'auto' if auto else default})"
+        auto = optional and (kind is bool or "unset: auto" in f.metadata["help"])
+        shown = f"{f.metadata['help']} (default: {'auto' if auto and default is None else default})"
         if kind is bool:
             action = parser.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction,
                                          default=argparse.SUPPRESS, help=shown)
@@ -65,7 +68,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, defaults: dict[str, An
         elif kind is str:
             parser.add_argument(name, dest=f.name, default=argparse.SUPPRESS, choices=f.metadata["choices"], help=shown)
         else:
-            parser.add_argument(name, dest=f.name, type=_number(kind, optional), default=argparse.SUPPRESS, help=shown)
+            parser.add_argument(name, dest=f.name, type=_number(kind, optional, auto), default=argparse.SUPPRESS,
+                                help=shown)
         out[f.name] = default
     return out
 

@@ -113,7 +113,7 @@ class CompileChoice:
 
 
 def choose_compile(setting: bool | None, mode: str | None, backend: str, device: str, fsdp: bool,
-                   shapes: Counter, scope: str | None = None) -> CompileChoice:
+                   shapes: Counter, scope: str | None = None, encoder_runs_blocks: bool = False) -> CompileChoice:
     """``setting`` True/False is the user's word; None (``auto``) decides from the run: compile on
     CUDA (torch) when the run's micro-steps repay the compilation.
 
@@ -122,6 +122,9 @@ def choose_compile(setting: bool | None, mode: str | None, backend: str, device:
     the mean steps per shape must reach :data:`AUTO_MIN_STEPS_PER_SHAPE` (C / s), whatever the spread
     between shapes; with "blocks" (the default) one compilation serves every shape, so the run's
     steps must reach :data:`AUTO_MIN_STEPS_BLOCKS`.
+
+    ``encoder_runs_blocks``: the prompt runs the model too (LoPA's base encoder), a compiled step
+    not measured yet, so auto leaves it eager.
     """
     steps, distinct = sum(shapes.values()), max(len(shapes), 1)
     counted = f"{steps} micro-steps over {distinct} batch shape{'s' * (distinct != 1)}"
@@ -138,6 +141,9 @@ def choose_compile(setting: bool | None, mode: str | None, backend: str, device:
         return CompileChoice(False, None, f"auto: on {device}, compiling does not pay; --compile forces it")
     if fsdp:
         return CompileChoice(False, None, "auto: compiling under --fsdp is not measured; --compile forces it")
+    if encoder_runs_blocks:
+        return CompileChoice(False, None, "auto: compiling LoPA's step, whose encoder runs the model too, is not"
+                                          " measured; --compile forces it")
     if scope != "step":
         if steps < AUTO_MIN_STEPS_BLOCKS:
             return CompileChoice(False, None, f"auto: {counted} is below the {AUTO_MIN_STEPS_BLOCKS} that repay"

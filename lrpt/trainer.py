@@ -217,6 +217,8 @@ def run_training(
     (to resume) and never write it. ``note`` goes to ``log`` once the run is checked and starts
     (a refused run says only why it was refused)."""
     config.validate()
+    if config.lr is None:  # lrpt.train and Training fill it from the method; a direct caller must
+        raise TrainingError("TrainConfig.lr is unset: pass lr=..., or config.for_method(prompt.spec.method)")
     n = len(ops.lengths)
     if n == 0:
         raise TrainingError("no training examples")

@@ -54,7 +54,8 @@ class Training:
                                 targets) if train_data else None
         counts = self.shapes.count(run_micro_batches(self.lengths, config)) if self.shapes else Counter()
         self.compile_choice = choose_compile(config.compile, config.compile_mode, be.NAME, be.device_kind(model),
-                                             config.fsdp, counts, config.compile_scope)
+                                             config.fsdp, counts, config.compile_scope,
+                                             prompt.spec.method == "lopa" and prompt.spec.encoder == "base")
         # The shared prefix pays in a step compiled whole (no launch cost); eager, where it pays
         # (lrpt.prefix). Not with compiled blocks: a block behind a cache compiles once per layer.
         choice = self.compile_choice
@@ -242,7 +243,7 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
 def length_note(config: TrainConfig, n: int) -> str:
     """What the start-up line says of an auto-length run (``epochs`` unset) that is not one pass."""
     total, _ = plan(config, n)
-    one_pass = -(-n // config.batch_size) / config.grad_accum
+    one_pass, _ = plan(replace(config, epochs=1.0), n)
     if config.steps or config.epochs is not None or total <= one_pass:
         return ""
     return f"; {total} optimizer steps (auto: {total / one_pass:.1f} passes over {n} rows, at least {AUTO_MIN_STEPS})"

@@ -65,11 +65,15 @@ def test_resume_refuses_changed_settings_and_needs_no_flags(tiny_dirs, tmp_path,
 
 @pytest.mark.parametrize("src, dst", [("torch", "mlx"), ("mlx", "torch")])
 def test_cross_backend_resume_from_the_cli(tiny_dirs, tmp_path, src, dst):
-    """6 steps on one backend + `--resume --backend other` to 12 == 12 straight steps (1e-5 relative)."""
+    """6 steps on one backend + `--resume --backend other` to 12 == 12 straight steps (1e-5 relative);
+    the first backend's own speed flags (stored with the run) do not stop the other from resuming."""
     model = ["--model", str(tiny_dirs["llama"])]
     steps = ["--log-every", "2", "--save-every", "6"]
+    own = {"torch": ["--no-compile", "--compile-mode", "reduce-overhead", "--compile-scope", "step"],
+           "mlx": ["--grad-checkpoint"]}[src]
     assert main(["train", "--backend", src, *model, *DATA, *steps, "--steps", "12", "--out", str(tmp_path / "s")]) == 0
-    assert main(["train", "--backend", src, *model, *DATA, *steps, "--steps", "6", "--out", str(tmp_path / "m")]) == 0
+    assert main(["train", "--backend", src, *model, *DATA, *steps, *own, "--steps", "6",
+                 "--out", str(tmp_path / "m")]) == 0
     assert main(["train", "--backend", dst, *model, *DATA, "--steps", "12", "--out", str(tmp_path / "m"),
                  "--resume"]) == 0
     a, b = Adapter.load(tmp_path / "s" / "adapter"), Adapter.load(tmp_path / "m" / "adapter")
@@ -115,3 +119,36 @@ def test_auto_length_is_one_pass_or_enough_passes_for_the_minimum_steps():
     assert plan(TrainConfig(batch_size=16, steps=7), 250)[0] == 7
     assert f"{AUTO_MIN_STEPS} optimizer steps (auto: 12.5 passes over 250 rows" in length_note(auto, 250)
     assert length_note(auto, 67_349) == "" and length_note(TrainConfig(epochs=1), 250) == ""
+
+
+def test_auto_is_a_word_only_where_unset_means_auto(tmp_path, capsys):
+    """`--epochs auto` / `--lr auto` unset them (auto); `--max-grad-norm auto` is refused, not read as none."""
+    import argparse
+
+    from lrpt import flags
+
+    parser = argparse.ArgumentParser()
+    flags.add_flags(parser, TrainConfig)
+    args = parser.parse_args(["--epochs", "auto", "--lr", "auto", "--max-grad-norm", "none"])
+    assert args.epochs is None and args.lr is None and args.max_grad_norm is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--max-grad-norm", "auto"])
+    assert "'auto' is not a number" in capsys.readouterr().err
+
+
+def test_length_note_is_silent_for_one_pass_with_accumulation():
+    from lrpt.training import length_note
+
+    assert length_note(TrainConfig(batch_size=16, grad_accum=3), 9_616) == ""  # 601 micro-batches = 201 steps
+    assert "optimizer steps (auto:" in length_note(TrainConfig(batch_size=16, grad_accum=3), 160)
+
+
+def test_run_training_refuses_an_unset_lr():
+    from lrpt.errors import TrainingError
+    from lrpt.trainer import run_training
+
+    class Ops:
+        lengths = [3, 4]
+
+    with pytest.raises(TrainingError, match="lr is unset"):
+        run_training(Ops(), TrainConfig(), None)

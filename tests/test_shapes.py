@@ -63,6 +63,9 @@ def test_choose_compile_rule():
     assert auto.compiled and auto.mode == "reduce-overhead" and "per shape" in auto.line() and auto.scope == "step"
     assert choose_compile(None, "default", "torch", "cuda", False, many).mode == "default"
     assert not choose_compile(None, None, "torch", "cuda", True, many).compiled  # fsdp: not measured
+    lopa = choose_compile(None, None, "torch", "cuda", False, many, encoder_runs_blocks=True)
+    assert not lopa.compiled and "LoPA" in lopa.reason  # its encoder runs the blocks: not measured
+    assert choose_compile(True, None, "torch", "cuda", False, many, encoder_runs_blocks=True).compiled
     forced = choose_compile(True, None, "torch", "cpu", False, few)
     assert forced.compiled and forced.mode is None and "--compile" in forced.reason and forced.scope == "blocks"
     assert choose_compile(True, None, "mlx", "cpu", False, few).scope == "step"  # mx.compile: the whole step
