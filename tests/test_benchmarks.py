@@ -18,6 +18,10 @@ def run(*args):
     return r.stdout
 
 
+def json_lines(out: str) -> list[dict]:
+    return [json.loads(x) for x in out.splitlines()]
+
+
 def test_speed_smoke(tmp_path):
     out = run("benchmarks/speed.py", "--device", "cpu", "--smoke", "--methods", "lopt1", "lopa", "--json",
               tmp_path / "s.json", "--out", tmp_path / "logs")
@@ -96,3 +100,32 @@ def test_epoch_smoke(tiny_dirs, tmp_path):
     summary = {r["summary"]: r for r in lines if "summary" in r}
     assert summary["eager"]["vs_eager"] == 1.0 and summary["auto"]["runs"] == 1
     assert (tmp_path / "logs" / "auto-r0.log").read_text().count("lrpt: training step:") == 1
+
+
+def test_backends_smoke(tmp_path):
+    """benchmarks/backends.py --smoke: both backends' training step and scoring on the CPU."""
+    pytest.importorskip("mlx_lm")
+    lines = json_lines(run("benchmarks/backends.py", "--smoke", "--json", tmp_path / "b.json"))
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["errors"] == [] and data["info"]["mlx_device"].startswith("Device(cpu")
+    assert [r["variant"] for r in data["train"]] == ["torch", "mlx", "mlx+compile"]
+    assert all(r["step_ms"] > 0 and r["tok_s"] > 0 for r in data["train"])
+    assert "compiled" in data["train"][2]["step"] and data["train"][1]["step"].startswith("eager")
+    assert [r["variant"] for r in data["score"]] == ["torch score", "mlx score"]
+    assert all(r["rows_s"] > 0 for r in data["score"])
+    (ratio,) = data["ratios"]
+    assert set(ratio["step"]) == {"mlx", "mlx+compile"} and ratio["score"] > 0
+    assert lines == [data["info"], *data["train"], *data["score"], ratio]  # stdout: the same records, as JSON lines
+
+
+def test_backends_mlx_failure_keeps_torch():
+    """The torch figures are still reported when MLX fails its probe."""
+    pytest.importorskip("mlx_lm")
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import backends;"
+            " backends.PROBE = 'import sys; sys.exit(\"libnccl.so.2: cannot open shared object file\")';"
+            " backends.main(['--smoke'])")
+    lines = json_lines(run("-c", code))
+    err = next(r for r in lines if "error" in r)
+    assert err["backend"] == "mlx" and "libnccl.so.2" in err["error"] and "exited 1" in err["error"]
+    assert [r["variant"] for r in lines if "variant" in r and "error" not in r] == ["torch", "torch score"]
+    assert lines[-1]["step"] == {} and lines[-1]["score"] is None
