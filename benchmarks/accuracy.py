@@ -11,7 +11,8 @@ validation split. Runs:
 - ``zero-shot``: the frozen model, no prompt (one job per task);
 - ``lrpt:METHOD[:key=value...]``: ``lrpt train`` with no tuning flags, i.e. the method's defaults
   (``lrpt.spec.METHOD_DEFAULTS``), ``--no-compile``; ``key=value`` overrides a PromptSpec field or
-  ``lr`` (e.g. ``lrpt:lopa:lr=1e-3``). The job is what this command trains::
+  ``lr`` (e.g. ``lrpt:lopa:lr=1e-3``; ``init=text`` starts from ``INIT_TEXT``, as PEFT's TEXT init
+  does). The job is what this command trains::
 
       lrpt train --backend torch --model HF --data DATA/TASK --task TASK [--train-limit N] \\
           --method METHOD --seed SEED --no-compile --out RUN
@@ -174,6 +175,8 @@ def _lrpt(task, train_rows, val, settings: dict, job: dict) -> dict:
     method = settings.pop("method")
     lr = settings.pop("lr", None)
     fields = {k: v for k, v in METHOD_DEFAULTS[method].items() if k != "lr"}
+    if settings.get("init") == "text":  # the same one-line instruction PEFT's TEXT init gets
+        settings["init_text"] = INIT_TEXT[task.name]
     spec = PromptSpec(method, n_tokens=4 if job["smoke"] else TOKENS, **{**fields, **settings})
     prompt = M.init_prompt(spec, model, tok, seed=job["seed"])
     config = _config(job, lr=lr)

@@ -50,7 +50,7 @@ def test_generate_mlx_smoke(tmp_path):
 
 def test_accuracy_smoke(tmp_path):
     """Every kind of run, two seeds, two worker processes; the summary reads the results back."""
-    runs = ["zero-shot", "lrpt:lopt1", "lrpt:lopa:lr=1e-3", "peft-prompt:init=text:lr=1e-2",
+    runs = ["zero-shot", "lrpt:lopt1", "lrpt:lopt1:init=text:lr=1e-1", "lrpt:lopa:lr=1e-3", "peft-prompt:init=text:lr=1e-2",
             "peft-prompt:init=vocab:lr=1e-2", "peft-lora:lr=1e-3"]
     run("benchmarks/accuracy.py", "--smoke", "--seeds", "0", "1", "--workers", "2", "--out", tmp_path, "--runs", *runs)
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]

@@ -14,7 +14,6 @@ position; the LM head runs only where logits are needed (:func:`logits_at`).
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,13 +300,19 @@ def forward_after_prefix(model, prefix_embeds: torch.Tensor, suffix: Suffix) -> 
     return out.last_hidden_state
 
 
-@functools.cache
+_CACHE_KWARG: dict[type, str] = {}
+
+
 def _cache_kwarg(backbone_class: type) -> str:
     """The name a model class's forward takes its KV cache by (transformers 5 renames
-    ``past_key_values``); read once per class, not at every step."""
-    import inspect
+    ``past_key_values``); read once per class, not at every step. A plain dict, not
+    ``functools.cache``: torch.compile traces through this and warns on an lru_cache wrapper."""
+    if backbone_class not in _CACHE_KWARG:
+        import inspect
 
-    return "cache" if "cache" in inspect.signature(backbone_class.forward).parameters else "past_key_values"
+        params = inspect.signature(backbone_class.forward).parameters
+        _CACHE_KWARG[backbone_class] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KWARG[backbone_class]
 
 
 def _expand_cache(cache, batch: int) -> None:
