@@ -12,9 +12,6 @@ in one invocation, on the same rows, seed and settings:
 - ``compiled-default``: ``--compile`` (torch.compile's default mode, fixed batch shapes);
 - ``compiled-step``: ``--compile --compile-mode reduce-overhead --compile-scope step`` (the whole
   step compiled once per batch shape; the other compiled variants compile each block once);
-- ``compiled-dynamic``: ``--compile --compile-mode reduce-overhead --compile-scope dynamic`` (the
-  whole step compiled once with dynamic shapes, shared prefix on); ``compiled-dynamic-plain`` the
-  same with ``--no-shared-prefix``;
 - ``auto``: no flag: lrpt decides (its one-line choice is reported as ``choice``).
 
 Data: a folder of ``train.jsonl`` / ``validation.jsonl`` given by path (never copied); ``--limit N``
@@ -50,9 +47,6 @@ VARIANTS = {
     "compiled": ["--compile", "--compile-mode", "reduce-overhead"],
     "compiled-default": ["--compile"],
     "compiled-step": ["--compile", "--compile-mode", "reduce-overhead", "--compile-scope", "step"],
-    "compiled-dynamic": ["--compile", "--compile-mode", "reduce-overhead", "--compile-scope", "dynamic"],
-    "compiled-dynamic-plain": ["--compile", "--compile-mode", "reduce-overhead", "--compile-scope", "dynamic",
-                               "--no-shared-prefix"],
     "auto": [],
 }
 PRESETS = {

@@ -38,10 +38,6 @@ AUTO_MIN_STEPS_PER_SHAPE = 2000
 # 2,105-step full epoch ran in 0.80× eager's wall clock, so a run repays it somewhere between
 # ~1,150 and ~1,650 steps. 313 steps (10k rows) and 171 (TREC) were slower compiled than eager.
 AUTO_MIN_STEPS_BLOCKS = 2000
-# The same for ``--compile-scope dynamic`` (the whole step compiled once, dynamic shapes). NOT YET
-# MEASURED: provisionally the blocks' threshold.
-AUTO_MIN_STEPS_DYNAMIC = 2000
-AUTO_MIN_STEPS = {"blocks": AUTO_MIN_STEPS_BLOCKS, "dynamic": AUTO_MIN_STEPS_DYNAMIC}
 # The torch.compile mode ``auto`` uses when --compile-mode is not given: CUDA graphs remove
 # the launch overhead that dominates the eager step of small models.
 AUTO_COMPILE_MODE = "reduce-overhead"
@@ -135,10 +131,9 @@ def choose_compile(setting: bool | None, mode: str | None, backend: str, device:
     if setting is False:
         return CompileChoice(False, None, "compilation is off (--no-compile)")
     if setting:
-        scope = "step" if backend != "torch" else scope or "blocks"  # mx.compile traces the whole step per shape
-        each = {"step": "each shape compiled once", "dynamic": "the step compiled once for every shape",
-                "blocks": "one compilation for every block and shape"}[scope]
-        return CompileChoice(True, mode, f"asked for (--compile); {counted}, {each}", scope)
+        whole = scope == "step" or backend != "torch"  # mx.compile traces the whole step
+        each = "each shape compiled once" if whole else "one compilation for every block and shape"
+        return CompileChoice(True, mode, f"asked for (--compile); {counted}, {each}", "step" if whole else "blocks")
     if backend != "torch":
         return CompileChoice(False, None, f"auto: the {backend} backend trains eagerly unless --compile is given"
                                           " (compiling it is not measured to pay)")
@@ -150,13 +145,11 @@ def choose_compile(setting: bool | None, mode: str | None, backend: str, device:
         return CompileChoice(False, None, "auto: compiling LoPA's step, whose encoder runs the model too, is not"
                                           " measured; --compile forces it")
     if scope != "step":
-        scope = scope or "blocks"
-        least, what = AUTO_MIN_STEPS[scope], {"blocks": "the blocks", "dynamic": "the step once"}[scope]
-        if steps < least:
-            return CompileChoice(False, None, f"auto: {counted} is below the {least} that repay"
-                                              f" compiling {what}; --compile forces it")
-        return CompileChoice(True, mode or AUTO_COMPILE_MODE, f"auto: {counted}, at least the {least}"
-                                                              f" that repay compiling {what}", scope)
+        if steps < AUTO_MIN_STEPS_BLOCKS:
+            return CompileChoice(False, None, f"auto: {counted} is below the {AUTO_MIN_STEPS_BLOCKS} that repay"
+                                              " compiling the blocks; --compile forces it")
+        return CompileChoice(True, mode or AUTO_COMPILE_MODE, f"auto: {counted}, at least the {AUTO_MIN_STEPS_BLOCKS}"
+                                                              " that repay compiling the blocks", "blocks")
     per_shape = steps / distinct
     if per_shape < AUTO_MIN_STEPS_PER_SHAPE:
         return CompileChoice(False, None, f"auto: {counted} ({per_shape:.0f} per shape) is below the"

@@ -36,7 +36,7 @@ from .fileio import atomic_dir, atomic_write, atomic_write_json, encode_safetens
 from .flags import knob
 
 SCHEDULES = ("cosine", "linear", "constant")
-COMPILE_SCOPES = ("blocks", "step", "dynamic")
+COMPILE_SCOPES = ("blocks", "step")
 # Divergence guard: a finite loss can still mean a run that has blown up (``--lr 1e9`` gave prompt
 # values of 7e18 and exit 0). Stop when a parameter grows this many times past its starting scale
 # (at least 1), or the loss this many times past the first one logged (at least 1).
@@ -98,9 +98,8 @@ class TrainConfig:
     compile: bool | None = knob(None, "compile the step (torch.compile / mx.compile) in a few fixed batch shapes;"
                                       " unset: auto, compiled on CUDA when the run repays it (lrpt.shapes)")
     compile_scope: str | None = knob(None, "what torch.compile compiles: each transformer block (one compilation serves"
-                                     " every block and width), the whole step once per batch shape (step: the"
-                                     " fastest step, but each shape compiles every block), or the whole step once"
-                                     " with dynamic shapes (dynamic); unset: blocks; torch only",
+                                     " every block and width) or the whole step (the fastest step, but each batch"
+                                     " shape compiles every block); unset: blocks; torch only",
                                      choices=COMPILE_SCOPES)
     compile_mode: str | None = knob(None, "torch.compile mode, e.g. reduce-overhead (CUDA graphs; auto's choice);"
                                           " torch only")

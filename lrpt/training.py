@@ -60,7 +60,7 @@ class Training:
         # (lrpt.prefix). Not with compiled blocks: a block behind a cache compiles once per layer.
         choice = self.compile_choice
         self.shared = config.shared_prefix if config.shared_prefix is not None else (
-            (choice.scope != "blocks") if choice.compiled else None)
+            (choice.scope == "step") if choice.compiled else None)
         step_config = replace(config, compile=self.compile_choice.compiled, compile_mode=self.compile_choice.mode)
         self.stepper = be.Stepper(model, prompt, self.loss, step_config, shapes=max(len(counts), 1))
         self.world = self.stepper.world  # (rank, size): (0, 1) unless launched data parallel

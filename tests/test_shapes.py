@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from lrpt.shapes import (
-    AUTO_MIN_STEPS,
     AUTO_MIN_STEPS_BLOCKS,
     AUTO_MIN_STEPS_PER_SHAPE,
     Shape,
@@ -71,11 +70,6 @@ def test_choose_compile_rule():
     assert forced.compiled and forced.mode is None and "--compile" in forced.reason and forced.scope == "blocks"
     assert choose_compile(True, None, "mlx", "cpu", False, few).scope == "step"  # mx.compile: the whole step
     assert not choose_compile(False, "reduce-overhead", "torch", "cuda", False, many).compiled
-    # dynamic: the whole step compiled once for every shape, so the run's steps count
-    dyn = choose_compile(None, None, "torch", "cuda", False, spread, "dynamic")
-    assert dyn.compiled == (sum(spread.values()) >= AUTO_MIN_STEPS["dynamic"]) and dyn.scope == "dynamic"
-    assert not choose_compile(None, None, "torch", "cuda", False, few, "dynamic").compiled
-    assert choose_compile(True, None, "torch", "cpu", False, few, "dynamic").scope == "dynamic"
     for choice in (auto, forced, blocks):
         assert "\n" not in choice.line()
 
@@ -203,11 +197,9 @@ def test_compile_flag_is_on_off_or_auto():
         parse([], {"keep_best": "auto"})
 
 
-@pytest.mark.parametrize("scope", [None, "dynamic"])
-def test_compiled_blocks_compile_once_for_every_block_and_width(llama, scope):
+def test_compiled_blocks_compile_once_for_every_block_and_width(llama):
     """--compile-scope blocks (the default): one dynamic-shape compilation serves all blocks and
-    every batch width, and the step trains as the eager one does; evaluation stays eager.
-    --compile-scope dynamic: the whole step (shared prefix included), one compilation too."""
+    every batch width, and the step trains as the eager one does; evaluation stays eager."""
     from tiny import spec_for, toy_data, toy_task
     from torch._dynamo.utils import counters
 
@@ -222,7 +214,7 @@ def test_compiled_blocks_compile_once_for_every_block_and_width(llama, scope):
         counters.clear()
         prompt = be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
         res = be.train(model, tok, prompt, toy_task(), data, data[:8], TrainConfig(
-            steps=5, batch_size=8, compile=compile_, compile_scope=scope, pad_to_multiple=4, progress=False))
+            steps=5, batch_size=8, compile=compile_, pad_to_multiple=4, progress=False))
         out[compile_] = (res.final_loss, prompt.to_params(), counters["stats"]["unique_graphs"])
         assert all(b._compiled_call_impl is None for b in model.model.layers)  # eager again after the step
     assert len(model.model.layers) > 1 and out[True][2] == 1 and out[False][2] == 0
