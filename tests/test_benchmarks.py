@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from lrpt.spec import METHOD_DEFAULTS
+
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +60,8 @@ def test_accuracy_smoke(tmp_path):
         [("zero-shot", 0)] + [(r, s) for r in runs[1:] for s in (0, 1)])
     assert all("error" not in r and 0 <= r["accuracy"] <= 1 for r in rows), rows
     assert all(r["params"] > 0 for r in rows if r["run"] != "zero-shot")
-    assert next(r["lr"] for r in rows if r["run"] == "lrpt:lopt1") == 3e-2  # the method's default
+    assert next(r["lr"] for r in rows if r["run"] == "lrpt:lopt1") == METHOD_DEFAULTS["lopt1"]["lr"]
+    assert next(r["lr"] for r in rows if r["run"] == "lrpt:lopt1:init=text:lr=1e-1") == 1e-1
     table = run("benchmarks/accuracy.py", "--summary", tmp_path / "results.jsonl")
     assert table.count("\ndemo") == len(runs) and "±" in table
 
