@@ -676,26 +676,15 @@ def test_options_of_one_backend_are_refused_by_the_other(kit, llama):
 # -- MLX only: features torch has no counterpart for ---------------------------------------------
 
 
-@pytest.fixture
-def restores_mlx_layers(tiny_dirs):
-    """mlx-lm's grad_checkpoint patches the layer class for good, for every model of that class in the
-    process: put it back afterwards, so later tests (and the shared prefix) see plain layers."""
-    step = importlib.import_module("lrpt.backends.mlx.step")
-    model, _ = _load("mlx", str(tiny_dirs["llama"]))
-    cls = type(model.layers[0])
-    call = cls.__dict__["__call__"]
-    yield
-    cls.__call__ = call
-    step._CHECKPOINTED.discard(id(model))
-
-
 @pytest.mark.parametrize("shared", [False, True])
-def test_mlx_grad_checkpoint_gives_the_same_step(tiny_dirs, shared, restores_mlx_layers):
+def test_mlx_grad_checkpoint_gives_the_same_step(tiny_dirs, shared):
     """Recomputing layers in the backward pass changes nothing. mx.checkpoint does not differentiate
     through the layers' cache objects, so checkpointed layers take the plain path even when asked
-    for the shared prefix (lrpt.backends.mlx.model.shares_prefix)."""
+    for the shared prefix (lrpt.backends.mlx.model.shares_prefix). Only the trained model is
+    checkpointed: another model of the same class, loaded before or after, keeps plain layers."""
     be = get_backend("mlx")
-    model, tok = _load("mlx", str(tiny_dirs["llama"]))
+    before = be.load_model(str(tiny_dirs["llama"]), quiet=True)[0]
+    model, tok = be.load_model(str(tiny_dirs["llama"]), quiet=True)
     out = []
     for gc, sh in ((False, False), (True, shared)):
         prompt = be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
@@ -705,6 +694,9 @@ def test_mlx_grad_checkpoint_gives_the_same_step(tiny_dirs, shared, restores_mlx
     assert not be.shares_prefix(model)
     for k in out[0]:
         close(out[0][k], out[1][k])
+    after = be.load_model(str(tiny_dirs["llama"]), quiet=True)[0]
+    assert be.shares_prefix(before) and be.shares_prefix(after)
+    assert type(before.layers[0]) is type(after.layers[0]) is not type(model.layers[0])
 
 
 def test_mlx_gemma_scale_is_measured(tiny_dirs):

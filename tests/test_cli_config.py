@@ -69,9 +69,8 @@ def test_cross_backend_resume_from_the_cli(tiny_dirs, tmp_path, src, dst):
     the first backend's own speed flags (stored with the run) do not stop the other from resuming."""
     model = ["--model", str(tiny_dirs["llama"])]
     steps = ["--log-every", "2", "--save-every", "6"]
-    # (not MLX's --grad-checkpoint here: mlx-lm's grad_checkpoint patches the layer class for the whole
-    # process, so every later in-process MLX test would run checkpointed)
-    own = {"torch": ["--no-compile", "--compile-mode", "reduce-overhead", "--compile-scope", "step"], "mlx": []}[src]
+    own = {"torch": ["--no-compile", "--compile-mode", "reduce-overhead", "--compile-scope", "step"],
+           "mlx": ["--grad-checkpoint"]}[src]
     assert main(["train", "--backend", src, *model, *DATA, *steps, "--steps", "12", "--out", str(tmp_path / "s")]) == 0
     assert main(["train", "--backend", src, *model, *DATA, *steps, *own, "--steps", "6",
                  "--out", str(tmp_path / "m")]) == 0

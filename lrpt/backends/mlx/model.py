@@ -202,13 +202,13 @@ def shares_prefix(model) -> bool:
     """Whether :func:`forward_after_prefix` runs ``model`` exactly, gradients included.
 
     mlx-lm models attend to whatever keys their per-layer cache objects hand back, at positions from
-    its offset, and ``mx.grad`` flows through them: yes, unless the layers run under mlx-lm's
-    ``grad_checkpoint`` (``--grad-checkpoint``). ``mx.checkpoint`` differentiates only through the
-    arrays passed to the layer, and the cache (holding the prompt's keys and values) is an object it
-    does not look into: the prompt's gradient through them is lost (measured: a different step).
+    its offset, and ``mx.grad`` flows through them: yes, unless the layers run checkpointed
+    (``--grad-checkpoint``, :func:`lrpt.backends.mlx.step._checkpoint_layers`). ``mx.checkpoint``
+    differentiates only through the arrays passed to the layer, and the cache (holding the prompt's
+    keys and values) is an object it does not look into: the prompt's gradient through them is lost
+    (measured: a different step).
     """
-    call = type(model.layers[0]).__call__
-    return not getattr(call, "__qualname__", "").startswith("grad_checkpoint.")
+    return not getattr(type(model.layers[0]), "_lrpt_checkpointed", False)
 
 
 class _OnePass:

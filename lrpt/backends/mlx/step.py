@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -111,17 +110,40 @@ class Stepper:
         self.opt.state = state
 
 
-_CHECKPOINTED: set[int] = set()  # models whose layers recompute in the backward pass (by id: no attribute on them)
+_CHECKPOINTED_CLASSES: dict[type, type] = {}
 
 
 def _checkpoint_layers(model) -> None:
-    """Recompute each transformer layer in the backward pass (once per model)."""
-    from mlx_lm.tuner.trainer import grad_checkpoint
+    """Recompute each of ``model``'s transformer layers in the backward pass (idempotent).
 
-    if id(model) not in _CHECKPOINTED:
-        grad_checkpoint(model.layers[0])
-        _CHECKPOINTED.add(id(model))
-        weakref.finalize(model, _CHECKPOINTED.discard, id(model))
+    Not mlx-lm's ``grad_checkpoint``: it replaces the layer *class's* ``__call__``, so every model of
+    that class in the process (loaded before or after) would run checkpointed, and lose the shared
+    prefix (:func:`lrpt.backends.mlx.model.shares_prefix`). Here each layer of this model moves to a
+    subclass of its own class whose call runs under ``mx.checkpoint``; other models are untouched.
+    """
+    for layer in model.layers:
+        cls = type(layer)
+        if getattr(cls, "_lrpt_checkpointed", False):
+            continue
+        if cls not in _CHECKPOINTED_CLASSES:
+            _CHECKPOINTED_CLASSES[cls] = type(f"Checkpointed{cls.__name__}", (cls,), {
+                "__call__": _checkpointed_call(cls.__call__), "_lrpt_checkpointed": True,
+                "__module__": cls.__module__})
+        layer.__class__ = _CHECKPOINTED_CLASSES[cls]
+
+
+def _checkpointed_call(call: Callable) -> Callable:
+    """``call`` under ``mx.checkpoint``: its activations are recomputed in the backward pass. The
+    layer's trainable parameters (none for a frozen base) enter as arrays, so they would get gradients."""
+
+    def checkpointed(layer, *args, **kwargs):
+        def inner(params, *args, **kwargs):
+            layer.update(params)
+            return call(layer, *args, **kwargs)
+
+        return mx.checkpoint(inner)(layer.trainable_parameters(), *args, **kwargs)
+
+    return checkpointed
 
 
 def world() -> tuple[int, int]:
