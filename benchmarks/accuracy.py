@@ -12,7 +12,8 @@ validation split. Runs:
 - ``lrpt:METHOD[:key=value...]``: ``lrpt train`` with no tuning flags, i.e. the method's defaults
   (``lrpt.spec.METHOD_DEFAULTS``), ``--no-compile``; ``key=value`` overrides a PromptSpec field or
   ``lr`` (e.g. ``lrpt:lopa:lr=1e-3``; ``init=text`` starts from ``INIT_TEXT``, as PEFT's TEXT init
-  does). The job is what this command trains::
+  does; ``probe=1`` adds ``--lr-probe``, and the result's ``lr`` is the one it chose). The job is
+  what this command trains::
 
       lrpt train --backend torch --model HF --data DATA/TASK --task TASK [--train-limit N] \\
           --method METHOD --seed SEED --no-compile --out RUN
@@ -174,14 +175,16 @@ def _lrpt(task, train_rows, val, settings: dict, job: dict) -> dict:
     model, tok = _model()
     method = settings.pop("method")
     lr = settings.pop("lr", None)
+    probe = bool(settings.pop("probe", 0))  # lrpt train --lr-probe
     fields = {k: v for k, v in METHOD_DEFAULTS[method].items() if k != "lr"}
     if settings.get("init") == "text":  # the same one-line instruction PEFT's TEXT init gets
         settings["init_text"] = INIT_TEXT[task.name]
     spec = PromptSpec(method, n_tokens=4 if job["smoke"] else TOKENS, **{**fields, **settings})
     prompt = M.init_prompt(spec, model, tok, seed=job["seed"])
-    config = _config(job, lr=lr)
-    train(model, tok, prompt, task, train_rows, None, config)
-    return {**_score(task, val, prompt), "params": spec.param_count(prompt.dim), "lr": config.for_method(method).lr}
+    config = _config(job, lr=lr, lr_probe=probe)
+    res = train(model, tok, prompt, task, train_rows, None, config)
+    chosen = res.lr_probe.lr if res.lr_probe else config.for_method(method).lr
+    return {**_score(task, val, prompt), "params": spec.param_count(prompt.dim), "lr": chosen}
 
 
 def _peft(task, train_rows, val, kind: str, settings: dict, job: dict) -> dict:

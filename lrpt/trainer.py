@@ -75,6 +75,9 @@ class TrainConfig:
                                       f" to make {AUTO_MIN_STEPS} optimizer steps")
     lr: float | None = knob(None, "peak learning rate of AdamW; unset: auto, the method's default"
                                   " (lrpt.spec.METHOD_DEFAULTS)")
+    lr_probe: bool = knob(False, "before training, try the lr × 1/3, × 1 and × 3 for a few steps each and train"
+                                 " with the one of lowest loss on held-out training rows (lrpt.probe; a new run"
+                                 " only, not on --resume)")
     batch_size: int = knob(16, "rows per micro-batch")
     grad_accum: int = knob(1, "micro-batches per optimizer step")
     weight_decay: float = knob(0.0, "AdamW's decoupled weight decay")
@@ -149,6 +152,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     truncated: int = 0  # training inputs cut to fit the model's context
     compile_choice: str = ""  # how the step ran (eager or compiled) and why
+    lr_probe: Any = None  # lrpt.probe.ProbeResult of a run that chose its lr (--lr-probe)
 
 
 class TrainOps(Protocol):
@@ -351,7 +355,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
 # Anything else (lr, batch, seed, schedule...) would silently make it another run.
 RESUMABLE_CHANGES = frozenset({"steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "log_every",
                                "eval_batch_size", "progress", "compile", "compile_mode", "grad_checkpoint",
-                               "fsdp", "shared_prefix", "compile_scope"})
+                               "fsdp", "shared_prefix", "compile_scope", "lr_probe"})
 
 
 def check_resume_config(path: Path, config: TrainConfig) -> None:

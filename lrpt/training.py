@@ -23,6 +23,7 @@ from .data import Encoded, encode_examples, fit_to_context
 from .errors import SpecError, TrainingError
 from .layout import completion_arrays, scoring_arrays, to_arrays
 from .prefix import uses_prefix
+from .probe import probe_lr, probed_lr
 from .scoring import classification_metrics, completion_metrics, evaluate, task_loss
 from .shapes import Shape, ShapePlan, choose_compile
 from .tasks import Task
@@ -231,12 +232,20 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
         cut = fit_to_context(train_data, room, reserve, truncate)
         fit_to_context(eval_data or [], room, reserve, truncate)
     ops = Training(be, model, tokenizer, prompt, task, train_data, eval_data, config)
-    choice = ops.compile_choice.line() + ops.prefix_note() + length_note(config, len(train_data))
+    probe = None
+    if config.lr_probe and not resume:
+        probe = probe_lr(ops, config.lr, config.seed)
+        config = ops.config = replace(config, lr=probe.lr)
+    elif config.lr_probe and out_dir is not None:  # a resumed run keeps the lr its probe chose
+        config = ops.config = replace(config, lr=probed_lr(Path(out_dir) / "train_config.json", config.lr))
+    choice = (ops.compile_choice.line() + ops.prefix_note() + length_note(config, len(train_data))
+              + (probe.note() if probe else ""))
     result = run_training(ops, config, out_dir, resume, higher_is_better=task.kind == "classification",
                           backend=be.NAME, writer=ops.world[0] == 0,
                           log=log if ops.world[0] == 0 else None, note=choice)
     result.truncated = cut
     result.compile_choice = choice.removeprefix("training step: ")
+    result.lr_probe = probe
     return result
 
 

@@ -567,6 +567,61 @@ def test_existing_run_needs_resume_and_resume_needs_checkpoint(kit, llama, tmp_p
         kit.be.train(model, tok, prompt, TASK, data, None, cfg(steps=2), tmp_path / "r")
 
 
+def test_lr_probe_chooses_the_lowest_held_out_loss_and_leaves_no_trace(kit, llama, monkeypatch):
+    """--lr-probe: every candidate trains from the same start; the lowest held-out loss wins (a
+    diverged one never does); the prompt, the optimizer and the step count are as before, so the
+    run then trains exactly as a run given the chosen lr does."""
+    import lrpt.probe as P
+    from lrpt.training import Training
+
+    model, tok = llama
+    data = toy_data(64)
+    enc = _encoded(kit, tok, data)
+    prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+    start = prompt.to_params()
+    ops = Training(kit.be, model, tok, prompt, TASK, enc, None, cfg(lr=0.05))
+    monkeypatch.setattr(P, "PROBE_STEPS", 4)
+    res = P.probe_lr(ops, 0.05, seed=0, steps=4, factors=(0.2, 1.0, 1e9))
+    assert list(res.losses) == pytest.approx([0.01, 0.05, 5e7])
+    finite = {lr: loss for lr, loss in res.losses.items() if np.isfinite(loss)}
+    assert res.lr == min(finite, key=finite.get) and res.lr != pytest.approx(5e7)
+    assert len(set(res.losses.values())) == 3  # the candidates trained differently
+    for k, v in prompt.to_params().items():
+        np.testing.assert_array_equal(v, start[k])
+    assert ops.t == 0 and not any(np.any(m) for m in ops.stepper.moments().values())  # a fresh optimizer
+    assert "chosen by the lr probe" in res.note()
+
+    monkeypatch.setattr(P, "PROBE_STEPS", 3)
+    runs = {}
+    for probe in (True, False):
+        prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+        config = cfg(steps=5, lr=runs[True][0] if not probe else 0.05, lr_probe=probe, eval_every=0)
+        r = kit.be.train(model, tok, prompt, TASK, data, None, config)
+        runs[probe] = (r.lr_probe.lr if probe else config.lr, prompt.to_params(), r.compile_choice)
+    assert "chosen by the lr probe" in runs[True][2] and "lr probe" not in runs[False][2]
+    for k in runs[True][1]:
+        np.testing.assert_allclose(runs[True][1][k], runs[False][1][k], rtol=1e-6, atol=1e-7)
+
+
+def test_lr_probe_runs_once_a_resumed_run_keeps_its_lr(kit, llama, tmp_path, monkeypatch):
+    """A run that probed, stopped and resumed equals the straight run: --resume does not probe again."""
+    import lrpt.probe as P
+
+    monkeypatch.setattr(P, "PROBE_STEPS", 3)
+    model, tok = llama
+    data = toy_data(48)
+    out = {}
+    for name, parts in (("straight", [8]), ("resumed", [4, 8])):
+        prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+        for i, steps in enumerate(parts):
+            config = cfg(steps=steps, lr_probe=True, save_every=4, eval_every=0, schedule="constant", warmup=0)
+            r = kit.be.train(model, tok, prompt, TASK, data, None, config, tmp_path / name, resume=i > 0)
+            assert (r.lr_probe is None) == (i > 0)
+        out[name] = Adapter.load(tmp_path / name / "adapter").params
+    for k in out["straight"]:
+        np.testing.assert_allclose(out["resumed"][k], out["straight"][k], rtol=1e-6, atol=1e-7)
+
+
 def test_continue_training_a_saved_adapter(kit, llama, tmp_path):
     model, tok = llama
     data = toy_data()

@@ -52,7 +52,7 @@ def test_generate_mlx_smoke(tmp_path):
 
 def test_accuracy_smoke(tmp_path):
     """Every kind of run, two seeds, two worker processes; the summary reads the results back."""
-    runs = ["zero-shot", "lrpt:lopt1", "lrpt:lopt1:init=text:lr=1e-1", "lrpt:lopa:lr=1e-3", "peft-prompt:init=text:lr=1e-2",
+    runs = ["zero-shot", "lrpt:lopt1", "lrpt:lopt1:init=text:lr=1e-1", "lrpt:lopt1:probe=1", "lrpt:lopa:lr=1e-3", "peft-prompt:init=text:lr=1e-2",
             "peft-prompt:init=vocab:lr=1e-2", "peft-lora:lr=1e-3"]
     run("benchmarks/accuracy.py", "--smoke", "--seeds", "0", "1", "--workers", "2", "--out", tmp_path, "--runs", *runs)
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -62,6 +62,8 @@ def test_accuracy_smoke(tmp_path):
     assert all(r["params"] > 0 for r in rows if r["run"] != "zero-shot")
     assert next(r["lr"] for r in rows if r["run"] == "lrpt:lopt1") == METHOD_DEFAULTS["lopt1"]["lr"]
     assert next(r["lr"] for r in rows if r["run"] == "lrpt:lopt1:init=text:lr=1e-1") == 1e-1
+    candidates = [METHOD_DEFAULTS["lopt1"]["lr"] * f for f in (1 / 3, 1, 3)]
+    assert all(any(r["lr"] == pytest.approx(c) for c in candidates) for r in rows if r["run"] == "lrpt:lopt1:probe=1")
     table = run("benchmarks/accuracy.py", "--summary", tmp_path / "results.jsonl")
     assert table.count("\ndemo") == len(runs) and "±" in table
 
