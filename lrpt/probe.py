@@ -1,17 +1,18 @@
 """Choosing the learning rate from the run's own data: a short range test (``--lr-probe``).
 
 Why: the best lr of a prompt method depends on the task. On SmolLM2 (RESULTS.md "Accuracy on four
-tasks"), lopt1 did best at 3e-1 on TREC and CB, where one SST-2 seed diverged at it. Before the run
-trains, each candidate (the run's lr × 1/3, × 1 and × 3) trains the freshly initialised prompt for
-:data:`PROBE_STEPS` optimizer steps on training rows, with a short linear warm-up, and is scored by
+tasks"), lopt1 (vocab init) did best at 3e-1 on TREC and CB, where one SST-2 seed diverged at it.
+Before the run trains, each candidate (the run's lr × 1/3, × 1 and × 3) trains the freshly initialised prompt for
+:data:`PROBE_STEPS` optimizer steps on training rows, under the run's own schedule shape (a short
+linear warm-up, then the decay: a high lr scored mid-flight is scored on noise), and is scored by
 its loss on a held-out slice of the training rows (never the evaluation rows, which keep-best and
 early stopping read). The prompt and the optimizer then return to their starting state, and the run
 trains with the candidate of lowest held-out loss (a candidate that diverged never wins).
 
 It runs only when a run starts, never on ``--resume``: the chosen lr is stored with the run's
-settings, and a resumed run continues with it (:func:`probed_lr`). Its cost is ``3 × PROBE_STEPS`` steps and three
-held-out passes, on top of the run. The probe is written once over :class:`lrpt.training.Training`,
-so both backends run it.
+settings, and a resumed run continues with it (:func:`probed_lr`). Its cost is
+``3 × PROBE_STEPS`` steps and three held-out passes, on top of the run. The probe is written once
+over :class:`lrpt.training.Training`, so both backends run it.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def probe_lr(ops, base_lr: float, seed: int, steps: int = PROBE_STEPS,
         for step in range(steps):
             rows = [pool[(step * per_step + i) % len(pool)] for i in range(per_step)]
             micro = [rows[i:i + ops.config.batch_size] for i in range(0, per_step, ops.config.batch_size)]
-            ops.step(micro, lr * lr_factor(step, steps, min(PROBE_WARMUP, steps), "constant"))
+            ops.step(micro, lr * lr_factor(step, steps, min(PROBE_WARMUP, steps), ops.config.schedule))
         losses[lr] = held_out_loss(ops, held) if ops.finite() else math.nan
     _reset(ops, start)
     finite = {lr: loss for lr, loss in losses.items() if math.isfinite(loss)}
