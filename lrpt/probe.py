@@ -3,25 +3,25 @@
 Why: the best lr of a prompt method depends on the task. On SmolLM2 (RESULTS.md "Accuracy on four
 tasks"), lopt1 (vocab init) did best at 3e-1 on TREC and CB, where one SST-2 seed diverged at it.
 Before the run trains, each candidate (the run's lr × 1/3, × 1 and × 3) trains the freshly initialised prompt for
-:data:`PROBE_STEPS` optimizer steps on training rows, under the run's own schedule shape (a short
-linear warm-up, then the decay: a high lr scored mid-flight is scored on noise), and is scored by
-its loss on a held-out slice of the training rows (never the evaluation rows, which keep-best and
+:data:`PROBE_STEPS` optimizer steps on training rows, under the run's schedule (``--schedule``)
+after a fixed :data:`PROBE_WARMUP`-step linear warm-up, so that a high lr is not scored mid-flight
+on noise, and is scored by its loss on a held-out slice of the training rows (never the evaluation rows, which keep-best and
 early stopping read). The prompt and the optimizer then return to their starting state, and the run
 trains with the candidate of lowest held-out loss (a candidate that diverged never wins).
 
-It runs only when a run starts, never on ``--resume``: the chosen lr is stored with the run's
-settings, and a resumed run continues with it (:func:`probed_lr`). Its cost is
+It runs only when a new run starts (checked, its directory locked), never on ``--resume``: the
+chosen lr is stored with the run's settings, and a resumed run continues with it
+(:func:`lrpt.trainer.resumed_config`). Data parallel, every rank takes the first rank's choice. Its
+cost is
 ``3 × PROBE_STEPS`` steps and three held-out passes, on top of the run. The probe is written once
 over :class:`lrpt.training.Training`, so both backends run it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -32,6 +32,7 @@ PROBE_STEPS = 30  # optimizer steps per candidate
 PROBE_WARMUP = 5  # of them, linear warm-up (the run's own schedule warms up too)
 FACTORS = (1 / 3, 1.0, 3.0)  # candidates, as multiples of the run's lr
 HELD_OUT = 128  # at most this many training rows score the candidates (at most a quarter of the rows)
+MIN_ROWS = 8  # fewer training rows: nothing to hold out, no probe
 
 
 @dataclass
@@ -47,13 +48,15 @@ class ProbeResult:
         return f"; lr {self.lr:.3g} chosen by the lr probe (held-out loss {tried})"
 
 
-def probe_lr(ops, base_lr: float, seed: int, steps: int = PROBE_STEPS,
-             factors: Sequence[float] = FACTORS) -> ProbeResult:
+def probe_lr(ops, base_lr: float, seed: int, steps: int | None = None,
+             factors: Sequence[float] = FACTORS) -> ProbeResult | None:
     """Try ``base_lr × factors`` from ``ops``' current prompt (see the module docstring); leave the
-    prompt, the optimizer and the step count as they were, and return the choice."""
+    prompt, the optimizer and the step count as they were, and return the choice (None: fewer than
+    :data:`MIN_ROWS` training rows, no probe)."""
+    steps = PROBE_STEPS if steps is None else steps
     n = len(ops.train_data)
-    if n < 8:
-        return ProbeResult(base_lr, {})  # too few rows to hold any out: nothing to choose from
+    if n < MIN_ROWS:
+        return None
     order = np.random.default_rng(seed).permutation(n)
     held = order[: min(HELD_OUT, n // 4)].tolist()
     pool = order[len(held):].tolist()
@@ -69,16 +72,11 @@ def probe_lr(ops, base_lr: float, seed: int, steps: int = PROBE_STEPS,
             ops.step(micro, lr * lr_factor(step, steps, min(PROBE_WARMUP, steps), ops.config.schedule))
         losses[lr] = held_out_loss(ops, held) if ops.finite() else math.nan
     _reset(ops, start)
+    if ops.world[1] > 1:  # every rank takes the first rank's losses, so all train with one lr
+        first = ops.stepper.all_gather(np.array([list(losses.values())], np.float64))[0]
+        losses = dict(zip(losses, map(float, first)))
     finite = {lr: loss for lr, loss in losses.items() if math.isfinite(loss)}
     return ProbeResult(min(finite, key=finite.get) if finite else base_lr, losses)
-
-
-def probed_lr(config_file: Path, lr: float) -> float:
-    """The lr a probing run chose, from its stored settings (``lr`` where there are none)."""
-    try:
-        return float(json.loads(config_file.read_text(encoding="utf-8"))["lr"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return lr  # no readable settings: run_training's resume checks say what is wrong
 
 
 def held_out_loss(ops, rows: list[int]) -> float:

@@ -45,8 +45,9 @@ STATIC_METHODS = ("prompt", "lopt1", "lopt2")
 # what lrpt.train uses when TrainConfig.lr is unset. LoPA's h′ = 128 and r = 2 keep it under LoRA
 # r=8 (q, v)'s parameters (313,000 against 460,800 on SmolLM2). The lrs come from the 4-task ×
 # 3-seed grids (benchmarks/accuracy.py; RESULTS.md "Accuracy on four tasks"): lopt1 at 1e-1 and
-# lopa at 1e-3 beat their earlier 3e-2 / 3e-3 on all four tasks; vocabulary or text init and
-# lopt1 at 3e-1 did not hold on every task. They still do not beat PEFT's best on every task.
+# lopa at 1e-3 had higher means than their earlier 3e-2 / 3e-3 on all four tasks (clearly on TREC,
+# within a seed's spread on some others); vocabulary or text init and lopt1 at 3e-1 did not hold
+# on every task. They still do not beat PEFT's best on every task.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "prompt": {"lr": 3e-2},
     "lopt1": {"rank": 4, "lr": 1e-1},

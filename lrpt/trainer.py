@@ -214,12 +214,15 @@ def run_training(
     writer: bool = True,
     log: Callable[[str], None] | None = None,
     note: str | None = None,
+    start: Callable[[TrainConfig], tuple[TrainConfig, str]] | None = None,
 ) -> TrainResult:
     """Drive a run to its end (or early stop); write checkpoints, metrics and the final adapter.
 
     ``writer`` is False on every data-parallel rank but the first: those read the run directory
     (to resume) and never write it. ``note`` goes to ``log`` once the run is checked and starts
-    (a refused run says only why it was refused)."""
+    (a refused run says only why it was refused). ``start`` runs once a new run (not a resumed
+    one) is checked and its directory locked, before its settings are stored: it returns the
+    settings to train with and a note to add (the lr probe, :mod:`lrpt.probe`)."""
     config.validate()
     if config.lr is None:  # lrpt.train and Training fill it from the method; a direct caller must
         raise TrainingError("TrainConfig.lr is unset: pass lr=..., or config.for_method(prompt.spec.method)")
@@ -233,15 +236,15 @@ def run_training(
         run.lock()
         run.clean_temp()
     try:
-        return _run(ops, config, run, resume, higher_is_better, backend, n, total, warmup,
-                    lambda: log(note) if log is not None and note else None)
+        return _run(ops, config, run, resume, higher_is_better, backend, n, total, warmup, log, note or "", start)
     finally:
         if run:
             run.unlock()
 
 
 def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, higher_is_better: bool, backend: str,
-         n: int, total: int, warmup: int, started_note: Callable[[], None]) -> TrainResult:
+         n: int, total: int, warmup: int, log: Callable[[str], None] | None, note: str,
+         start: Callable[[TrainConfig], tuple[TrainConfig, str]] | None) -> TrainResult:
     """The loop of :func:`run_training`, inside the run directory's lock."""
     step, micro = 0, 0
     best, best_step, bad_evals = None, None, 0
@@ -251,6 +254,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
             ckpt = run.latest_checkpoint()
             if ckpt is None:
                 raise TrainingError(f"--resume: no checkpoint in {run.root / 'checkpoints'}")
+            config = resumed_config(run.root / "train_config.json", config)
             check_resume_config(run.root / "train_config.json", config)
             meta = run.load_checkpoint(ckpt, ops)
             step, micro = meta["step"], meta["micro"]
@@ -258,10 +262,13 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
             history = run.truncate_metrics(step)
         elif run.latest_checkpoint() is not None:
             raise TrainingError(f"{run.root} already holds a run: pass --resume to continue it or choose another --out")
-        if run.writer:
-            atomic_write_json(run.root / "train_config.json", {"backend": backend, **asdict(config)})
-
-    started_note()
+    if start is not None and not resume:
+        config, more = start(config)
+        note += more
+    if run and run.writer:
+        atomic_write_json(run.root / "train_config.json", {"backend": backend, **asdict(config)})
+    if log is not None and note:
+        log(note)
     epoch_cache: dict[int, list[list[int]]] = {}
 
     def next_micro_batches(start: int) -> list[list[int]]:
@@ -358,6 +365,18 @@ RESUMABLE_CHANGES = frozenset({"steps", "epochs", "eval_every", "save_every", "k
                                "fsdp", "shared_prefix", "compile_scope", "lr_probe"})
 
 
+def resumed_config(path: Path, config: TrainConfig) -> TrainConfig:
+    """``config`` with the lr its run's probe chose, when both the stored run and ``config`` probe
+    (the lr a probing run trains with is its probe's, not the one it was given)."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return config  # check_resume_config says what is wrong
+    if config.lr_probe and stored.get("lr_probe") and isinstance(stored.get("lr"), (int, float)):
+        return replace(config, lr=float(stored["lr"]))
+    return config
+
+
 def check_resume_config(path: Path, config: TrainConfig) -> None:
     """Refuse to resume with settings that differ from the run's own, naming each difference."""
     try:
@@ -367,8 +386,9 @@ def check_resume_config(path: Path, config: TrainConfig) -> None:
     except (OSError, json.JSONDecodeError) as exc:
         raise TrainingError(f"--resume: {path} is unreadable ({exc})") from None
     new = asdict(config)
-    changed = [f"{k} {stored[k]!r} → {new[k]!r}" for k in new
-               if k in stored and k not in RESUMABLE_CHANGES and stored[k] != new[k]]
+    changed = [f"{k} {stored[k]!r} → {new[k]!r}" + (" (the run's --lr-probe chose it: resume with --lr-probe)"
+                                                    if k == "lr" and stored.get("lr_probe") else "")
+               for k in new if k in stored and k not in RESUMABLE_CHANGES and stored[k] != new[k]]
     if changed:
         raise TrainingError(f"--resume with other settings than the run's ({'; '.join(changed)}): drop those flags,"
                             " or start a new run with --init-from RUN/adapter")

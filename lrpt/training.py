@@ -23,7 +23,7 @@ from .data import Encoded, encode_examples, fit_to_context
 from .errors import SpecError, TrainingError
 from .layout import completion_arrays, scoring_arrays, to_arrays
 from .prefix import uses_prefix
-from .probe import probe_lr, probed_lr
+from .probe import MIN_ROWS, probe_lr
 from .scoring import classification_metrics, completion_metrics, evaluate, task_loss
 from .shapes import Shape, ShapePlan, choose_compile
 from .tasks import Task
@@ -136,6 +136,10 @@ class Training:
     def finite(self) -> bool:
         return self.stepper.finite()
 
+    def close(self) -> None:
+        """The run is over: the backend undoes what it changed on the model for it."""
+        self.stepper.close()
+
     def evaluate(self) -> dict[str, float]:
         """Metrics on the evaluation rows; data parallel: each rank scores its share, all gather."""
         if not self.eval_data:
@@ -232,20 +236,30 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
         cut = fit_to_context(train_data, room, reserve, truncate)
         fit_to_context(eval_data or [], room, reserve, truncate)
     ops = Training(be, model, tokenizer, prompt, task, train_data, eval_data, config)
-    probe = None
-    if config.lr_probe and not resume:
+    choice = ops.compile_choice.line() + ops.prefix_note() + length_note(config, len(train_data))
+    probed: list = []
+
+    def start(config: TrainConfig) -> tuple[TrainConfig, str]:
+        """A new run (checked, its directory locked): with --lr-probe, choose the lr first."""
+        if not config.lr_probe:
+            return config, ""
         probe = probe_lr(ops, config.lr, config.seed)
-        config = ops.config = replace(config, lr=probe.lr)
-    elif config.lr_probe and out_dir is not None:  # a resumed run keeps the lr its probe chose
-        config = ops.config = replace(config, lr=probed_lr(Path(out_dir) / "train_config.json", config.lr))
-    choice = (ops.compile_choice.line() + ops.prefix_note() + length_note(config, len(train_data))
-              + (probe.note() if probe else ""))
-    result = run_training(ops, config, out_dir, resume, higher_is_better=task.kind == "classification",
-                          backend=be.NAME, writer=ops.world[0] == 0,
-                          log=log if ops.world[0] == 0 else None, note=choice)
+        probed.append(probe)
+        if probe is None:
+            return config, f"; lr probe skipped (fewer than {MIN_ROWS} training rows)"
+        ops.config = replace(config, lr=probe.lr)
+        return ops.config, probe.note()
+
+    try:
+        result = run_training(ops, config, out_dir, resume, higher_is_better=task.kind == "classification",
+                              backend=be.NAME, writer=ops.world[0] == 0,
+                              log=log if ops.world[0] == 0 else None, note=choice, start=start)
+    finally:
+        ops.close()
     result.truncated = cut
-    result.compile_choice = choice.removeprefix("training step: ")
-    result.lr_probe = probe
+    result.compile_choice = (choice + (probed[0].note() if probed and probed[0] else "")).removeprefix(
+        "training step: ")
+    result.lr_probe = probed[0] if probed else None
     return result
 
 

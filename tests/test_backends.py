@@ -590,6 +590,7 @@ def test_lr_probe_chooses_the_lowest_held_out_loss_and_leaves_no_trace(kit, llam
         np.testing.assert_array_equal(v, start[k])
     assert ops.t == 0 and not any(np.any(m) for m in ops.stepper.moments().values())  # a fresh optimizer
     assert "chosen by the lr probe" in res.note()
+    assert P.probe_lr(Training(kit.be, model, tok, prompt, TASK, enc[:7], None, cfg(lr=0.05)), 0.05, 0) is None
 
     monkeypatch.setattr(P, "PROBE_STEPS", 3)
     runs = {}
@@ -620,6 +621,14 @@ def test_lr_probe_runs_once_a_resumed_run_keeps_its_lr(kit, llama, tmp_path, mon
         out[name] = Adapter.load(tmp_path / name / "adapter").params
     for k in out["straight"]:
         np.testing.assert_allclose(out["resumed"][k], out["straight"][k], rtol=1e-6, atol=1e-7)
+    chosen = json.loads((tmp_path / "straight" / "train_config.json").read_text())["lr"]
+    with pytest.raises(TrainingError, match="--lr-probe chose it"):  # resumed without the probe: told why
+        kit.be.train(model, tok, prompt, TASK, data, None, cfg(steps=12, save_every=4, eval_every=0, lr=2 * chosen,
+                     schedule="constant", warmup=0), tmp_path / "straight", resume=True)
+    # a new run into a directory that holds one is refused before any probing
+    monkeypatch.setattr("lrpt.training.probe_lr", lambda *a, **k: pytest.fail("probed before the directory was checked"))
+    with pytest.raises(TrainingError, match="already holds a run"):
+        kit.be.train(model, tok, prompt, TASK, data, None, cfg(steps=8, lr_probe=True), tmp_path / "straight")
 
 
 def test_continue_training_a_saved_adapter(kit, llama, tmp_path):
@@ -743,15 +752,15 @@ def test_mlx_grad_checkpoint_gives_the_same_step(tiny_dirs, shared):
     out = []
     for gc, sh in ((False, False), (True, shared)):
         prompt = be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
-        be.train(model, tok, prompt, TASK, toy_data(48), None,
-                 cfg(steps=4, grad_accum=2, grad_checkpoint=gc, shared_prefix=sh))
+        res = be.train(model, tok, prompt, TASK, toy_data(48), None,
+                       cfg(steps=4, grad_accum=2, grad_checkpoint=gc, shared_prefix=sh))
         out.append(prompt.to_params())
-    assert not be.shares_prefix(model)
+    assert res.compile_choice.endswith("in every row (plain path)")  # checkpointed: never the shared prefix
     for k in out[0]:
         close(out[0][k], out[1][k])
     after = be.load_model(str(tiny_dirs["llama"]), quiet=True)[0]
-    assert be.shares_prefix(before) and be.shares_prefix(after)
-    assert type(before.layers[0]) is type(after.layers[0]) is not type(model.layers[0])
+    assert all(be.shares_prefix(m) for m in (before, model, after))  # the run's model gets its layers back
+    assert type(before.layers[0]) is type(after.layers[0]) is type(model.layers[0])
 
 
 def test_mlx_gemma_scale_is_measured(tiny_dirs):

@@ -203,12 +203,15 @@ def shares_prefix(model) -> bool:
 
     mlx-lm models attend to whatever keys their per-layer cache objects hand back, at positions from
     its offset, and ``mx.grad`` flows through them: yes, unless the layers run checkpointed
-    (``--grad-checkpoint``, :func:`lrpt.backends.mlx.step._checkpoint_layers`). ``mx.checkpoint``
+    (``--grad-checkpoint``, :func:`lrpt.backends.mlx.step._checkpoint_layers`, or mlx-lm's own
+    ``grad_checkpoint``, which patches the layer class). ``mx.checkpoint``
     differentiates only through the arrays passed to the layer, and the cache (holding the prompt's
     keys and values) is an object it does not look into: the prompt's gradient through them is lost
     (measured: a different step).
     """
-    return not getattr(type(model.layers[0]), "_lrpt_checkpointed", False)
+    cls = type(model.layers[0])
+    mlx_lm_patched = getattr(cls.__call__, "__qualname__", "").startswith("grad_checkpoint.")  # mlx-lm's own
+    return not (getattr(cls, "_lrpt_checkpointed", False) or mlx_lm_patched)
 
 
 class _OnePass:

@@ -41,8 +41,7 @@ class Stepper:
         self.opt = optim.AdamW(learning_rate=config.lr, betas=[0.9, 0.999], eps=1e-8,
                                weight_decay=config.weight_decay, bias_correction=True)
         self.opt.init(prompt.trainable_parameters())
-        if config.grad_checkpoint:
-            _checkpoint_layers(model)
+        self.restore = _checkpoint_layers(model) if config.grad_checkpoint else []
         # ``shapes``: how many fixed batch shapes a compiled run traces (torch sizes its recompile
         # limit from it; mx.compile keeps one trace per shape with no limit, so it is not needed here).
         del shapes
@@ -84,6 +83,12 @@ class Stepper:
         out = mx.distributed.all_gather(mx.array(rows, dtype=dtype) if dtype else mx.array(rows))
         return np.array(out).astype(rows.dtype)
 
+    def close(self) -> None:
+        """The run is over: checkpointed layers get their own class back (the model is the user's)."""
+        for layer, cls in self.restore:
+            layer.__class__ = cls
+        self.restore = []
+
     def loss_value(self, handles: list[mx.array]) -> float:
         return float(mx.stack(handles).mean().item())
 
@@ -113,14 +118,17 @@ class Stepper:
 _CHECKPOINTED_CLASSES: dict[type, type] = {}
 
 
-def _checkpoint_layers(model) -> None:
-    """Recompute each of ``model``'s transformer layers in the backward pass (idempotent).
+def _checkpoint_layers(model) -> list[tuple[Any, type]]:
+    """Recompute each of ``model``'s transformer layers in the backward pass (idempotent); returns
+    (layer, its class) for :meth:`Stepper.close` to put back when the run ends.
 
     Not mlx-lm's ``grad_checkpoint``: it replaces the layer *class's* ``__call__``, so every model of
     that class in the process (loaded before or after) would run checkpointed, and lose the shared
     prefix (:func:`lrpt.backends.mlx.model.shares_prefix`). Here each layer of this model moves to a
-    subclass of its own class whose call runs under ``mx.checkpoint``; other models are untouched.
+    subclass of its own class whose call runs under ``mx.checkpoint``, until the run ends; other
+    models are untouched.
     """
+    swapped = []
     for layer in model.layers:
         cls = type(layer)
         if getattr(cls, "_lrpt_checkpointed", False):
@@ -130,6 +138,8 @@ def _checkpoint_layers(model) -> None:
                 "__call__": _checkpointed_call(cls.__call__), "_lrpt_checkpointed": True,
                 "__module__": cls.__module__})
         layer.__class__ = _CHECKPOINTED_CLASSES[cls]
+        swapped.append((layer, cls))
+    return swapped
 
 
 def _checkpointed_call(call: Callable) -> Callable:

@@ -87,6 +87,9 @@ class Stepper:
         dist.all_gather(out, mine)
         return torch.cat(out).cpu().numpy()
 
+    def close(self) -> None:
+        """The run is over (MLX's Stepper undoes its checkpointing here; torch changed nothing)."""
+
     def loss_value(self, handles: list[torch.Tensor]) -> float:
         return float(torch.stack(handles).mean().item())
 
