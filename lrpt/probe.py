@@ -2,19 +2,19 @@
 
 Why: the best lr of a prompt method depends on the task. On SmolLM2 (RESULTS.md "Accuracy on four
 tasks"), lopt1 (vocab init) did best at 3e-1 on TREC and CB, where one SST-2 seed diverged at it.
-Before the run trains, each candidate (the run's lr × 1/3, × 1 and × 3) trains the freshly initialised prompt for
-:data:`PROBE_STEPS` optimizer steps on training rows, under the run's schedule (``--schedule``)
-after a fixed :data:`PROBE_WARMUP`-step linear warm-up, so that a high lr is not scored mid-flight
-on noise, and is scored by its loss on a held-out slice of the training rows (never the evaluation rows, which keep-best and
-early stopping read). The prompt and the optimizer then return to their starting state, and the run
-trains with the candidate of lowest held-out loss (a candidate that diverged never wins).
+Before the run trains, each candidate (the run's lr × 1/3, × 1 and × 3) trains the freshly
+initialised prompt for :data:`PROBE_STEPS` optimizer steps on training rows, under the run's
+schedule (``--schedule``) after a fixed :data:`PROBE_WARMUP`-step linear warm-up, so that a high lr
+is not scored mid-flight on noise, and is scored by its loss on a held-out slice of the training
+rows (never the evaluation rows, which keep-best and early stopping read). The prompt and the
+optimizer then return to their starting state, and the run trains with the candidate of lowest
+held-out loss (a candidate that diverged never wins).
 
 It runs only when a new run starts (checked, its directory locked), never on ``--resume``: the
 chosen lr is stored with the run's settings, and a resumed run continues with it
-(:func:`lrpt.trainer.resumed_config`). Data parallel, every rank takes the first rank's choice. Its
-cost is
-``3 × PROBE_STEPS`` steps and three held-out passes, on top of the run. The probe is written once
-over :class:`lrpt.training.Training`, so both backends run it.
+(:func:`lrpt.trainer.check_resume_config`). Data parallel, every rank takes the first rank's
+choice. Its cost is ``3 × PROBE_STEPS`` steps and three held-out passes, on top of the run. The
+probe is written once over :class:`lrpt.training.Training`, so both backends run it.
 """
 
 from __future__ import annotations

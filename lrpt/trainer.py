@@ -254,8 +254,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
             ckpt = run.latest_checkpoint()
             if ckpt is None:
                 raise TrainingError(f"--resume: no checkpoint in {run.root / 'checkpoints'}")
-            config = resumed_config(run.root / "train_config.json", config)
-            check_resume_config(run.root / "train_config.json", config)
+            config = check_resume_config(run.root / "train_config.json", config)
             meta = run.load_checkpoint(ckpt, ops)
             step, micro = meta["step"], meta["micro"]
             best, best_step, bad_evals = meta["best"], meta["best_step"], meta["bad_evals"]
@@ -365,26 +364,17 @@ RESUMABLE_CHANGES = frozenset({"steps", "epochs", "eval_every", "save_every", "k
                                "fsdp", "shared_prefix", "compile_scope", "lr_probe"})
 
 
-def resumed_config(path: Path, config: TrainConfig) -> TrainConfig:
-    """``config`` with the lr its run's probe chose, when both the stored run and ``config`` probe
-    (the lr a probing run trains with is its probe's, not the one it was given)."""
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return config  # check_resume_config says what is wrong
-    if config.lr_probe and stored.get("lr_probe") and isinstance(stored.get("lr"), (int, float)):
-        return replace(config, lr=float(stored["lr"]))
-    return config
-
-
-def check_resume_config(path: Path, config: TrainConfig) -> None:
-    """Refuse to resume with settings that differ from the run's own, naming each difference."""
+def check_resume_config(path: Path, config: TrainConfig) -> TrainConfig:
+    """Refuse to resume with settings that differ from the run's own, naming each difference; the
+    config to resume with (a probing run's lr is the one its probe chose, stored with the run)."""
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return  # a run from before train_config.json existed: nothing to compare
+        return config  # a run from before train_config.json existed: nothing to compare
     except (OSError, json.JSONDecodeError) as exc:
         raise TrainingError(f"--resume: {path} is unreadable ({exc})") from None
+    if config.lr_probe and stored.get("lr_probe") and isinstance(stored.get("lr"), (int, float)):
+        config = replace(config, lr=float(stored["lr"]))
     new = asdict(config)
     changed = [f"{k} {stored[k]!r} → {new[k]!r}" + (" (the run's --lr-probe chose it: resume with --lr-probe)"
                                                     if k == "lr" and stored.get("lr_probe") else "")
@@ -392,6 +382,7 @@ def check_resume_config(path: Path, config: TrainConfig) -> None:
     if changed:
         raise TrainingError(f"--resume with other settings than the run's ({'; '.join(changed)}): drop those flags,"
                             " or start a new run with --init-from RUN/adapter")
+    return config
 
 
 class DivergenceGuard:

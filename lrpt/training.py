@@ -237,18 +237,18 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
         fit_to_context(eval_data or [], room, reserve, truncate)
     ops = Training(be, model, tokenizer, prompt, task, train_data, eval_data, config)
     choice = ops.compile_choice.line() + ops.prefix_note() + length_note(config, len(train_data))
-    probed: list = []
+    probed: dict[str, Any] = {"result": None, "note": ""}
 
     def start(config: TrainConfig) -> tuple[TrainConfig, str]:
         """A new run (checked, its directory locked): with --lr-probe, choose the lr first."""
-        if not config.lr_probe:
-            return config, ""
-        probe = probe_lr(ops, config.lr, config.seed)
-        probed.append(probe)
-        if probe is None:
-            return config, f"; lr probe skipped (fewer than {MIN_ROWS} training rows)"
-        ops.config = replace(config, lr=probe.lr)
-        return ops.config, probe.note()
+        if config.lr_probe:
+            probe = probed["result"] = probe_lr(ops, config.lr, config.seed)
+            if probe is None:
+                probed["note"] = f"; lr probe skipped (fewer than {MIN_ROWS} training rows)"
+            else:
+                config = ops.config = replace(config, lr=probe.lr)
+                probed["note"] = probe.note()
+        return config, probed["note"]
 
     try:
         result = run_training(ops, config, out_dir, resume, higher_is_better=task.kind == "classification",
@@ -257,9 +257,8 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
     finally:
         ops.close()
     result.truncated = cut
-    result.compile_choice = (choice + (probed[0].note() if probed and probed[0] else "")).removeprefix(
-        "training step: ")
-    result.lr_probe = probed[0] if probed else None
+    result.compile_choice = (choice + probed["note"]).removeprefix("training step: ")
+    result.lr_probe = probed["result"]
     return result
 
 
