@@ -88,7 +88,12 @@ def main(argv=None) -> int:
     rank, size = world(need_group=args.fsdp)
     device = default_device()
     try:
-        return run(args, rank, size, device)
+        code = run(args, rank, size, device)
+        if size > 1 or args.fsdp:
+            # Every rank leaves together (on success only: a failed peer would never arrive): a rank
+            # that tears gloo's sockets down while a peer still reads from them makes the peer abort.
+            torch.distributed.barrier()
+        return code
     except torch.OutOfMemoryError:
         if rank == 0:
             print(json.dumps({"shape": args.shape, "gpus": size, "fsdp": args.fsdp, "per_gpu": args.per_gpu,
