@@ -184,7 +184,10 @@ def _lrpt(task, train_rows, val, settings: dict, job: dict) -> dict:
     config = _config(job, lr=lr, lr_probe=probe)
     res = train(model, tok, prompt, task, train_rows, None, config)
     chosen = res.lr_probe.lr if res.lr_probe else config.for_method(method).lr
-    return {**_score(task, val, prompt), "params": spec.param_count(prompt.dim), "lr": chosen}
+    out = {**_score(task, val, prompt), "params": spec.param_count(prompt.dim), "lr": chosen}
+    if res.lr_probe:  # every candidate's held-out loss, to study what the probe's choice tracks
+        out["probe_losses"] = {f"{lr:.4g}": loss for lr, loss in res.lr_probe.losses.items()}
+    return out
 
 
 def _peft(task, train_rows, val, kind: str, settings: dict, job: dict) -> dict:

@@ -65,6 +65,7 @@ def test_accuracy_smoke(tmp_path):
     assert next(r["lr"] for r in rows if r["run"] == "lrpt:lopt1:init=text:lr=1e-1") == 1e-1
     candidates = [METHOD_DEFAULTS["lopt1"]["lr"] * f for f in (1 / 3, 1, 3)]
     assert all(any(r["lr"] == pytest.approx(c) for c in candidates) for r in rows if r["run"] == "lrpt:lopt1:probe=1")
+    assert all(len(r["probe_losses"]) == 3 for r in rows if r["run"] == "lrpt:lopt1:probe=1")
     table = run("benchmarks/accuracy.py", "--summary", tmp_path / "results.jsonl")
     assert table.count("\ndemo") == len(runs) and "±" in table
 
