@@ -24,7 +24,9 @@ ratio to **the compiled floor**:
 - ``lrpt-<method>+compile-blocks``: compiled with ``--compile-scope blocks`` (``lrpt train``'s default:
   each block compiled once, the rest eager; fast to compile, shared prefix off);
 - ``lrpt-<method>-plain[+compile]`` (``--plain``): the same step with ``shared_prefix=False``, the
-  prompt run in every row as the floor does.
+  prompt run in every row as the floor does;
+- ``lrpt-<method>-shared[+compile-blocks]`` (``--shared``): the step with ``shared_prefix=True``
+  forced where auto leaves it off (eager, and compiled blocks), to measure whether it pays there.
 
 Anchors get lrpt's advantages: bf16 weights and autocast on CUDA, fused AdamW on CUDA, the same
 compile mode. ``vs_floor`` is the compiled floor's step time over the row's (> 1: faster than the
@@ -233,6 +235,12 @@ def bench_training(model, args, name: str, batch: int, seq: int, compiled: bool)
     for method in args.plain:  # the same step without the shared prefix, as compiled as the rows above
         variants[f"lrpt-{method}-plain{'+compile' if compiled else ''}"] = lrpt_step(
             model, method, rows, labels, args.tokens, mode, shared_prefix=False)
+    for method in args.shared:  # the shared prefix forced where auto leaves it off
+        variants[f"lrpt-{method}-shared"] = lrpt_step(model, method, rows, labels, args.tokens, None,
+                                                      shared_prefix=True)
+        if compiled:
+            variants[f"lrpt-{method}-shared+compile-blocks"] = lrpt_step(
+                model, method, rows, labels, args.tokens, mode, shared_prefix=True, scope="blocks")
     peak, warm, times = {}, {}, {k: [] for k in variants}
     for key, fn in variants.items():  # warm-up (compilation, graph capture), peak memory over it
         t0 = time.perf_counter()
@@ -275,6 +283,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compiled", nargs="*", default=["lopt1"], help="lrpt methods to run compiled")
     ap.add_argument("--plain", nargs="*", default=[], help="lrpt methods to run also without the shared prefix"
                     " (compiled when the compiled rows are)")
+    ap.add_argument("--shared", nargs="*", default=[],
+                    help="lrpt methods to run also with the shared prefix forced on (eager, compiled blocks)")
     ap.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of every compiled row")
     ap.add_argument("--no-compile", action="store_true", help="skip every compiled row (the eager floor is the reference)")
     ap.add_argument("--warmup", type=int, default=5)

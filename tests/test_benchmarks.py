@@ -26,10 +26,11 @@ def json_lines(out: str) -> list[dict]:
 
 
 def test_speed_smoke(tmp_path):
-    out = run("benchmarks/speed.py", "--device", "cpu", "--smoke", "--methods", "lopt1", "lopa", "--json",
-              tmp_path / "s.json", "--out", tmp_path / "logs")
+    out = run("benchmarks/speed.py", "--device", "cpu", "--smoke", "--methods", "lopt1", "lopa", "--shared", "lopt1",
+              "--json", tmp_path / "s.json", "--out", tmp_path / "logs")
     data = json.loads((tmp_path / "s.json").read_text())
-    assert {r["variant"] for r in data["train"]} == {"floor", "peft", "peft-keep1", "lrpt-lopt1", "lrpt-lopa"}
+    assert {r["variant"] for r in data["train"]} == {"floor", "peft", "peft-keep1", "lrpt-lopt1", "lrpt-lopa",
+                                                     "lrpt-lopt1-shared"}
     assert all(r["tok_s"] > 0 and r["vs_floor"] > 0 and r["reference"] == "floor" for r in data["train"])
     lines = [json.loads(x) for x in out.splitlines()]  # stdout is JSON lines, the same as the log file
     assert lines == [json.loads(x) for x in (tmp_path / "logs" / "speed.jsonl").read_text().splitlines()]
