@@ -237,18 +237,19 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
         fit_to_context(eval_data or [], room, reserve, truncate)
     ops = Training(be, model, tokenizer, prompt, task, train_data, eval_data, config)
     choice = ops.compile_choice.line() + ops.prefix_note() + length_note(config, len(train_data))
-    probed: dict[str, Any] = {"result": None, "note": ""}
+    probe, probe_note = None, ""
 
     def start(config: TrainConfig) -> tuple[TrainConfig, str]:
         """A new run (checked, its directory locked): with --lr-probe, choose the lr first."""
+        nonlocal probe, probe_note
         if config.lr_probe:
-            probe = probed["result"] = probe_lr(ops, config.lr, config.seed)
+            probe = probe_lr(ops, config.lr, config.seed)
             if probe is None:
-                probed["note"] = f"; lr probe skipped (fewer than {MIN_ROWS} training rows)"
+                probe_note = f"; lr probe skipped (fewer than {MIN_ROWS} training rows)"
             else:
                 config = ops.config = replace(config, lr=probe.lr)
-                probed["note"] = probe.note()
-        return config, probed["note"]
+                probe_note = probe.note()
+        return config, probe_note
 
     try:
         result = run_training(ops, config, out_dir, resume, higher_is_better=task.kind == "classification",
@@ -257,8 +258,8 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
     finally:
         ops.close()
     result.truncated = cut
-    result.compile_choice = (choice + probed["note"]).removeprefix("training step: ")
-    result.lr_probe = probed["result"]
+    result.compile_choice = (choice + probe_note).removeprefix("training step: ")
+    result.lr_probe = probe
     return result
 
 
