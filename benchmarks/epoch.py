@@ -12,6 +12,9 @@ in one invocation, on the same rows, seed and settings:
 - ``compiled-default``: ``--compile`` (torch.compile's default mode, fixed batch shapes);
 - ``compiled-step``: ``--compile --compile-mode reduce-overhead --compile-scope step`` (the whole
   step compiled once per batch shape; the other compiled variants compile each block once);
+- ``graphs``: ``--compile --compile-scope graphs`` (the eager step recorded as one CUDA graph per
+  bucketed batch shape, no compiler) with the shared prefix forced on (``--shared-prefix``);
+  ``graphs-plain``: the same on the plain path (``--no-shared-prefix``, auto's choice there);
 - ``auto``: no flag: lrpt decides (its one-line choice is reported as ``choice``).
 
 Data: a folder of ``train.jsonl`` / ``validation.jsonl`` given by path (never copied); ``--limit N``
@@ -47,6 +50,8 @@ VARIANTS = {
     "compiled": ["--compile", "--compile-mode", "reduce-overhead"],
     "compiled-default": ["--compile"],
     "compiled-step": ["--compile", "--compile-mode", "reduce-overhead", "--compile-scope", "step"],
+    "graphs": ["--compile", "--compile-scope", "graphs", "--shared-prefix"],
+    "graphs-plain": ["--compile", "--compile-scope", "graphs", "--no-shared-prefix"],
     "auto": [],
 }
 PRESETS = {

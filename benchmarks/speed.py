@@ -111,15 +111,18 @@ def lrpt_step(model, method: str, rows: list[list[int]], labels: list[int], n: i
               shared_prefix: bool | None = None, scope: str = "step"):
     """lrpt's own training step on one fixed batch (compiled with ``compile_mode``, or eager if None);
     ``shared_prefix``: lrpt's default (None: auto) or forced; False runs the prompt in every row;
-    ``scope``: ``--compile-scope`` (the whole step, the fastest at one fixed shape, or blocks)."""
+    ``scope``: ``--compile-scope`` (the whole step, the fastest at one fixed shape, or blocks; graphs:
+    the eager step recorded as a CUDA graph, no compiler, ``compile_mode`` unused)."""
+    graphs = scope == "graphs"
     rank = None if method == "prompt" else 4
     spec = PromptSpec(method, n_tokens=n, rank=rank)
     dim = model.config.hidden_size
     prompt = PromptModule(spec, init_params(spec, dim, 0)).to(model.device)
     task = Task("bench", template="{text}", label_words=[" 0", " 1"])
     data = [Encoded(r, y) for r, y in zip(rows, labels)]
-    cfg = TrainConfig(compile=compile_mode is not None, compile_mode=compile_mode, pad_to_multiple=1,
-                      batch_size=len(rows), progress=False, shared_prefix=shared_prefix, compile_scope=scope)
+    cfg = TrainConfig(compile=graphs or compile_mode is not None, compile_mode=None if graphs else compile_mode,
+                      pad_to_multiple=1, batch_size=len(rows), progress=False, shared_prefix=shared_prefix,
+                      compile_scope=scope)
     ops = Training(get_backend("torch"), model, LabelTokenizer(), prompt, task, data, None, cfg)
     batch = [list(range(len(rows)))]
     return lambda: ops.step(batch, 1e-3)
@@ -241,6 +244,11 @@ def bench_training(model, args, name: str, batch: int, seq: int, compiled: bool)
         if compiled:
             variants[f"lrpt-{method}-shared+compile-blocks"] = lrpt_step(
                 model, method, rows, labels, args.tokens, mode, shared_prefix=True, scope="blocks")
+    for method in args.graphs:  # the eager step recorded as CUDA graphs: shared prefix forced, and plain (auto)
+        variants[f"lrpt-{method}-shared+graphs"] = lrpt_step(model, method, rows, labels, args.tokens, None,
+                                                             shared_prefix=True, scope="graphs")
+        variants[f"lrpt-{method}+graphs"] = lrpt_step(model, method, rows, labels, args.tokens, None,
+                                                      shared_prefix=False, scope="graphs")
     peak, warm, times = {}, {}, {k: [] for k in variants}
     for key, fn in variants.items():  # warm-up (compilation, graph capture), peak memory over it
         t0 = time.perf_counter()
@@ -285,6 +293,8 @@ def main(argv=None) -> int:
                     " (compiled when the compiled rows are)")
     ap.add_argument("--shared", nargs="*", default=[],
                     help="lrpt methods to run also with the shared prefix forced on (eager, compiled blocks)")
+    ap.add_argument("--graphs", nargs="*", default=[],
+                    help="lrpt methods to run also as recorded CUDA graphs (--compile-scope graphs; CUDA only)")
     ap.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of every compiled row")
     ap.add_argument("--no-compile", action="store_true", help="skip every compiled row (the eager floor is the reference)")
     ap.add_argument("--warmup", type=int, default=5)

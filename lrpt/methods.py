@@ -103,7 +103,9 @@ def prompt_rows(xp, prompt: Any, which: Sequence[int] | None, b: int, encode: Ca
             key = (p.spec.encoder, p.spec.pooling)
             if key not in encodings:
                 encodings[key] = encode(key)
-            x = xp.float32(p(xp.take0(encodings[key], idx)))
+            rows = encodings[key]
+            # all rows: no gather (an index built on the host could not be recorded in a CUDA graph)
+            x = xp.float32(p(rows if idx == list(range(b)) else xp.take0(rows, idx)))
         pieces.append(xp.pad_axis1(x, n_max))
         order += idx
     if len(pieces) == 1 and order == list(range(len(which))):

@@ -38,6 +38,12 @@ AUTO_MIN_STEPS_PER_SHAPE = 2000
 # 2,105-step full epoch ran in 0.80× eager's wall clock, so a run repays it somewhere between
 # ~1,150 and ~1,650 steps. 313 steps (10k rows) and 171 (TREC) were slower compiled than eager.
 AUTO_MIN_STEPS_BLOCKS = 2000
+# ``auto`` records CUDA graphs (``--compile-scope graphs``: the eager step, no compiler) when the run
+# takes at least this many micro-steps per distinct batch shape. Measured (H200, SmolLM2-135M, batch
+# 32, lopt1; RESULTS.md "Whole runs"): an eager step takes about 0.11 s and a replayed one 0.017 s;
+# TREC's 171 steps over 4 shapes trained in 6.2 s recorded against 18.6 s eager, so recording a shape
+# cost about 0.8 s, the time of 7 eager steps, repaid after about 9 steps of that shape.
+AUTO_MIN_STEPS_PER_GRAPH = 10
 # The torch.compile mode ``auto`` uses when --compile-mode is not given: CUDA graphs remove
 # the launch overhead that dominates the eager step of small models.
 AUTO_COMPILE_MODE = "reduce-overhead"
@@ -108,29 +114,45 @@ class CompileChoice:
 
     def line(self) -> str:
         """What ``lrpt train`` prints about it."""
-        how = f"compiled ({self.scope}, {self.mode or 'default mode'})" if self.compiled else "eager"
+        if not self.compiled:
+            how = "eager"
+        elif self.scope == "graphs":
+            how = "CUDA graphs (the eager step recorded once per batch shape)"
+        else:
+            how = f"compiled ({self.scope}, {self.mode or 'default mode'})"
         return f"training step: {how}: {self.reason}"
 
 
 def choose_compile(setting: bool | None, mode: str | None, backend: str, device: str, fsdp: bool,
-                   shapes: Counter, scope: str | None = None, encoder_runs_blocks: bool = False) -> CompileChoice:
-    """``setting`` True/False is the user's word; None (``auto``) decides from the run: compile on
-    CUDA (torch) when the run's micro-steps repay the compilation.
+                   shapes: Counter, scope: str | None = None, encoder_runs_blocks: bool = False,
+                   capturable: bool = False, processes: int = 1) -> CompileChoice:
+    """``setting`` True/False is the user's word; None (``auto``) decides from the run: on CUDA
+    (torch), record CUDA graphs or compile when the run's micro-steps repay it.
 
-    ``shapes`` counts the run's micro-batches per bucketed shape. With a saving s per step, a
-    compilation of cost C pays when steps × s > C: with ``scope`` "step" each shape is compiled, so
-    the mean steps per shape must reach :data:`AUTO_MIN_STEPS_PER_SHAPE` (C / s), whatever the spread
-    between shapes; with "blocks" (the default) one compilation serves every shape, so the run's
+    ``shapes`` counts the run's micro-batches per bucketed shape. With a saving s per step, a cost C
+    of getting a shape ready pays when steps × s > C. ``scope`` "graphs" (the default where the step
+    can be recorded: ``capturable``, one process, no ``mode`` asked for) records each shape in about
+    three eager steps, so a few steps per shape repay it (:data:`AUTO_MIN_STEPS_PER_GRAPH`); with
+    "step" each shape is compiled, so the mean steps per shape must reach
+    :data:`AUTO_MIN_STEPS_PER_SHAPE`; with "blocks" one compilation serves every shape, so the run's
     steps must reach :data:`AUTO_MIN_STEPS_BLOCKS`.
 
+    ``capturable``: nothing in the step stops a CUDA graph (LoPA's dropout does). ``processes``: the
+    data-parallel world size (graphs under several processes are not measured, so auto skips them).
     ``encoder_runs_blocks``: the prompt runs the model too (LoPA's base encoder), a compiled step
-    not measured yet, so auto leaves it eager.
+    not measured yet, so auto leaves it eager unless it can be recorded.
     """
     steps, distinct = sum(shapes.values()), max(len(shapes), 1)
     counted = f"{steps} micro-steps over {distinct} batch shape{'s' * (distinct != 1)}"
+    per_shape = steps / distinct
     if setting is False:
         return CompileChoice(False, None, "compilation is off (--no-compile)")
+    graphs_apply = backend == "torch" and device == "cuda" and capturable and not fsdp and not mode
+    if scope is None and backend == "torch":
+        scope = "graphs" if graphs_apply and (setting or processes == 1) else "blocks"
     if setting:
+        if scope == "graphs":
+            return CompileChoice(True, None, f"asked for (--compile); {counted}, each recorded once", "graphs")
         whole = scope == "step" or backend != "torch"  # mx.compile traces the whole step
         each = "each shape compiled once" if whole else "one compilation for every block and shape"
         return CompileChoice(True, mode, f"asked for (--compile); {counted}, {each}", "step" if whole else "blocks")
@@ -141,6 +163,13 @@ def choose_compile(setting: bool | None, mode: str | None, backend: str, device:
         return CompileChoice(False, None, f"auto: on {device}, compiling does not pay; --compile forces it")
     if fsdp:
         return CompileChoice(False, None, "auto: compiling under --fsdp is not measured; --compile forces it")
+    if scope == "graphs":
+        if per_shape < AUTO_MIN_STEPS_PER_GRAPH:
+            return CompileChoice(False, None, f"auto: {counted} ({per_shape:.0f} per shape) is below the"
+                                              f" {AUTO_MIN_STEPS_PER_GRAPH} per shape that repay recording CUDA"
+                                              " graphs; --compile forces it")
+        return CompileChoice(True, None, f"auto: {counted} ({per_shape:.0f} per shape, at least the"
+                                         f" {AUTO_MIN_STEPS_PER_GRAPH} that repay recording each)", "graphs")
     if encoder_runs_blocks:
         return CompileChoice(False, None, "auto: compiling LoPA's step, whose encoder runs the model too, is not"
                                           " measured; --compile forces it")
@@ -150,7 +179,6 @@ def choose_compile(setting: bool | None, mode: str | None, backend: str, device:
                                               " compiling the blocks; --compile forces it")
         return CompileChoice(True, mode or AUTO_COMPILE_MODE, f"auto: {counted}, at least the {AUTO_MIN_STEPS_BLOCKS}"
                                                               " that repay compiling the blocks", "blocks")
-    per_shape = steps / distinct
     if per_shape < AUTO_MIN_STEPS_PER_SHAPE:
         return CompileChoice(False, None, f"auto: {counted} ({per_shape:.0f} per shape) is below the"
                                           f" {AUTO_MIN_STEPS_PER_SHAPE} per shape that repay a compilation"
@@ -159,7 +187,6 @@ def choose_compile(setting: bool | None, mode: str | None, backend: str, device:
     return CompileChoice(True, mode, f"auto: {counted} ({per_shape:.0f} per shape, at least the"
                                      f" {AUTO_MIN_STEPS_PER_SHAPE} that repay a compilation)",
                          "step")
-
 
 
 def _round_up(x: int, multiple: int) -> int:

@@ -36,7 +36,7 @@ from .fileio import atomic_dir, atomic_write, atomic_write_json, encode_safetens
 from .flags import knob
 
 SCHEDULES = ("cosine", "linear", "constant")
-COMPILE_SCOPES = ("blocks", "step")
+COMPILE_SCOPES = ("blocks", "step", "graphs")
 # Divergence guard: a finite loss can still mean a run that has blown up (``--lr 1e9`` gave prompt
 # values of 7e18 and exit 0). Stop when a parameter grows this many times past its starting scale
 # (at least 1), or the loss this many times past the first one logged (at least 1).
@@ -97,12 +97,15 @@ class TrainConfig:
     shared_prefix: bool | None = knob(None, "run a static prompt (prompt, lopt1, lopt2) once per batch and let every"
                                       " row attend to it: the same loss and gradients, less work where launches are"
                                       " free; unset: auto, on for a step compiled whole (--compile-scope step) and on"
-                                      " CPU/MLX, off for an eager step on CUDA and for compiled blocks (lrpt.prefix)")
+                                      " CPU/MLX, off for an eager step on CUDA, for compiled blocks and for CUDA graphs"
+                                      " (lrpt.prefix)")
     compile: bool | None = knob(None, "compile the step (torch.compile / mx.compile) in a few fixed batch shapes;"
                                       " unset: auto, compiled on CUDA when the run repays it (lrpt.shapes)")
-    compile_scope: str | None = knob(None, "what torch.compile compiles: each transformer block (one compilation serves"
-                                     " every block and width) or the whole step (the fastest step, but each batch"
-                                     " shape compiles every block); unset: blocks; torch only",
+    compile_scope: str | None = knob(None, "what runs compiled: each transformer block under torch.compile (one"
+                                     " compilation serves every block and width), the whole step under torch.compile"
+                                     " (the fastest step, but each batch shape compiles every block), or graphs: the"
+                                     " eager step recorded as one CUDA graph per batch shape, no compiler (CUDA only);"
+                                     " unset: graphs where they apply, else blocks; torch only",
                                      choices=COMPILE_SCOPES)
     compile_mode: str | None = knob(None, "torch.compile mode, e.g. reduce-overhead (CUDA graphs; auto's choice);"
                                           " torch only")
@@ -116,6 +119,9 @@ class TrainConfig:
             raise TrainingError(f"unknown schedule {self.schedule!r}: use {', '.join(SCHEDULES)}")
         if self.compile_scope is not None and self.compile_scope not in COMPILE_SCOPES:
             raise TrainingError(f"unknown compile scope {self.compile_scope!r}: use {', '.join(COMPILE_SCOPES)}")
+        if self.compile_scope == "graphs" and self.compile_mode:
+            raise TrainingError("--compile-mode is torch.compile's, and --compile-scope graphs records the eager step"
+                                " without it: drop one of them")
         for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints", "eval_batch_size",
                      "pad_to_multiple"):
             check_number(name, getattr(self, name), low=1, integer=True)

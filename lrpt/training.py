@@ -10,6 +10,7 @@ from (seed, step) at every step, so no random-generator state needs saving.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
@@ -54,15 +55,21 @@ class Training:
         self.shapes = ShapePlan(self.lengths, prompt.spec.n_tokens, config.batch_size, config.pad_to_multiple,
                                 targets) if train_data else None
         counts = self.shapes.count(run_micro_batches(self.lengths, config)) if self.shapes else Counter()
+        spec = prompt.spec
         self.compile_choice = choose_compile(config.compile, config.compile_mode, be.NAME, be.device_kind(model),
                                              config.fsdp, counts, config.compile_scope,
-                                             prompt.spec.method == "lopa" and prompt.spec.encoder == "base")
-        # The shared prefix pays in a step compiled whole (no launch cost); eager, where it pays
-        # (lrpt.prefix). Not with compiled blocks: a block behind a cache compiles once per layer.
+                                             spec.method == "lopa" and spec.encoder == "base",
+                                             capturable=not (spec.method == "lopa" and spec.dropout > 0),
+                                             processes=int(os.environ.get("WORLD_SIZE", "1")))
+        # The shared prefix pays in a step compiled whole (fused kernels, no launch cost); eager, where
+        # it pays (lrpt.prefix). Not with compiled blocks (a block behind a cache compiles once per
+        # layer), nor recorded as CUDA graphs: on the full SST-2 epoch (H200, SmolLM2-135M) the graphs
+        # trained in 36.5 s on the plain path and 60.9 s with the shared prefix (benchmarks/RESULTS.md).
         choice = self.compile_choice
         self.shared = config.shared_prefix if config.shared_prefix is not None else (
             (choice.scope == "step") if choice.compiled else None)
-        step_config = replace(config, compile=self.compile_choice.compiled, compile_mode=self.compile_choice.mode)
+        scope = choice.scope if choice.compiled and be.NAME == "torch" else config.compile_scope
+        step_config = replace(config, compile=choice.compiled, compile_mode=choice.mode, compile_scope=scope)
         self.stepper = be.Stepper(model, prompt, self.loss, step_config, shapes=max(len(counts), 1))
         self.world = self.stepper.world  # (rank, size): (0, 1) unless launched data parallel
         if self.shapes is not None:  # each rank pads its share of a batch to the same row count

@@ -186,8 +186,9 @@ def test_both_backends_satisfy_the_protocol_with_the_same_signatures():
 
 
 # Files one backend has and the other needs not: MLX's splice.py puts prompts into mlx-lm models,
-# which mostly take no embeddings (transformers' take ``inputs_embeds``).
-ONLY_IN = {"torch": set(), "mlx": {"splice.py"}}
+# which mostly take no embeddings (transformers' take ``inputs_embeds``); torch's graphs.py records
+# the step as CUDA graphs (MLX has none: mx.compile is its whole-step compilation).
+ONLY_IN = {"torch": {"graphs.py"}, "mlx": {"splice.py"}}
 
 
 def test_mirrored_files():
@@ -469,7 +470,8 @@ def test_shared_prefix_is_the_default_in_scoring_and_training(kit, llama, monkey
 def test_shared_prefix_auto_is_off_for_eager_cuda_and_on_for_compiled_steps(kit, llama, monkeypatch):
     """Auto (lrpt.prefix.prefix_pays): an eager step on CUDA is launch-bound and the shared path doubles
     the launches, so it is off there; a step compiled whole takes it wherever it runs (mx.compile always
-    compiles the whole step); torch's compiled blocks do not (behind a cache, a block compiles per layer)."""
+    compiles the whole step); torch's compiled blocks do not (behind a cache, a block compiles per layer).
+    (CUDA graphs, also on, need a real GPU: tests/test_gpu.py.)"""
     from lrpt.prefix import shared_prompt
     from lrpt.training import Training
 
@@ -482,7 +484,7 @@ def test_shared_prefix_auto_is_off_for_eager_cuda_and_on_for_compiled_steps(kit,
     assert shared_prompt(kit.be, model, prompt, None, right, enabled=True) is prompt
     data = _encoded(kit, tok, toy_data(8))
     cases = [(False, None, None), (True, None, True)] if kit.name == "mlx" else [
-        (False, None, None), (True, "step", True), (True, None, False)]
+        (False, None, None), (True, "step", True), (True, "blocks", False)]
     for compile_, scope, shared in cases:
         ops = Training(kit.be, model, tok, prompt, TASK, data, None, cfg(compile=compile_, compile_scope=scope))
         assert ops.shared is shared

@@ -236,6 +236,62 @@ def test_compiled_training_over_many_widths_equals_eager(tiny_dirs, tb, scope):
         np.testing.assert_allclose(out[True][2][k], out[False][2][k], atol=1e-4)
 
 
+# -- CUDA graphs (--compile-scope graphs) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("method,shared,accum", [("lopt1", False, 1), ("lopt1", True, 1), ("lopt1", False, 2),
+                                                 ("prompt", True, 2), ("lopa", False, 1)])
+def test_cuda_graph_training_over_many_widths_equals_eager(tiny_dirs, tb, method, shared, accum):
+    """A whole run recorded as CUDA graphs (several bucket widths, the short last batch, gradient
+    accumulation, evaluation between steps) ends where the eager run ends; LoPA without dropout
+    records too (its encoder runs the model inside the graph)."""
+    from dataclasses import replace
+
+    from lrpt.trainer import TrainConfig
+
+    model, tok = tb.load_model(tiny_dirs["llama"], dtype="float32", device="cuda", quiet=True)
+    rows = toy_data(90, seed=5)
+    spec = replace(spec_for(method), dropout=0.0) if method == "lopa" else spec_for(method)
+    out = {}
+    for compiled in (False, True):
+        prompt = tb.init_prompt(spec, model, tok, seed=0)
+        res = tb.train(model, tok, prompt, toy_task(), rows, rows[:16], TrainConfig(
+            steps=14, batch_size=8, grad_accum=accum, compile=compiled, compile_scope="graphs", pad_to_multiple=4,
+            progress=False, eval_every=7, shared_prefix=shared))
+        assert ("CUDA graphs" in res.compile_choice) == compiled
+        out[compiled] = (res.final_loss, res.best_metric, prompt.to_params())
+    assert out[True][0] == pytest.approx(out[False][0], abs=1e-4) and out[True][1] == out[False][1]
+    for k in out[False][2]:
+        np.testing.assert_allclose(out[True][2][k], out[False][2][k], atol=1e-4)
+
+
+def test_cuda_graphs_are_auto_on_cuda_and_refuse_lopa_dropout(tiny_dirs, tb):
+    """No flag: a run with enough steps per shape records graphs and says so; LoPA's dropout cannot be
+    replayed, so auto leaves it to the other rules and an explicit request is one clear error; the lr
+    probe, which resets the optimizer between candidates, picks what the eager probe picks."""
+    from lrpt.errors import TrainingError
+    from lrpt.trainer import TrainConfig
+
+    model, tok = tb.load_model(tiny_dirs["llama"], dtype="float32", device="cuda", quiet=True)
+    rows = toy_data(200, seed=2)
+    runs = {}
+    for compile_ in (None, False):
+        prompt = tb.init_prompt(spec_for("lopt1"), model, tok, seed=1)
+        res = tb.train(model, tok, prompt, toy_task(), rows, None, TrainConfig(
+            steps=40, batch_size=8, compile=compile_, progress=False, lr_probe=True, pad_to_multiple=4))
+        runs[compile_] = res, prompt.to_params()
+    assert runs[None][0].compile_choice.startswith("CUDA graphs") and "auto" in runs[None][0].compile_choice
+    assert runs[None][0].lr_probe.lr == runs[False][0].lr_probe.lr
+    for k, v in runs[False][1].items():
+        np.testing.assert_allclose(runs[None][1][k], v, atol=1e-4)
+    lopa = tb.init_prompt(spec_for("lopa"), model, tok, seed=0)
+    res = tb.train(model, tok, lopa, toy_task(), rows, None, TrainConfig(steps=3, batch_size=8, progress=False))
+    assert "CUDA graphs" not in res.compile_choice
+    with pytest.raises(TrainingError, match="dropout"):
+        tb.train(model, tok, lopa, toy_task(), rows, None,
+                 TrainConfig(steps=3, batch_size=8, progress=False, compile=True, compile_scope="graphs"))
+
+
 # -- the real model ------------------------------------------------------------------------------------
 
 SMOL = os.environ.get("LRPT_SMOLLM2")

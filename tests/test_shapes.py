@@ -10,6 +10,7 @@ import pytest
 
 from lrpt.shapes import (
     AUTO_MIN_STEPS_BLOCKS,
+    AUTO_MIN_STEPS_PER_GRAPH,
     AUTO_MIN_STEPS_PER_SHAPE,
     Shape,
     ShapePlan,
@@ -72,6 +73,47 @@ def test_choose_compile_rule():
     assert not choose_compile(False, "reduce-overhead", "torch", "cuda", False, many).compiled
     for choice in (auto, forced, blocks):
         assert "\n" not in choice.line()
+
+
+def test_choose_compile_records_cuda_graphs_where_the_step_can_be_recorded():
+    """A step with no dropout on one CUDA process is recorded (scope graphs) once each shape gets
+    AUTO_MIN_STEPS_PER_GRAPH micro-steps; asking for a torch.compile mode, FSDP, several processes or
+    a step that cannot be recorded keep the torch.compile rules."""
+    enough = Counter({Shape(32, w): AUTO_MIN_STEPS_PER_GRAPH for w in (40, 48)})
+    thin = Counter({Shape(32, 40): AUTO_MIN_STEPS_PER_GRAPH, Shape(32, 48): AUTO_MIN_STEPS_PER_GRAPH - 2})
+    graphs = choose_compile(None, None, "torch", "cuda", False, enough, capturable=True)
+    assert graphs.compiled and graphs.scope == "graphs" and graphs.mode is None
+    assert graphs.line().startswith("training step: CUDA graphs") and "per shape" in graphs.reason
+    below = choose_compile(None, None, "torch", "cuda", False, thin, capturable=True)
+    assert not below.compiled and f"{AUTO_MIN_STEPS_PER_GRAPH} per shape" in below.reason
+    assert choose_compile(None, None, "torch", "cuda", False, enough, "graphs", capturable=True).scope == "graphs"
+    # the same run where graphs do not apply: the blocks rule, which 20 steps do not repay
+    for kw in (dict(capturable=False), dict(capturable=True, processes=2)):
+        assert not choose_compile(None, None, "torch", "cuda", False, enough, **kw).compiled
+    assert not choose_compile(None, None, "torch", "cuda", True, enough, capturable=True).compiled  # fsdp
+    assert not choose_compile(None, None, "torch", "cpu", False, enough, capturable=True).compiled
+    assert choose_compile(None, "default", "torch", "cuda", False, enough, capturable=True).scope != "graphs"
+    # --compile with no scope: graphs where they apply, blocks elsewhere; lopa's base encoder is no obstacle
+    assert choose_compile(True, None, "torch", "cuda", False, thin, capturable=True).scope == "graphs"
+    assert choose_compile(True, None, "torch", "cpu", False, thin, capturable=True).scope == "blocks"
+    lopa = choose_compile(None, None, "torch", "cuda", False, enough, encoder_runs_blocks=True, capturable=True)
+    assert lopa.compiled and lopa.scope == "graphs"
+
+
+def test_graphs_scope_refuses_what_it_cannot_record():
+    from lrpt.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="--compile-mode is torch.compile's"):
+        TrainConfig(compile=True, compile_scope="graphs", compile_mode="reduce-overhead").validate()
+    pytest.importorskip("torch")
+    import torch
+
+    from lrpt.backends.torch.graphs import refusal
+
+    assert "on cpu: drop it" in refusal(torch.device("cpu"), False, False)
+    assert "--dropout 0" in refusal(torch.device("cuda"), True, False)
+    assert "--fsdp" in refusal(torch.device("cuda"), False, True)
+    assert refusal(torch.device("cuda"), False, False) is None
 
 
 # -- padded batches give the unpadded loss and gradients (torch, fp32, CPU) -----------------------

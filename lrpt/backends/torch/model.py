@@ -207,11 +207,12 @@ def inference(model):
     return stack
 
 
-def autocast(model):
+def autocast(model, cache: bool = True):
     """Autocast to the model's own half dtype on CUDA (the float32 prompt math joins it there);
-    a float32 model computes in float32: loading in fp32 must mean fp32 results."""
+    a float32 model computes in float32: loading in fp32 must mean fp32 results. ``cache``: keep
+    half copies of float32 weights for the region (off while recording a CUDA graph)."""
     if model.device.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast("cuda", dtype=model.dtype)
+        return torch.autocast("cuda", dtype=model.dtype, cache_enabled=cache)
     return torch.autocast(model.device.type, enabled=False)
 
 

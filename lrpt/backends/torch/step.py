@@ -15,6 +15,7 @@ import torch
 
 from ...errors import TrainingError
 from ...trainer import TrainConfig
+from .graphs import CapturedSteps, refusal
 from .model import autocast, fsdp_sharded, transformer_blocks
 
 
@@ -29,20 +30,29 @@ class Stepper:
         self.model, self.prompt, self.config = model, prompt, config
         self.named = [(n, p) for n, p in prompt.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named]
-        self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay,
-                                     fused=model.device.type == "cuda")
-        self.loss = loss
-        if config.compile:
-            self.loss = compiled(model, loss, config, shapes)
         self.dropout = prompt.spec.method == "lopa" and prompt.spec.dropout > 0
+        capture = bool(config.compile) and config.compile_scope == "graphs"
+        if capture and (why := refusal(model.device, self.dropout, config.fsdp)):
+            raise TrainingError(why)
+        # Recorded updates read the learning rate from a device tensor (set before each replay).
+        lr = torch.tensor(float(config.lr), device=model.device) if capture else config.lr
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=config.weight_decay,
+                                     fused=model.device.type == "cuda", capturable=capture)
+        self.loss = loss
+        if config.compile and not capture:
+            self.loss = compiled(model, loss, config, shapes)
         self.world = world(need_group=config.fsdp)
         # Under FSDP every forward and backward is a collective: ranks run the same number of them.
         self.lockstep = config.fsdp
         if config.fsdp:
             shard_model(model)
+        self.graphs = CapturedSteps(model, self.params, self.opt, loss, config.max_grad_norm,
+                                    self._all_reduce if self.world[1] > 1 else None) if capture else None
 
     def step(self, batches: list[dict[str, torch.Tensor]], weights: list[float], lr: float, seed: int) -> torch.Tensor:
         """Accumulate ``weights[i] * loss(batches[i])``; data parallel, sum the gradients of all ranks."""
+        if self.graphs is not None:
+            return self.graphs.step(batches, weights, lr)
         for group in self.opt.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.model.device)
@@ -72,7 +82,11 @@ class Stepper:
         dist.all_reduce(flat)
         offset = 0
         for p, g in zip(self.params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(p)
+            summed = flat[offset:offset + g.numel()].view_as(p)
+            if p.grad is None:
+                p.grad = summed
+            else:  # in place: recorded CUDA graphs read and write these very buffers
+                p.grad.copy_(summed)
             offset += g.numel()
         total.copy_(flat[-1])
 
@@ -106,6 +120,9 @@ class Stepper:
         return out
 
     def load_moments(self, tensors: dict[str, np.ndarray], step: int) -> None:
+        if self.graphs is not None and self.graphs.update is not None:
+            self.graphs.load_moments(self.named, tensors, step)  # in place, under the recorded update
+            return
         self.opt.state.clear()
         if not step:
             return

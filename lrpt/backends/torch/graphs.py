@@ -1,0 +1,164 @@
+"""The eager training step captured as CUDA graphs, one per batch shape (``--compile-scope graphs``).
+
+A small model's eager step on a GPU is launch-bound: SmolLM2-135M's forward and backward launch
+thousands of small kernels, and the GPU waits on Python between them. A CUDA graph records those
+launches once and replays them as one. No compiler runs: the graph holds the very kernels the eager
+step launches, so capturing a shape costs about three eager steps (two warm-ups and the recording),
+where ``torch.compile`` spends tens of seconds per graph. With the run's batches padded to a few
+bucketed shapes (:mod:`lrpt.shapes`), a run records a handful of graphs and replays them for every
+step; the loss and gradients are the eager step's (tested on CUDA against the eager step).
+
+What one step replays: for each micro-batch, its shape's forward+backward graph (the batch copied
+into that graph's input buffers first; gradients accumulate into fixed ``.grad`` buffers), then
+the update graph (clipping, fused AdamW with ``capturable=True`` and its learning rate as a device
+tensor, gradients zeroed in place). Nothing is read back to the host; the step's loss is a device
+tensor like the eager step's. All graphs share one memory pool: they replay one at a time, and
+what outlives a replay (inputs, the loss, gradients, the optimizer's state) is held outside it.
+
+Not captured, refused with one clear error instead: CPU runs, LoPA's dropout (its random numbers
+are reseeded from (seed, step) on the host every step) and FSDP (its collectives run inside the
+blocks). Data-parallel gradient sums run eagerly between the replays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ...errors import TrainingError
+from .model import autocast
+
+# Eager runs of a new shape on a side stream before its recording: the first lets cuBLAS, SDPA and
+# autograd allocate what they keep (workspaces, kernel choices), the second runs as the replay will.
+WARMUP = 2
+
+
+def refusal(device: torch.device, dropout: bool, fsdp: bool) -> str | None:
+    """Why this step cannot be captured (one line naming what to change), or None when it can."""
+    if device.type != "cuda":
+        return f"--compile-scope graphs records CUDA graphs, and this model is on {device.type}: drop it"
+    if dropout:
+        return "--compile-scope graphs cannot replay LoPA's dropout: add --dropout 0 or drop --compile-scope graphs"
+    if fsdp:
+        return "--compile-scope graphs cannot record FSDP's collectives: drop --fsdp or --compile-scope graphs"
+    return None
+
+
+class CapturedSteps:
+    """A Stepper's optimizer step as CUDA graph replays; a new batch shape is recorded on first sight."""
+
+    def __init__(self, model, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
+                 loss: Callable[[dict[str, Any]], torch.Tensor], max_grad_norm: float,
+                 all_reduce: Callable[[torch.Tensor], None] | None = None):
+        self.model, self.params, self.opt, self.loss = model, params, opt, loss
+        self.max_grad_norm, self.all_reduce = max_grad_norm, all_reduce
+        self.pool = torch.cuda.graph_pool_handle()
+        self.weight = torch.zeros((), device=model.device)  # the micro-batch's share of the step
+        self.micro: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
+        self.update: torch.cuda.CUDAGraph | None = None
+        for p in params:  # fixed buffers the backward graphs accumulate into
+            p.grad = torch.zeros_like(p)
+
+    def step(self, batches: list[dict[str, torch.Tensor]], weights: list[float], lr: float) -> torch.Tensor:
+        """One optimizer step: ``Stepper.step``'s result, by replays."""
+        for arrays in batches:  # record new shapes first: their warm-ups overwrite the gradients
+            if key(arrays) not in self.micro:
+                self.micro[key(arrays)] = self._record_micro(arrays)
+        if self.update is None:
+            self.update = self._record_update()
+        for group in self.opt.param_groups:
+            group["lr"].fill_(lr)
+        total = torch.zeros((), device=self.model.device)
+        for arrays, weight in zip(batches, weights):
+            graph, inputs, out = self.micro[key(arrays)]
+            for name, value in arrays.items():
+                inputs[name].copy_(value, non_blocking=True)
+            self.weight.fill_(weight)
+            graph.replay()
+            total = total + out  # a new tensor: the next replay may overwrite ``out``
+        if self.all_reduce is not None:
+            self.all_reduce(total)
+        self.update.replay()
+        return total
+
+    def _micro(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Autocast's weight-cast cache would hold tensors across the capture's end: off while recording.
+        with autocast(self.model, cache=False):
+            out = self.loss(inputs) * self.weight
+        out.backward()
+        return out.detach()
+
+    def _record_micro(self, arrays: dict[str, torch.Tensor]):
+        inputs = {name: value.clone() for name, value in arrays.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP):
+                self._micro(inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        for p in self.params:  # the warm-ups' gradients are not the step's
+            p.grad.zero_()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self._micro(inputs)
+        except RuntimeError as exc:
+            raise TrainingError(f"this model's training step cannot be recorded as a CUDA graph"
+                                f" ({str(exc).splitlines()[0]}): drop --compile-scope graphs") from None
+        return graph, inputs, out
+
+    def _update(self) -> None:
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
+        self.opt.step()
+        for p in self.params:
+            p.grad.zero_()
+
+    def _record_update(self) -> torch.cuda.CUDAGraph:
+        """Clip, AdamW, zero: warmed up once on copies of the state it changes, then recorded."""
+        self._init_state()
+        saved = [p.detach().clone() for p in self.params], [p.grad.clone() for p in self.params], \
+            {p: {k: v.clone() for k, v in self.opt.state[p].items()} for p in self.params}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._update()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():  # undo the warm-up: parameters, gradients and moments as they were
+            for p, value, grad in zip(self.params, *saved[:2]):
+                p.copy_(value)
+                p.grad.copy_(grad)
+            for p in self.params:
+                for k, v in saved[2][p].items():
+                    self.opt.state[p][k].copy_(v)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._update()
+        return graph
+
+    def load_moments(self, named: list[tuple[str, torch.nn.Parameter]], tensors: dict, step: int) -> None:
+        """Moments (NumPy, canonical names; none at step 0) copied into the state the update replays."""
+        for name, p in named:
+            state = self.opt.state[p]
+            state["step"].fill_(float(step))
+            for k in ("exp_avg", "exp_avg_sq"):
+                if step:
+                    state[k].copy_(torch.from_numpy(tensors[f"{name}.{k}"]))
+                else:
+                    state[k].zero_()
+
+    def _init_state(self) -> None:
+        """AdamW's state made before recording (it is created lazily at the first step otherwise):
+        zeros and step 0, what that first step creates, unless a resumed run loaded its own."""
+        for p in self.params:
+            if p not in self.opt.state or not self.opt.state[p]:
+                self.opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                                     "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
+def key(arrays: dict[str, torch.Tensor]) -> tuple:
+    """What makes two batches replay the same graph: their arrays' names, shapes and dtypes."""
+    return tuple((name, tuple(v.shape), v.dtype) for name, v in arrays.items())
