@@ -730,6 +730,92 @@ def test_compiled_shared_prefix_step_matches_eager_plain(kit, llama):
             close(params[k], out[0][1][k], atol=1e-4)
 
 
+@pytest.mark.parametrize("probe", [False, True])
+def test_cuda_graph_bookkeeping_trains_like_the_eager_step(kit, llama, monkeypatch, tmp_path, probe):
+    """torch's ``--compile-scope graphs`` (:mod:`lrpt.backends.torch.graphs`) on the CPU, with a stand-in
+    recorder whose replay runs the recorded function again: what a real CUDA graph replays is the
+    eager step (tests/test_gpu.py checks that on a GPU); what this checks without one is the
+    bookkeeping around it: batches copied into the recorded input buffers, the warm-ups' gradients
+    and optimizer step undone, learning rate and micro-batch weights read from tensors at each
+    replay, gradients zeroed in place, the lr probe's resets and loaded moments landing in the
+    buffers the update reads, and a resumed run continuing from its checkpoint."""
+    if kit.name != "torch":
+        pytest.skip("CUDA graphs are the torch backend's")
+    import torch
+
+    from lrpt.backends.torch import graphs, step
+
+    def record(self, run, warmups, undo):  # warm up and undo for real; "replay" reruns ``run``
+        for _ in range(warmups):
+            run()
+        undo()
+        out = torch.zeros(())
+
+        class Replay:
+            @staticmethod
+            def replay():
+                value = run()
+                if value is not None:
+                    out.copy_(value)
+        return Replay, out
+
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(graphs.CapturedSteps, "_record", record)
+    monkeypatch.setattr(step, "refusal", lambda *a: None)
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, capturable=False, **kw: adamw(*a, **{**kw, "foreach": False}))
+    model, tok = llama
+    out = {}
+    for graphed in (False, True):
+        prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+        res = kit.be.train(model, tok, prompt, TASK, toy_data(48), toy_data(8, seed=3), cfg(
+            steps=8, grad_accum=2, compile=graphed, compile_scope="graphs", lr_probe=probe, pad_to_multiple=4))
+        assert ("CUDA graphs" in res.compile_choice) == graphed
+        out[graphed] = (res.final_loss, prompt.to_params())
+    assert out[True][0] == pytest.approx(out[False][0], abs=1e-5)
+    for k in out[False][1]:
+        close(out[True][1][k], out[False][1][k], atol=1e-5)
+    if probe:
+        return
+    # a run that crashes after its step-4 checkpoint and resumes ends where the uninterrupted run ended
+    from lrpt import trainer as T
+
+    class Crash(Exception):
+        pass
+
+    save = T.RunDir.save_checkpoint
+
+    def crash_after_4(self, step_, *a, **k):
+        done = save(self, step_, *a, **k)
+        if step_ == 4:
+            raise Crash
+        return done
+
+    config = cfg(steps=8, grad_accum=2, compile=True, compile_scope="graphs", pad_to_multiple=4, save_every=4)
+    monkeypatch.setattr(T.RunDir, "save_checkpoint", crash_after_4)
+    with pytest.raises(Crash):
+        kit.be.train(model, tok, kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0), TASK, toy_data(48),
+                     toy_data(8, seed=3), config, out_dir=tmp_path)
+    monkeypatch.setattr(T.RunDir, "save_checkpoint", save)
+    prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=5)  # resuming overwrites it
+    kit.be.train(model, tok, prompt, TASK, toy_data(48), toy_data(8, seed=3), config, out_dir=tmp_path, resume=True)
+    for k, v in prompt.to_params().items():
+        close(v, out[True][1][k], atol=1e-5)
+    # moments loaded after the update was recorded land in the state it reads
+    from lrpt.data import encode_examples
+    from lrpt.tokens import tokenize_fn
+    from lrpt.training import Training
+
+    data = encode_examples(TASK, tokenize_fn(tok), toy_data(16))
+    ops = Training(kit.be, model, tok, prompt, TASK, data, None, cfg(compile=True, compile_scope="graphs"))
+    ops.step([list(range(8))], 0.01)
+    state = {k: v * 0 + 0.5 for k, v in ops.stepper.moments().items()}
+    buffers = {id(t) for st in ops.stepper.opt.state.values() for t in st.values()}
+    ops.stepper.load_moments(state, 7)
+    assert {id(t) for st in ops.stepper.opt.state.values() for t in st.values()} == buffers
+    assert all(np.all(v == 0.5) for v in ops.stepper.moments().values())
+    assert all(float(st["step"]) == 7 for st in ops.stepper.opt.state.values())
+
+
 def test_options_of_one_backend_are_refused_by_the_other(kit, llama):
     """No silent no-ops: grad_checkpoint is MLX's, compile_mode is torch.compile's."""
     model, tok = llama

@@ -54,10 +54,10 @@ class CapturedSteps:
                  all_reduce: Callable[[torch.Tensor], None] | None = None):
         self.model, self.params, self.opt, self.loss = model, params, opt, loss
         self.max_grad_norm, self.all_reduce = max_grad_norm, all_reduce
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = None  # one memory pool for every graph, made at the first recording
         self.weight = torch.zeros((), device=model.device)  # the micro-batch's share of the step
-        self.micro: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
-        self.update: torch.cuda.CUDAGraph | None = None
+        self.micro: dict[tuple, tuple[Any, dict[str, torch.Tensor], torch.Tensor]] = {}
+        self.update: Any = None
         for p in params:  # fixed buffers the backward graphs accumulate into
             p.grad = torch.zeros_like(p)
 
@@ -65,9 +65,12 @@ class CapturedSteps:
         """One optimizer step: ``Stepper.step``'s result, by replays."""
         for arrays in batches:  # record new shapes first: their warm-ups overwrite the gradients
             if key(arrays) not in self.micro:
-                self.micro[key(arrays)] = self._record_micro(arrays)
+                inputs = {name: value.clone() for name, value in arrays.items()}
+                graph, out = self._record(lambda inputs=inputs: self._micro(inputs), WARMUP, self._zero_grads)
+                self.micro[key(arrays)] = graph, inputs, out
         if self.update is None:
-            self.update = self._record_update()
+            self._init_state()
+            self.update, _ = self._record(self._update, 1, self._snapshot())
         for group in self.opt.param_groups:
             group["lr"].fill_(lr)
         total = torch.zeros((), device=self.model.device)
@@ -83,6 +86,27 @@ class CapturedSteps:
         self.update.replay()
         return total
 
+    def _record(self, run: Callable[[], torch.Tensor | None], warmups: int, undo: Callable[[], None]):
+        """``run`` warmed up eagerly on a side stream (``warmups`` times; ``undo`` then reverts what
+        they changed), then recorded: (the graph, what ``run`` returned while recording)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmups):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        undo()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = run()
+        except RuntimeError as exc:
+            raise TrainingError(f"this model's training step cannot be recorded as a CUDA graph"
+                                f" ({str(exc).splitlines()[0]}): drop --compile-scope graphs") from None
+        return graph, out
+
     def _micro(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         # Autocast's weight-cast cache would hold tensors across the capture's end: off while recording.
         with autocast(self.model, cache=False):
@@ -90,53 +114,30 @@ class CapturedSteps:
         out.backward()
         return out.detach()
 
-    def _record_micro(self, arrays: dict[str, torch.Tensor]):
-        inputs = {name: value.clone() for name, value in arrays.items()}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP):
-                self._micro(inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        for p in self.params:  # the warm-ups' gradients are not the step's
-            p.grad.zero_()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self._micro(inputs)
-        except RuntimeError as exc:
-            raise TrainingError(f"this model's training step cannot be recorded as a CUDA graph"
-                                f" ({str(exc).splitlines()[0]}): drop --compile-scope graphs") from None
-        return graph, inputs, out
-
     def _update(self) -> None:
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
         self.opt.step()
+        self._zero_grads()
+
+    def _zero_grads(self) -> None:
         for p in self.params:
             p.grad.zero_()
 
-    def _record_update(self) -> torch.cuda.CUDAGraph:
-        """Clip, AdamW, zero: warmed up once on copies of the state it changes, then recorded."""
-        self._init_state()
-        saved = [p.detach().clone() for p in self.params], [p.grad.clone() for p in self.params], \
-            {p: {k: v.clone() for k, v in self.opt.state[p].items()} for p in self.params}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._update()
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.no_grad():  # undo the warm-up: parameters, gradients and moments as they were
-            for p, value, grad in zip(self.params, *saved[:2]):
-                p.copy_(value)
-                p.grad.copy_(grad)
-            for p in self.params:
-                for k, v in saved[2][p].items():
-                    self.opt.state[p][k].copy_(v)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self._update()
-        return graph
+    def _snapshot(self) -> Callable[[], None]:
+        """What puts parameters, gradients and AdamW's state back as they are now (after a warm-up)."""
+        params, grads = [p.detach().clone() for p in self.params], [p.grad.clone() for p in self.params]
+        state = {p: {k: v.clone() for k, v in self.opt.state[p].items()} for p in self.params}
+
+        def restore() -> None:
+            with torch.no_grad():
+                for p, value, grad in zip(self.params, params, grads):
+                    p.copy_(value)
+                    p.grad.copy_(grad)
+                    for k, v in state[p].items():
+                        self.opt.state[p][k].copy_(v)
+
+        return restore
 
     def load_moments(self, named: list[tuple[str, torch.nn.Parameter]], tensors: dict, step: int) -> None:
         """Moments (NumPy, canonical names; none at step 0) copied into the state the update replays."""
