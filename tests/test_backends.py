@@ -19,7 +19,7 @@ pytest.importorskip("torch")
 pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
-from tiny import ARCHS, METHODS, TEXTS, sentences, spec_for, toy_data, toy_task  # noqa: E402
+from tiny import ARCHS, METHODS, TEXTS, Crash, crash_after_checkpoint, sentences, spec_for, toy_data, toy_task  # noqa: E402
 
 from lrpt import Adapter, PromptSpec, Task, TrainingError  # noqa: E402
 from lrpt.backends import BACKENDS, Backend, get_backend  # noqa: E402
@@ -777,25 +777,10 @@ def test_cuda_graph_bookkeeping_trains_like_the_eager_step(kit, llama, monkeypat
     if probe:
         return
     # a run that crashes after its step-4 checkpoint and resumes ends where the uninterrupted run ended
-    from lrpt import trainer as T
-
-    class Crash(Exception):
-        pass
-
-    save = T.RunDir.save_checkpoint
-
-    def crash_after_4(self, step_, *a, **k):
-        done = save(self, step_, *a, **k)
-        if step_ == 4:
-            raise Crash
-        return done
-
     config = cfg(steps=8, grad_accum=2, compile=True, compile_scope="graphs", pad_to_multiple=4, save_every=4)
-    monkeypatch.setattr(T.RunDir, "save_checkpoint", crash_after_4)
-    with pytest.raises(Crash):
+    with pytest.raises(Crash), crash_after_checkpoint(4):
         kit.be.train(model, tok, kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0), TASK, toy_data(48),
                      toy_data(8, seed=3), config, out_dir=tmp_path)
-    monkeypatch.setattr(T.RunDir, "save_checkpoint", save)
     prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=5)  # resuming overwrites it
     kit.be.train(model, tok, prompt, TASK, toy_data(48), toy_data(8, seed=3), config, out_dir=tmp_path, resume=True)
     for k, v in prompt.to_params().items():

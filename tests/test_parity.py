@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
-from tiny import ARCHS, METHODS, sentences, spec_for, toy_data, toy_task  # noqa: E402
+from tiny import ARCHS, METHODS, Crash, crash_after_checkpoint, sentences, spec_for, toy_data, toy_task  # noqa: E402
 
 from lrpt import Adapter  # noqa: E402
 from lrpt.trainer import TrainConfig  # noqa: E402
@@ -136,8 +136,6 @@ def test_training_continues_on_the_other_backend(tiny_dirs, tmp_path, method, sr
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_resume_is_bitwise_exact(tiny_dirs, tmp_path, backend, method):
     """A run stopped after a checkpoint and resumed ends with bitwise the same tensors (CPU)."""
-    import lrpt.trainer as T
-
     model, tok = load(backend, str(tiny_dirs["llama"]))
     spec = spec_for(method)
     rows = data(96)
@@ -146,24 +144,9 @@ def test_resume_is_bitwise_exact(tiny_dirs, tmp_path, backend, method):
     full = B[backend].init_prompt(spec, model, tok, seed=0)
     B[backend].train(model, tok, full, TASK, rows[:80], rows[80:], cfg, tmp_path / "a")
 
-    class Crash(Exception):
-        pass
-
-    orig = T.RunDir.save_checkpoint
-
-    def crash_after_8(self, step, *a, **k):
-        out = orig(self, step, *a, **k)
-        if step == 8:
-            raise Crash
-        return out
-
-    T.RunDir.save_checkpoint = crash_after_8
-    try:
-        with pytest.raises(Crash):
-            B[backend].train(model, tok, B[backend].init_prompt(spec, model, tok, seed=0), TASK, rows[:80], rows[80:],
-                             cfg, tmp_path / "b")
-    finally:
-        T.RunDir.save_checkpoint = orig
+    with pytest.raises(Crash), crash_after_checkpoint(8):
+        B[backend].train(model, tok, B[backend].init_prompt(spec, model, tok, seed=0), TASK, rows[:80], rows[80:],
+                         cfg, tmp_path / "b")
     fresh = B[backend].init_prompt(spec, model, tok, seed=99)  # resuming overwrites it
     B[backend].train(model, tok, fresh, TASK, rows[:80], rows[80:], cfg, tmp_path / "b", resume=True)
     a, b = full.to_params(), fresh.to_params()

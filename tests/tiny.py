@@ -6,6 +6,7 @@ transformers and mlx-lm load. Models are float32 and a few thousand parameters w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from functools import lru_cache
@@ -200,3 +201,28 @@ def toy_data(n: int = 96, seed: int = 5) -> list[dict]:
     """Generated reviews labelled 1 when they hold a positive keyword."""
     return [{"text": s, "label": int(any(w in s.split() for w in ("good", "great", "fun", "loved")))}
             for s in sentences(n, seed=seed)]
+
+
+class Crash(Exception):
+    """What :func:`crash_after_checkpoint` raises: a run killed right after a checkpoint."""
+
+
+@contextlib.contextmanager
+def crash_after_checkpoint(step: int):
+    """Inside the block, a training run raises :class:`Crash` once its step-``step`` checkpoint is
+    written (the run directory then holds what a killed run leaves), to test ``--resume``."""
+    import lrpt.trainer as T
+
+    save = T.RunDir.save_checkpoint
+
+    def save_then_crash(self, at, *a, **k):
+        done = save(self, at, *a, **k)
+        if at == step:
+            raise Crash
+        return done
+
+    T.RunDir.save_checkpoint = save_then_crash
+    try:
+        yield
+    finally:
+        T.RunDir.save_checkpoint = save
