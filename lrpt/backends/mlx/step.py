@@ -33,8 +33,8 @@ class Stepper:
         if config.compile_mode:
             raise TrainingError("compile_mode is torch.compile's: with --backend mlx use --compile alone")
         if config.compile_scope:
-            raise TrainingError("compile_scope is torch.compile's (mx.compile traces the whole step):"
-                                " drop --compile-scope with --backend mlx")
+            raise TrainingError("--compile-scope is the torch backend's (mx.compile traces the whole step):"
+                                " drop it with --backend mlx")
         if config.fsdp:
             refuse_fsdp()
         self.model, self.prompt, self.config = model, prompt, config
