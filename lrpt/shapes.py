@@ -1,9 +1,10 @@
 """Fixed batch shapes for compiled training steps, and whether compiling a run pays.
 
 A compiled step (``torch.compile``, ``mx.compile``) is traced, and on CUDA with
-``reduce-overhead`` captured as a CUDA graph, once per distinct input shape. Fitting every
-batch to its own longest row gives real, variable-length data a new shape almost every step, so
-a compiled run spends its time compiling. Here every micro-batch of a compiled run is padded to
+``reduce-overhead`` captured as a CUDA graph, once per distinct input shape; the eager step
+recorded as CUDA graphs without a compiler (``--compile-scope graphs``) is recorded once per shape
+too. Fitting every batch to its own longest row gives real, variable-length data a new shape almost
+every step, so a compiled run spends its time compiling. Here every micro-batch of a compiled run is padded to
 one of a few **buckets**: widths on a geometric ladder of multiples of ``pad_to_multiple``,
 from the shortest row's need up to the longest row's, and always the same row count (a short
 batch gets copies of its first row with weight 0). Padding is masked and padded rows weigh
@@ -11,8 +12,8 @@ nothing, so a bucketed batch has the loss and gradients of the unpadded one (tes
 
 Whether compiling pays is decided from the run itself (:func:`choose_compile`): the number of
 micro-steps against what compiling costs. The thresholds below come from whole ``lrpt train``
-runs measured by ``benchmarks/epoch.py`` at one model size (SmolLM2-135M on an H200); they bound
-the break-even point from one side each, and other sizes are not measured.
+runs measured by ``benchmarks/epoch.py`` at one model size (SmolLM2-135M on an H200); other sizes
+are not measured.
 """
 
 from __future__ import annotations
