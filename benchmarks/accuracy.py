@@ -12,8 +12,9 @@ validation split. Runs:
 - ``lrpt:METHOD[:key=value...]``: ``lrpt train`` with no tuning flags, i.e. the method's defaults
   (``lrpt.spec.METHOD_DEFAULTS``), ``--no-compile``; ``key=value`` overrides a PromptSpec field or
   ``lr`` (e.g. ``lrpt:lopa:lr=1e-3``; ``init=text`` starts from ``INIT_TEXT``, as PEFT's TEXT init
-  does; ``probe=1`` adds ``--lr-probe``, and the result's ``lr`` is the one it chose). The job is
-  what this command trains::
+  does; ``probe=1`` adds ``--lr-probe``, and the result's ``lr`` is the one it chose). Any run takes
+  ``steps=N``, its own length (``peft-lora:lr=1e-3:steps=500``). The job is what this command
+  trains (with ``--lrpt-step auto``, without ``--no-compile``)::
 
       lrpt train --backend torch --model HF --data DATA/TASK --task TASK [--train-limit N] \\
           --method METHOD --seed SEED --no-compile --out RUN
@@ -133,6 +134,8 @@ def run_job(job: dict) -> dict:
         torch.cuda.set_device(_STATE["device"])
     task, train_rows, val = _data(job["task"], job["data"], job["smoke"])
     kind, settings = parse_run(job["run"])
+    if "steps" in settings:  # this run's own length (e.g. lrpt:lopt1:steps=500), for every kind
+        job = {**job, "steps": int(settings.pop("steps"))}
     t0 = time.perf_counter()
     try:
         if kind == "zero-shot":
@@ -149,8 +152,8 @@ def run_job(job: dict) -> dict:
 def _config(job: dict, **extra):
     from lrpt.trainer import TrainConfig
 
-    smoke = dict(batch_size=8, steps=6) if job["smoke"] else {"steps": job["steps"]} if job["steps"] else {}
-    return TrainConfig(seed=job["seed"], progress=False, compile=False, log_every=50, **smoke, **extra)
+    smoke = dict(batch_size=8, steps=job["steps"] or 6) if job["smoke"] else {"steps": job["steps"]} if job["steps"] else {}
+    return TrainConfig(seed=job["seed"], progress=False, log_every=50, **{"compile": False, **smoke, **extra})
 
 
 def _score(task, val, prompt) -> dict:
@@ -181,10 +184,12 @@ def _lrpt(task, train_rows, val, settings: dict, job: dict) -> dict:
         settings["init_text"] = INIT_TEXT[task.name]
     spec = PromptSpec(method, n_tokens=4 if job["smoke"] else TOKENS, **{**fields, **settings})
     prompt = M.init_prompt(spec, model, tok, seed=job["seed"])
-    config = _config(job, lr=lr, lr_probe=probe)
+    # --lrpt-step auto: the step lrpt train takes with no flag (CUDA graphs on a GPU); else eager
+    config = _config(job, lr=lr, lr_probe=probe, compile=None if job.get("lrpt_step") == "auto" else False)
     res = train(model, tok, prompt, task, train_rows, None, config)
     chosen = res.lr_probe.lr if res.lr_probe else config.for_method(method).lr
-    out = {**_score(task, val, prompt), "params": spec.param_count(prompt.dim), "lr": chosen}
+    out = {**_score(task, val, prompt), "params": spec.param_count(prompt.dim), "lr": chosen,
+           "step_path": res.compile_choice.split(":")[0]}
     if res.lr_probe:  # every candidate's held-out loss, to study what the probe's choice tracks
         out["probe_losses"] = {f"{lr:.4g}": loss for lr, loss in res.lr_probe.losses.items()}
     return out
@@ -271,7 +276,7 @@ def jobs_for(args) -> list[dict]:
         for task in order:
             for run in [r for r in args.runs if seed == args.seeds[0] or r != "zero-shot"]:
                 jobs.append({"task": task, "run": run, "seed": seed, "data": args.data, "smoke": args.smoke,
-                             "steps": args.steps})
+                             "steps": args.steps, "lrpt_step": args.lrpt_step})
     return jobs
 
 
@@ -320,7 +325,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="folder for results.jsonl")
     ap.add_argument("--summary", nargs="*", help="print the table of these results.jsonl files and stop")
     ap.add_argument("--smoke", action="store_true", help="tiny random model and generated data (CPU test)")
-    ap.add_argument("--steps", type=int, help="train every job this many steps (a quick check, not a result)")
+    ap.add_argument("--steps", type=int, help="train every job this many steps (a run's own steps=N wins)")
+    ap.add_argument("--lrpt-step", choices=["eager", "auto"], default="eager",
+                    help="lrpt jobs' training step: eager (as the tables so far) or auto, what `lrpt train` takes"
+                         " with no flag (CUDA graphs on a GPU); PEFT jobs run eagerly either way")
     args = ap.parse_args(argv)
     if args.summary is not None:
         rows = [json.loads(line) for f in args.summary for line in Path(f).read_text().splitlines() if line.strip()]
