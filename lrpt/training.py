@@ -70,7 +70,8 @@ class Training:
             (choice.scope == "step") if choice.compiled else None)
         scope = choice.scope if choice.compiled and be.NAME == "torch" else config.compile_scope
         step_config = replace(config, compile=choice.compiled, compile_mode=choice.mode, compile_scope=scope)
-        self.stepper = be.Stepper(model, prompt, self.loss, step_config, shapes=max(len(counts), 1))
+        self.stepper = be.Stepper(model, prompt, self.loss, step_config, shapes=max(len(counts), 1),
+                                  auto=config.compile is None)
         self.world = self.stepper.world  # (rank, size): (0, 1) unless launched data parallel
         if self.shapes is not None:  # each rank pads its share of a batch to the same row count
             self.shapes.rows = -(-config.batch_size // self.world[1])

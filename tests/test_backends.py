@@ -801,6 +801,46 @@ def test_cuda_graph_bookkeeping_trains_like_the_eager_step(kit, llama, monkeypat
     assert all(float(st["step"]) == 7 for st in ops.stepper.opt.state.values())
 
 
+def test_a_step_that_cannot_be_recorded_runs_eagerly_under_auto_and_fails_when_asked(kit, llama, monkeypatch, capsys):
+    """A model whose step waits on the host cannot be recorded as a CUDA graph: when auto chose
+    graphs, the run says so and goes on eagerly (the same training as an eager run); when the user
+    asked for them, one clear error says what to use instead."""
+    if kit.name != "torch":
+        pytest.skip("CUDA graphs are the torch backend's")
+    import torch
+
+    from lrpt import training
+    from lrpt.backends.torch import graphs, step
+    from lrpt.shapes import CompileChoice
+
+    def record(self, run, warmups, undo):
+        for _ in range(warmups):
+            run()
+        undo()
+        raise graphs.NotRecordable("this model's training step cannot be recorded as a CUDA graph (test):"
+                                   " train with --no-compile or --compile-scope blocks")
+
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(graphs.CapturedSteps, "_record", record)
+    monkeypatch.setattr(step, "refusal", lambda *a: None)
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, capturable=False, **kw: adamw(*a, **{**kw, "foreach": False}))
+    model, tok = llama
+    out = []
+    for compile_ in (False, None):  # eager, then auto made to choose graphs (as on a GPU)
+        if compile_ is None:
+            monkeypatch.setattr(training, "choose_compile",
+                                lambda *a, **k: CompileChoice(True, None, "auto: test", "graphs"))
+        prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+        kit.be.train(model, tok, prompt, TASK, toy_data(48), None, cfg(steps=6, compile=compile_, pad_to_multiple=4))
+        out.append(prompt.to_params())
+    assert "eager from here" in capsys.readouterr().err
+    for k in out[0]:
+        close(out[1][k], out[0][k], atol=1e-5)
+    prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+    with pytest.raises(TrainingError, match="--no-compile or --compile-scope blocks"):
+        kit.be.train(model, tok, prompt, TASK, toy_data(48), None, cfg(steps=6, compile=True, pad_to_multiple=4))
+
+
 def test_options_of_one_backend_are_refused_by_the_other(kit, llama):
     """No silent no-ops: grad_checkpoint is MLX's, compile_mode is torch.compile's."""
     model, tok = llama

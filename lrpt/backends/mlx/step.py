@@ -29,7 +29,9 @@ class Stepper:
     """One optimizer step over micro-batches; the AdamW moments in the core's checkpoint schema."""
 
     def __init__(self, model, prompt, loss: Callable[[dict[str, Any]], mx.array], config: TrainConfig,
-                 shapes: int = 1):
+                 shapes: int = 1, auto: bool = False):
+        """``auto``: the compile choice was lrpt's (torch then falls back from CUDA graphs that cannot be
+        recorded; mx.compile has no such case, so it is unused here)."""
         if config.compile_mode:
             raise TrainingError("compile_mode is torch.compile's: with --backend mlx use --compile alone")
         if config.compile_scope:

@@ -17,7 +17,9 @@ what outlives a replay (inputs, the loss, gradients, the optimizer's state) is h
 
 Not captured, refused with one clear error instead: CPU runs, LoPA's dropout (its random numbers
 are reseeded from (seed, step) on the host every step) and FSDP (its collectives run inside the
-blocks). Data-parallel gradient sums run eagerly between the replays.
+blocks). A model whose step waits on the host fails its recording (:class:`NotRecordable`): an
+error when the user asked for graphs, eager steps from there on when auto chose them.
+Data-parallel gradient sums run eagerly between the replays.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ from .model import autocast
 # Eager runs of a new shape on a side stream before its recording: the first lets cuBLAS, SDPA and
 # autograd allocate what they keep (workspaces, kernel choices), the second runs as the replay will.
 WARMUP = 2
+
+
+class NotRecordable(TrainingError):
+    """The step cannot be recorded as a CUDA graph: something in it waits on the host (an index
+    built on the CPU, a value read back). Chosen by auto, the run goes on eagerly instead."""
 
 
 def refusal(device: torch.device, dropout: bool, fsdp: bool) -> str | None:
@@ -103,8 +110,9 @@ class CapturedSteps:
             with torch.cuda.graph(graph, pool=self.pool):
                 out = run()
         except RuntimeError as exc:
-            raise TrainingError(f"this model's training step cannot be recorded as a CUDA graph"
-                                f" ({str(exc).splitlines()[0]}): drop --compile-scope graphs") from None
+            raise NotRecordable(f"this model's training step cannot be recorded as a CUDA graph"
+                                f" ({str(exc).splitlines()[0]}): train with --no-compile or --compile-scope blocks"
+                                ) from None
         return graph, out
 
     def _micro(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -7,6 +7,7 @@ loss stays on the device until the shared loop asks for it at a log point.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 
 from ...errors import TrainingError
 from ...trainer import TrainConfig
-from .graphs import CapturedSteps, refusal
+from .graphs import CapturedSteps, NotRecordable, refusal
 from .model import autocast, fsdp_sharded, transformer_blocks
 
 
@@ -23,11 +24,12 @@ class Stepper:
     """One optimizer step over micro-batches; the AdamW moments in the core's checkpoint schema."""
 
     def __init__(self, model, prompt, loss: Callable[[dict[str, Any]], torch.Tensor], config: TrainConfig,
-                 shapes: int = 1):
+                 shapes: int = 1, auto: bool = False):
         if config.grad_checkpoint:
             raise TrainingError("grad_checkpoint is the MLX backend's (recomputing layers in the backward pass):"
                                 " drop --grad-checkpoint with --backend torch")
         self.model, self.prompt, self.config = model, prompt, config
+        self.auto = auto  # the compile choice was lrpt's: a step that cannot be recorded runs eagerly
         self.named = [(n, p) for n, p in prompt.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named]
         self.dropout = prompt.spec.method == "lopa" and prompt.spec.dropout > 0
@@ -52,7 +54,14 @@ class Stepper:
     def step(self, batches: list[dict[str, torch.Tensor]], weights: list[float], lr: float, seed: int) -> torch.Tensor:
         """Accumulate ``weights[i] * loss(batches[i])``; data parallel, sum the gradients of all ranks."""
         if self.graphs is not None:
-            return self.graphs.step(batches, weights, lr)
+            try:
+                return self.graphs.step(batches, weights, lr)
+            except NotRecordable as exc:
+                if not self.auto:
+                    raise
+                self.graphs = None  # nothing was replayed in this step: it runs eagerly below
+                if self.world[0] == 0:
+                    print(f"lrpt: training step: eager from here: {exc}", file=sys.stderr, flush=True)
         for group in self.opt.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.model.device)
