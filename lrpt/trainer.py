@@ -99,8 +99,9 @@ class TrainConfig:
                                       " free; unset: auto, on for a step compiled whole (--compile-scope step) and on"
                                       " CPU/MLX, off for an eager step on CUDA, for compiled blocks and for CUDA graphs"
                                       " (lrpt.prefix)")
-    compile: bool | None = knob(None, "compile the step (torch.compile / mx.compile) in a few fixed batch shapes;"
-                                      " unset: auto, compiled on CUDA when the run repays it (lrpt.shapes)")
+    compile: bool | None = knob(None, "speed the step up in a few fixed batch shapes: recorded as CUDA graphs or"
+                                      " compiled (torch, --compile-scope), mx.compile (MLX); unset: auto, on CUDA"
+                                      " when the run repays it (lrpt.shapes)")
     compile_scope: str | None = knob(None, "what runs compiled: each transformer block under torch.compile (one"
                                      " compilation serves every block and width), the whole step under torch.compile"
                                      " (the fastest step, but each batch shape compiles every block), or graphs: the"
