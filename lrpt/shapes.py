@@ -133,13 +133,15 @@ def choose_compile(setting: bool | None, mode: str | None, backend: str, device:
     ``shapes`` counts the run's micro-batches per bucketed shape. With a saving s per step, a cost C
     of getting a shape ready pays when steps × s > C. ``scope`` "graphs" (the default where the step
     can be recorded: ``capturable``, one process, no ``mode`` asked for) records each shape in about
-    three eager steps, so a few steps per shape repay it (:data:`AUTO_MIN_STEPS_PER_GRAPH`); with
+    0.8 s at SmolLM2 size (7 eager steps), so a few steps per shape repay it
+    (:data:`AUTO_MIN_STEPS_PER_GRAPH`); with
     "step" each shape is compiled, so the mean steps per shape must reach
     :data:`AUTO_MIN_STEPS_PER_SHAPE`; with "blocks" one compilation serves every shape, so the run's
     steps must reach :data:`AUTO_MIN_STEPS_BLOCKS`.
 
     ``capturable``: nothing in the step stops a CUDA graph (LoPA's dropout does). ``processes``: the
-    data-parallel world size (graphs under several processes are not measured, so auto skips them).
+    data-parallel world size (graphs under several processes are not tested, so only an explicit
+    ``--compile-scope graphs`` gets them there).
     ``encoder_runs_blocks``: the prompt runs the model too (LoPA's base encoder), a compiled step
     not measured yet, so auto leaves it eager unless it can be recorded.
     """
@@ -150,7 +152,7 @@ def choose_compile(setting: bool | None, mode: str | None, backend: str, device:
         return CompileChoice(False, None, "compilation is off (--no-compile)")
     graphs_apply = backend == "torch" and device == "cuda" and capturable and not fsdp and not mode
     if scope is None and backend == "torch":
-        scope = "graphs" if graphs_apply and (setting or processes == 1) else "blocks"
+        scope = "graphs" if graphs_apply and processes == 1 else "blocks"
     if setting:
         if scope == "graphs":
             return CompileChoice(True, None, f"asked for (--compile); {counted}, each recorded once", "graphs")

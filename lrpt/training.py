@@ -71,7 +71,7 @@ class Training:
         scope = choice.scope if choice.compiled and be.NAME == "torch" else config.compile_scope
         step_config = replace(config, compile=choice.compiled, compile_mode=choice.mode, compile_scope=scope)
         self.stepper = be.Stepper(model, prompt, self.loss, step_config, shapes=max(len(counts), 1),
-                                  auto=config.compile is None)
+                                  auto=config.compile is None or config.compile_scope is None)
         self.world = self.stepper.world  # (rank, size): (0, 1) unless launched data parallel
         if self.shapes is not None:  # each rank pads its share of a batch to the same row count
             self.shapes.rows = -(-config.batch_size // self.world[1])
@@ -267,6 +267,8 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
         ops.close()
     result.truncated = cut
     result.compile_choice = (choice + probe_note).removeprefix("training step: ")
+    if ops.stepper.fell_back:  # lrpt chose CUDA graphs and the step could not be recorded
+        result.compile_choice = f"eager after all ({ops.stepper.fell_back}); planned: {result.compile_choice}"
     result.lr_probe = probe
     return result
 

@@ -745,15 +745,21 @@ def test_cuda_graph_bookkeeping_trains_like_the_eager_step(kit, llama, monkeypat
 
     from lrpt.backends.torch import graphs, step
 
-    def record(self, run, warmups, undo):  # warm up and undo for real; "replay" reruns ``run``
-        for _ in range(warmups):
+    def buffers(steps):  # what a real graph has baked in: every tensor it reads or writes, by identity
+        tensors = [steps.weight, *(p.grad for p in steps.params), *(g["lr"] for g in steps.opt.param_groups),
+                   *(t for st in steps.opt.state.values() for t in st.values())]
+        return [(id(t), t.data_ptr()) for t in tensors]
+
+    def record(self, run, undo):  # warm up and undo for real; "replay" reruns ``run`` on the same buffers
+        for _ in range(graphs.WARMUP):
             run()
         undo()
-        out = torch.zeros(())
+        out, baked = torch.zeros(()), buffers(self)
 
         class Replay:
             @staticmethod
             def replay():
+                assert buffers(self)[:len(baked)] == baked  # a real graph would read stale tensors
                 value = run()
                 if value is not None:
                     out.copy_(value)
@@ -794,17 +800,18 @@ def test_cuda_graph_bookkeeping_trains_like_the_eager_step(kit, llama, monkeypat
     ops = Training(kit.be, model, tok, prompt, TASK, data, None, cfg(compile=True, compile_scope="graphs"))
     ops.step([list(range(8))], 0.01)
     state = {k: v * 0 + 0.5 for k, v in ops.stepper.moments().items()}
-    buffers = {id(t) for st in ops.stepper.opt.state.values() for t in st.values()}
+    before = buffers(ops.stepper.graphs)
     ops.stepper.load_moments(state, 7)
-    assert {id(t) for st in ops.stepper.opt.state.values() for t in st.values()} == buffers
+    assert buffers(ops.stepper.graphs) == before
     assert all(np.all(v == 0.5) for v in ops.stepper.moments().values())
     assert all(float(st["step"]) == 7 for st in ops.stepper.opt.state.values())
 
 
 def test_a_step_that_cannot_be_recorded_runs_eagerly_under_auto_and_fails_when_asked(kit, llama, monkeypatch, capsys):
-    """A model whose step waits on the host cannot be recorded as a CUDA graph: when auto chose
-    graphs, the run says so and goes on eagerly (the same training as an eager run); when the user
-    asked for them, one clear error says what to use instead."""
+    """A model whose step waits on the host cannot be recorded as a CUDA graph: when lrpt chose
+    graphs (auto, or --compile with no scope), the run says so, goes on eagerly (the same training as
+    an eager run) and its result says eager; when the user asked for --compile-scope graphs, one
+    clear error says what to use instead."""
     if kit.name != "torch":
         pytest.skip("CUDA graphs are the torch backend's")
     import torch
@@ -813,8 +820,8 @@ def test_a_step_that_cannot_be_recorded_runs_eagerly_under_auto_and_fails_when_a
     from lrpt.backends.torch import graphs, step
     from lrpt.shapes import CompileChoice
 
-    def record(self, run, warmups, undo):
-        for _ in range(warmups):
+    def record(self, run, undo):
+        for _ in range(graphs.WARMUP):
             run()
         undo()
         raise graphs.NotRecordable("this model's training step cannot be recorded as a CUDA graph (test):"
@@ -831,14 +838,17 @@ def test_a_step_that_cannot_be_recorded_runs_eagerly_under_auto_and_fails_when_a
             monkeypatch.setattr(training, "choose_compile",
                                 lambda *a, **k: CompileChoice(True, None, "auto: test", "graphs"))
         prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
-        kit.be.train(model, tok, prompt, TASK, toy_data(48), None, cfg(steps=6, compile=compile_, pad_to_multiple=4))
+        res = kit.be.train(model, tok, prompt, TASK, toy_data(48), None,
+                           cfg(steps=6, compile=compile_, pad_to_multiple=4))
         out.append(prompt.to_params())
     assert "eager from here" in capsys.readouterr().err
+    assert res.compile_choice.startswith("eager after all (this model's training step cannot be recorded")
     for k in out[0]:
         close(out[1][k], out[0][k], atol=1e-5)
     prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
     with pytest.raises(TrainingError, match="--no-compile or --compile-scope blocks"):
-        kit.be.train(model, tok, prompt, TASK, toy_data(48), None, cfg(steps=6, compile=True, pad_to_multiple=4))
+        kit.be.train(model, tok, prompt, TASK, toy_data(48), None,
+                     cfg(steps=6, compile=True, compile_scope="graphs", pad_to_multiple=4))
 
 
 def test_options_of_one_backend_are_refused_by_the_other(kit, llama):

@@ -96,6 +96,7 @@ def test_choose_compile_records_cuda_graphs_where_the_step_can_be_recorded():
     # --compile with no scope: graphs where they apply, blocks elsewhere; lopa's base encoder is no obstacle
     assert choose_compile(True, None, "torch", "cuda", False, thin, capturable=True).scope == "graphs"
     assert choose_compile(True, None, "torch", "cpu", False, thin, capturable=True).scope == "blocks"
+    assert choose_compile(True, None, "torch", "cuda", False, thin, capturable=True, processes=2).scope == "blocks"
     lopa = choose_compile(None, None, "torch", "cuda", False, enough, encoder_runs_blocks=True, capturable=True)
     assert lopa.compiled and lopa.scope == "graphs"
 

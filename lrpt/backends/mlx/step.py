@@ -31,7 +31,8 @@ class Stepper:
     def __init__(self, model, prompt, loss: Callable[[dict[str, Any]], mx.array], config: TrainConfig,
                  shapes: int = 1, auto: bool = False):
         """``auto``: the compile choice was lrpt's (torch then falls back from CUDA graphs that cannot be
-        recorded; mx.compile has no such case, so it is unused here)."""
+        recorded and says why in ``fell_back``; mx.compile has no such case, so it is unused here)."""
+        self.fell_back: str | None = None
         if config.compile_mode:
             raise TrainingError("compile_mode is torch.compile's: with --backend mlx use --compile alone")
         if config.compile_scope:

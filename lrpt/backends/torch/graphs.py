@@ -13,17 +13,19 @@ into that graph's input buffers first; gradients accumulate into fixed ``.grad``
 the update graph (clipping, fused AdamW with ``capturable=True`` and its learning rate as a device
 tensor, gradients zeroed in place). Nothing is read back to the host; the step's loss is a device
 tensor like the eager step's. All graphs share one memory pool: they replay one at a time, and
-what outlives a replay (inputs, the loss, gradients, the optimizer's state) is held outside it.
+what outlives a replay (inputs, gradients, the optimizer's state) is held outside it; a recorded
+loss lives in the pool, so each replay's is added to the step's total before the next replay.
 
 Not captured, refused with one clear error instead: CPU runs, LoPA's dropout (its random numbers
 are reseeded from (seed, step) on the host every step) and FSDP (its collectives run inside the
-blocks). A model whose step waits on the host fails its recording (:class:`NotRecordable`): an
-error when the user asked for graphs, eager steps from there on when auto chose them.
+blocks). A model whose step waits on the host is found before recording (:class:`NotRecordable`): an
+error when the user asked for graphs, eager steps from there on when lrpt chose them.
 Data-parallel gradient sums run eagerly between the replays.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -32,14 +34,16 @@ import torch
 from ...errors import TrainingError
 from .model import autocast
 
-# Eager runs of a new shape on a side stream before its recording: the first lets cuBLAS, SDPA and
-# autograd allocate what they keep (workspaces, kernel choices), the second runs as the replay will.
+# Eager runs of a new graph's work on a side stream before its recording: the first lets cuBLAS, SDPA,
+# autograd and AdamW set up what they keep (workspaces, kernel choices), the second runs as the replay
+# will, with the sync check on (:meth:`CapturedSteps._record`).
 WARMUP = 2
 
 
 class NotRecordable(TrainingError):
     """The step cannot be recorded as a CUDA graph: something in it waits on the host (an index
-    built on the CPU, a value read back). Chosen by auto, the run goes on eagerly instead."""
+    built on the CPU, a value read back), found before any recording began. Where lrpt chose
+    graphs, the run goes on eagerly instead."""
 
 
 def refusal(device: torch.device, dropout: bool, fsdp: bool) -> str | None:
@@ -73,11 +77,11 @@ class CapturedSteps:
         for arrays in batches:  # record new shapes first: their warm-ups overwrite the gradients
             if key(arrays) not in self.micro:
                 inputs = {name: value.clone() for name, value in arrays.items()}
-                graph, out = self._record(lambda inputs=inputs: self._micro(inputs), WARMUP, self._zero_grads)
+                graph, out = self._record(lambda inputs=inputs: self._micro(inputs), self._zero_grads)
                 self.micro[key(arrays)] = graph, inputs, out
         if self.update is None:
             self._init_state()
-            self.update, _ = self._record(self._update, 1, self._snapshot())
+            self.update, _ = self._record(self._update, self._snapshot())
         for group in self.opt.param_groups:
             group["lr"].fill_(lr)
         total = torch.zeros((), device=self.model.device)
@@ -93,14 +97,29 @@ class CapturedSteps:
         self.update.replay()
         return total
 
-    def _record(self, run: Callable[[], torch.Tensor | None], warmups: int, undo: Callable[[], None]):
-        """``run`` warmed up eagerly on a side stream (``warmups`` times; ``undo`` then reverts what
-        they changed), then recorded: (the graph, what ``run`` returned while recording)."""
+    def _record(self, run: Callable[[], torch.Tensor | None], undo: Callable[[], None]):
+        """``run`` warmed up eagerly on a side stream (:data:`WARMUP` times; ``undo`` then reverts what
+        they changed), then recorded: (the graph, what ``run`` returned while recording).
+
+        The last warm-up runs :func:`as_recorded`: anything in the step that waits on the host (a
+        value read back, an index built on the CPU) would break the recording, so it is found there,
+        before any recording starts, as :class:`NotRecordable`, with the process untouched. A
+        recording that fails anyway leaves CUDA's stream and allocator mid-capture: that is an
+        error, never a fallback."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(warmups):
-                run()
+            for i in range(WARMUP):
+                if i < WARMUP - 1:
+                    run()
+                    continue
+                try:
+                    with as_recorded():
+                        run()
+                except RuntimeError as exc:
+                    raise NotRecordable(f"this model's training step waits on the host ({first_line(exc)}), so it"
+                                        " cannot be recorded as a CUDA graph: train with --no-compile or"
+                                        " --compile-scope blocks") from exc
         torch.cuda.current_stream().wait_stream(side)
         undo()
         if self.pool is None:
@@ -110,9 +129,8 @@ class CapturedSteps:
             with torch.cuda.graph(graph, pool=self.pool):
                 out = run()
         except RuntimeError as exc:
-            raise NotRecordable(f"this model's training step cannot be recorded as a CUDA graph"
-                                f" ({str(exc).splitlines()[0]}): train with --no-compile or --compile-scope blocks"
-                                ) from None
+            raise TrainingError(f"recording the training step as a CUDA graph failed ({first_line(exc)}): train"
+                                " with --no-compile or --compile-scope blocks") from exc
         return graph, out
 
     def _micro(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -133,7 +151,7 @@ class CapturedSteps:
             p.grad.zero_()
 
     def _snapshot(self) -> Callable[[], None]:
-        """What puts parameters, gradients and AdamW's state back as they are now (after a warm-up)."""
+        """What puts parameters, gradients and AdamW's state back as they are now (the warm-ups change them)."""
         params, grads = [p.detach().clone() for p in self.params], [p.grad.clone() for p in self.params]
         state = {p: {k: v.clone() for k, v in self.opt.state[p].items()} for p in self.params}
 
@@ -166,6 +184,26 @@ class CapturedSteps:
                 self.opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
                                      "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                                      "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
+@contextlib.contextmanager
+def as_recorded():
+    """Eager work run as a recording will run it: code that asks whether a CUDA stream capture is
+    under way is told yes (transformers then builds attention masks without reading them back to the
+    host, as it does while recording), and anything that still waits on the host raises (CUDA's
+    sync check set to error)."""
+    real, mode = torch.cuda.is_current_stream_capturing, torch.cuda.get_sync_debug_mode()
+    torch.cuda.is_current_stream_capturing = lambda: True
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
+        torch.cuda.is_current_stream_capturing = real
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def key(arrays: dict[str, torch.Tensor]) -> tuple:

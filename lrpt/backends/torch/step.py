@@ -29,7 +29,8 @@ class Stepper:
             raise TrainingError("grad_checkpoint is the MLX backend's (recomputing layers in the backward pass):"
                                 " drop --grad-checkpoint with --backend torch")
         self.model, self.prompt, self.config = model, prompt, config
-        self.auto = auto  # the compile choice was lrpt's: a step that cannot be recorded runs eagerly
+        self.auto = auto  # graphs were lrpt's choice: a step that cannot be recorded runs eagerly
+        self.fell_back: str | None = None  # why, when it did
         self.named = [(n, p) for n, p in prompt.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named]
         self.dropout = prompt.spec.method == "lopa" and prompt.spec.dropout > 0
@@ -59,7 +60,8 @@ class Stepper:
             except NotRecordable as exc:
                 if not self.auto:
                     raise
-                self.graphs = None  # nothing was replayed in this step: it runs eagerly below
+                self.graphs = None  # found before any recording or replay: this step runs eagerly below
+                self.fell_back = str(exc)
                 if self.world[0] == 0:
                     print(f"lrpt: training step: eager from here: {exc}", file=sys.stderr, flush=True)
         for group in self.opt.param_groups:
