@@ -109,17 +109,15 @@ class CapturedSteps:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for i in range(WARMUP):
-                if i < WARMUP - 1:
+            for _ in range(WARMUP - 1):
+                run()
+            try:
+                with as_recorded():
                     run()
-                    continue
-                try:
-                    with as_recorded():
-                        run()
-                except RuntimeError as exc:
-                    raise NotRecordable(f"this model's training step waits on the host ({first_line(exc)}), so it"
-                                        " cannot be recorded as a CUDA graph: train with --no-compile or"
-                                        " --compile-scope blocks") from exc
+            except RuntimeError as exc:
+                raise NotRecordable(f"this model's training step waits on the host ({first_line(exc)}), so it"
+                                    " cannot be recorded as a CUDA graph: train with --no-compile or"
+                                    " --compile-scope blocks") from exc
         torch.cuda.current_stream().wait_stream(side)
         undo()
         if self.pool is None:
