@@ -28,7 +28,6 @@ from ...layout import Batch, Suffix, pack
 from ...reference import init_for_model
 from ...spec import PromptSpec
 from . import ops
-from .packed import forward_packed, packs_prefix
 from .prompts import PromptModule
 
 
@@ -289,8 +288,6 @@ def forward_after_prefix(model, prefix_embeds: torch.Tensor, suffix: Suffix) -> 
     """
     from transformers import DynamicCache
 
-    if packs_prefix(model):
-        return forward_packed(model, prefix_embeds, suffix, embed)
     n = suffix.n
     dev = suffix.ids.device
     tok = embed(model, suffix.ids)
