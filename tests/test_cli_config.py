@@ -117,7 +117,7 @@ def test_auto_length_is_one_pass_or_enough_passes_for_the_minimum_steps():
     assert plan(auto, 67_349)[0] == 4210  # large: one pass
     assert plan(TrainConfig(batch_size=16, epochs=1), 250)[0] == 16  # typed: exactly that
     assert plan(TrainConfig(batch_size=16, steps=7), 250)[0] == 7
-    assert f"{AUTO_MIN_STEPS} optimizer steps (auto: 12.5 passes over 250 rows" in length_note(auto, 250)
+    assert f"{AUTO_MIN_STEPS} optimizer steps (auto: {AUTO_MIN_STEPS / 16:.1f} passes over 250 rows" in length_note(auto, 250)
     assert length_note(auto, 67_349) == "" and length_note(TrainConfig(epochs=1), 250) == ""
 
 
@@ -137,9 +137,11 @@ def test_auto_is_a_word_only_where_unset_means_auto(tmp_path, capsys):
 
 
 def test_length_note_is_silent_for_one_pass_with_accumulation():
+    from lrpt.trainer import AUTO_MIN_STEPS
     from lrpt.training import length_note
 
-    assert length_note(TrainConfig(batch_size=16, grad_accum=3), 9_616) == ""  # 601 micro-batches = 201 steps
+    rows = 16 * (3 * AUTO_MIN_STEPS + 1)  # 3·MIN + 1 micro-batches = MIN + 1 optimizer steps: one pass
+    assert length_note(TrainConfig(batch_size=16, grad_accum=3), rows) == ""
     assert "optimizer steps (auto:" in length_note(TrainConfig(batch_size=16, grad_accum=3), 160)
 
 
