@@ -228,7 +228,8 @@ def bench_training(model, args, name: str, batch: int, seq: int, compiled: bool)
     variants: dict[str, object] = {"floor": floor_step(model, ids, y, args.tokens, None)}
     if compiled:
         variants["floor+compile"] = floor_step(model, ids, y, args.tokens, mode)
-    variants.update(peft_steps(model, ids, mask, y, args.tokens, mode))
+    if not args.no_peft:
+        variants.update(peft_steps(model, ids, mask, y, args.tokens, mode))
     for method in args.methods:
         variants[f"lrpt-{method}"] = lrpt_step(model, method, rows, labels, args.tokens, None)
     for method in args.compiled if compiled else []:
@@ -297,6 +298,9 @@ def main(argv=None) -> int:
                     help="lrpt methods to run also as recorded CUDA graphs (--compile-scope graphs; CUDA only)")
     ap.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of every compiled row")
     ap.add_argument("--no-compile", action="store_true", help="skip every compiled row (the eager floor is the reference)")
+    ap.add_argument("--no-peft", action="store_true",
+                    help="skip the PEFT anchors (their compilation takes ~80 s at the 1B shape): for a quick look"
+                         " at lrpt against the floor; a table of record keeps them")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)

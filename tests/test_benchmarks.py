@@ -37,6 +37,11 @@ def test_speed_smoke(tmp_path):
     assert lines[0]["shape"] == "tiny" and lines[1:] == data["train"]
 
 
+def test_speed_without_the_peft_anchors(tmp_path):
+    run("benchmarks/speed.py", "--device", "cpu", "--smoke", "--methods", "lopt1", "--no-peft", "--json", tmp_path / "s.json")
+    assert {r["variant"] for r in json.loads((tmp_path / "s.json").read_text())["train"]} == {"floor", "lrpt-lopt1"}
+
+
 def test_generate_smoke(tmp_path):
     run("benchmarks/generate.py", "--smoke", "--json", tmp_path / "g.json")
     rows = json.loads((tmp_path / "g.json").read_text())["results"]
