@@ -730,6 +730,33 @@ def test_compiled_shared_prefix_step_matches_eager_plain(kit, llama):
             close(params[k], out[0][1][k], atol=1e-4)
 
 
+def test_torch_step_compiled_whole_with_the_shared_prefix_compiles_once(kit, llama, monkeypatch):
+    """A step compiled whole behind the shared prefix compiles each batch shape once: nothing it
+    traces writes state that dynamo guards on (a memo written under tracing once made the first
+    shape compile twice). The compiler's backend is "eager" here: tracing and guards, fast."""
+    if kit.name != "torch":
+        pytest.skip("torch.compile's recompilations")
+    import torch
+
+    from lrpt.backends.torch import model as torch_model
+    from lrpt.backends.torch import step as torch_step
+
+    real = torch.compile
+    monkeypatch.setattr(torch_step.torch, "compile", lambda fn, **kw: real(fn, backend="eager", dynamic=False))
+    monkeypatch.setattr(torch_model, "_CACHE_KWARG", {})  # as in a fresh process
+    torch._dynamo.reset()
+    model, tok = llama
+    prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            res = kit.be.train(model, tok, prompt, TASK, toy_data(32), None,
+                               cfg(steps=3, compile=True, compile_scope="step", shared_prefix=True,
+                                   pad_to_multiple=64))
+    finally:
+        torch._dynamo.reset()
+    assert "shared prefix" in res.compile_choice and np.isfinite(res.final_loss)
+
+
 @pytest.mark.parametrize("probe", [False, True])
 def test_cuda_graph_bookkeeping_trains_like_the_eager_step(kit, llama, monkeypatch, tmp_path, probe):
     """torch's ``--compile-scope graphs`` (:mod:`lrpt.backends.torch.graphs`) on the CPU, with a stand-in

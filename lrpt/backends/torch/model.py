@@ -307,13 +307,18 @@ _CACHE_KWARG: dict[type, str] = {}
 def _cache_kwarg(backbone_class: type) -> str:
     """The name a model class's forward takes its KV cache by (transformers 5 renames
     ``past_key_values``); read once per class, not at every step. A plain dict, not
-    ``functools.cache``: torch.compile traces through this and warns on an lru_cache wrapper."""
-    if backbone_class not in _CACHE_KWARG:
+    ``functools.cache``: torch.compile traces through this and warns on an lru_cache wrapper.
+    Under tracing the memo is read, never written: a write there fails the dict's guard on the next
+    call, and a step compiled whole would compile its first shape twice."""
+    name = _CACHE_KWARG.get(backbone_class)
+    if name is None:
         import inspect
 
         params = inspect.signature(backbone_class.forward).parameters
-        _CACHE_KWARG[backbone_class] = "cache" if "cache" in params else "past_key_values"
-    return _CACHE_KWARG[backbone_class]
+        name = "cache" if "cache" in params else "past_key_values"
+        if not torch.compiler.is_compiling():
+            _CACHE_KWARG[backbone_class] = name
+    return name
 
 
 def _expand_cache(cache, batch: int) -> None:
