@@ -234,8 +234,9 @@ def bench_training(model, args, name: str, batch: int, seq: int, compiled: bool)
         variants[f"lrpt-{method}"] = lrpt_step(model, method, rows, labels, args.tokens, None)
     for method in args.compiled if compiled else []:
         variants[f"lrpt-{method}+compile"] = lrpt_step(model, method, rows, labels, args.tokens, mode)
-        variants[f"lrpt-{method}+compile-blocks"] = lrpt_step(model, method, rows, labels, args.tokens, mode,
-                                                              scope="blocks")
+        if not args.no_blocks:
+            variants[f"lrpt-{method}+compile-blocks"] = lrpt_step(model, method, rows, labels, args.tokens, mode,
+                                                                  scope="blocks")
     for method in args.plain:  # the same step without the shared prefix, as compiled as the rows above
         variants[f"lrpt-{method}-plain{'+compile' if compiled else ''}"] = lrpt_step(
             model, method, rows, labels, args.tokens, mode, shared_prefix=False)
@@ -296,6 +297,7 @@ def main(argv=None) -> int:
                     help="lrpt methods to run also with the shared prefix forced on (eager, compiled blocks)")
     ap.add_argument("--graphs", nargs="*", default=[],
                     help="lrpt methods to run also as recorded CUDA graphs (--compile-scope graphs; CUDA only)")
+    ap.add_argument("--no-blocks", action="store_true", help="skip the compiled-blocks rows of --compiled")
     ap.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of every compiled row")
     ap.add_argument("--no-compile", action="store_true", help="skip every compiled row (the eager floor is the reference)")
     ap.add_argument("--no-peft", action="store_true",

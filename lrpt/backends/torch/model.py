@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import DynamicCache  # here, not in the traced step: an import there is a graph break
 
 from ... import methods
 from ...basemodel import BaseModelInfo, fingerprint_from_rows, fingerprint_rows
@@ -286,8 +287,6 @@ def forward_after_prefix(model, prefix_embeds: torch.Tensor, suffix: Suffix) -> 
     ``[ones(n), row mask]`` (the cache concatenates the prompt's keys with the tokens' per layer).
     Autograd flows through the cache into the prompt, once.
     """
-    from transformers import DynamicCache
-
     n = suffix.n
     dev = suffix.ids.device
     tok = embed(model, suffix.ids)
