@@ -188,7 +188,7 @@ def test_both_backends_satisfy_the_protocol_with_the_same_signatures():
 # Files one backend has and the other needs not: MLX's splice.py puts prompts into mlx-lm models,
 # which mostly take no embeddings (transformers' take ``inputs_embeds``); torch's graphs.py records
 # the step as CUDA graphs (MLX has none: mx.compile is its whole-step compilation).
-ONLY_IN = {"torch": {"graphs.py"}, "mlx": {"splice.py"}}
+ONLY_IN = {"torch": {"graphs.py", "packed.py"}, "mlx": {"splice.py"}}
 
 
 def test_mirrored_files():
@@ -446,7 +446,51 @@ def test_shared_prefix_runs_the_prompt_once(kit, llama):
     shapes = {s: kit.layer_input_shapes(model, lambda s=s: label_scores(kit.be, model, prompt, arrays, 2, shared=s))
               for s in (False, True)}
     assert shapes[False] == [(rows, width)]
-    assert shapes[True] == [(1, 5), (rows, width - 5)]
+    if kit.name == "torch":  # one pass over [prompt; every row's tokens] (lrpt.backends.torch.packed)
+        assert shapes[True] == [(1, 5 + rows * (width - 5))]
+    else:  # the prompt at batch 1, then the rows behind its cached keys and values
+        assert shapes[True] == [(1, 5), (rows, width - 5)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_torch_cached_prefix_path_is_exact_where_packing_does_not_apply(arch, tiny_dirs, monkeypatch):
+    """Models whose attention the packed path cannot run (no attention interface, soft-capping)
+    take the cached prompt pass: still exact, sliding windows included."""
+    import lrpt.backends.torch.model as tm
+    from lrpt.scoring import task_loss
+
+    kit = Kit("torch")
+    model, tok = _load("torch", str(tiny_dirs[arch]))
+    assert tm.packs_prefix(model)
+    monkeypatch.setattr(tm, "packs_prefix", lambda model: False)
+    prompt = kit.be.init_prompt(spec_for("lopt1", n=9), model, tok, seed=1)
+    arrays = _batch_arrays(kit, model, tok, "classification", 9)
+    shapes = kit.layer_input_shapes(model, lambda: task_loss(kit.be, model, prompt, TASK, arrays, 2, True))
+    assert len(shapes) == 2  # the prompt's own pass, then the rows
+    out = [kit.value_and_grads(prompt, lambda s=s: task_loss(kit.be, model, prompt, TASK, arrays, 2, s))
+           for s in (False, True)]
+    assert abs(out[1][0] - out[0][0]) <= 1e-5
+    for name, grad in out[0][1].items():
+        close(out[1][1][name], grad, atol=1e-5)
+
+
+def test_packed_prefix_applies_to_every_tested_architecture(tiny_dirs):
+    """The exactness tests above run the packed path on every tiny architecture, soft-capping refused."""
+    from lrpt.backends.torch.packed import packs_prefix
+
+    for arch in tiny_dirs:
+        model, _ = _load("torch", str(tiny_dirs[arch]))
+        assert packs_prefix(model), arch
+    cfg = model.config
+    had, old = hasattr(cfg, "attn_logit_softcapping"), getattr(cfg, "attn_logit_softcapping", None)
+    cfg.attn_logit_softcapping = 50.0
+    try:
+        assert not packs_prefix(model)
+    finally:
+        if had:
+            cfg.attn_logit_softcapping = old
+        else:
+            del cfg.attn_logit_softcapping
 
 
 def test_shared_prefix_is_the_default_in_scoring_and_training(kit, llama, monkeypatch):

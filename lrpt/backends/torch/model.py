@@ -28,6 +28,7 @@ from ...layout import Batch, Suffix, pack
 from ...reference import init_for_model
 from ...spec import PromptSpec
 from . import ops
+from .packed import forward_packed, packs_prefix
 from .prompts import PromptModule
 
 
@@ -261,7 +262,10 @@ def shares_prefix(model) -> bool:
     and attend to it, with autograd through it, so every model this backend loads does, unless its
     blocks are sharded by FSDP2 (``--fsdp``). FSDP2 reshards a block after each forward, and a block
     run twice in one step (prompt, then tokens) failed its backward on freed parameter storage."""
-    return not fsdp_sharded(model)
+    if fsdp_sharded(model):
+        return False
+    packs_prefix(model)  # registers the packed attention here, outside any compiled region
+    return True
 
 
 def transformer_blocks(model) -> torch.nn.ModuleList | None:
@@ -288,6 +292,8 @@ def forward_after_prefix(model, prefix_embeds: torch.Tensor, suffix: Suffix) -> 
     """
     from transformers import DynamicCache
 
+    if packs_prefix(model):
+        return forward_packed(model, prefix_embeds, suffix, embed)
     n = suffix.n
     dev = suffix.ids.device
     tok = embed(model, suffix.ids)
