@@ -25,6 +25,9 @@ ratio to **the compiled floor**:
   each block compiled once, the rest eager; fast to compile, shared prefix off);
 - ``lrpt-<method>-plain[+compile]`` (``--plain``): the same step with ``shared_prefix=False``, the
   prompt run in every row as the floor does;
+- ``lrpt-<method>-twopass+compile`` (``--two-pass``): compiled whole with the shared prefix run as two
+  passes (the prompt at batch 1 into a KV cache, then the rows) instead of torch's packed single
+  pass, the default where the model allows it;
 - ``lrpt-<method>-shared[+compile-blocks]`` (``--shared``): the step with ``shared_prefix=True``
   forced where auto leaves it off (eager, and compiled blocks), to measure whether it pays there.
 
@@ -126,6 +129,21 @@ def lrpt_step(model, method: str, rows: list[list[int]], labels: list[int], n: i
     ops = Training(get_backend("torch"), model, LabelTokenizer(), prompt, task, data, None, cfg)
     batch = [list(range(len(rows)))]
     return lambda: ops.step(batch, 1e-3)
+
+
+def unpacked(step):
+    """``step`` with torch's shared prefix as two passes (the prompt at batch 1 into a KV cache,
+    then the rows behind it) instead of packed into one (:mod:`lrpt.backends.torch.packed`)."""
+    from lrpt.backends.torch import model as torch_model
+
+    def run():
+        packs, torch_model.packs_prefix = torch_model.packs_prefix, lambda model: False
+        try:
+            return step()
+        finally:
+            torch_model.packs_prefix = packs
+
+    return run
 
 
 def peft_steps(model, ids, mask, labels, n: int, compile_mode: str | None) -> dict[str, object]:
@@ -234,8 +252,12 @@ def bench_training(model, args, name: str, batch: int, seq: int, compiled: bool)
         variants[f"lrpt-{method}"] = lrpt_step(model, method, rows, labels, args.tokens, None)
     for method in args.compiled if compiled else []:
         variants[f"lrpt-{method}+compile"] = lrpt_step(model, method, rows, labels, args.tokens, mode)
-        variants[f"lrpt-{method}+compile-blocks"] = lrpt_step(model, method, rows, labels, args.tokens, mode,
-                                                              scope="blocks")
+        if not args.no_blocks:
+            variants[f"lrpt-{method}+compile-blocks"] = lrpt_step(model, method, rows, labels, args.tokens, mode,
+                                                                  scope="blocks")
+    for method in args.two_pass if compiled else []:  # the shared prefix as two passes (prompt, then rows)
+        variants[f"lrpt-{method}-twopass+compile"] = unpacked(lrpt_step(model, method, rows, labels, args.tokens,
+                                                                        mode, shared_prefix=True))
     for method in args.plain:  # the same step without the shared prefix, as compiled as the rows above
         variants[f"lrpt-{method}-plain{'+compile' if compiled else ''}"] = lrpt_step(
             model, method, rows, labels, args.tokens, mode, shared_prefix=False)
@@ -296,6 +318,9 @@ def main(argv=None) -> int:
                     help="lrpt methods to run also with the shared prefix forced on (eager, compiled blocks)")
     ap.add_argument("--graphs", nargs="*", default=[],
                     help="lrpt methods to run also as recorded CUDA graphs (--compile-scope graphs; CUDA only)")
+    ap.add_argument("--two-pass", nargs="*", default=[],
+                    help="lrpt methods to run also compiled with the shared prefix as two passes (not packed)")
+    ap.add_argument("--no-blocks", action="store_true", help="skip the compiled-blocks rows of --compiled")
     ap.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of every compiled row")
     ap.add_argument("--no-compile", action="store_true", help="skip every compiled row (the eager floor is the reference)")
     ap.add_argument("--no-peft", action="store_true",

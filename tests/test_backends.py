@@ -774,21 +774,29 @@ def test_compiled_shared_prefix_step_matches_eager_plain(kit, llama):
             close(params[k], out[0][1][k], atol=1e-4)
 
 
-def test_torch_step_compiled_whole_with_the_shared_prefix_compiles_once(kit, llama, monkeypatch):
-    """A step compiled whole behind the shared prefix compiles each batch shape once: nothing it
-    traces writes state that dynamo guards on (a memo written under tracing once made the first
-    shape compile twice). The compiler's backend is "eager" here: tracing and guards, fast."""
+@pytest.mark.parametrize("packed", [True, False])
+def test_torch_step_compiled_whole_with_the_shared_prefix_is_one_graph_compiled_once(kit, llama, monkeypatch, packed):
+    """A step compiled whole behind the shared prefix (packed, or the cached prompt pass) is one graph,
+    compiled once per batch shape: nothing it traces imports a module (a graph break: the rest of the
+    step ran in pieces, or eagerly, on an H200) or writes state dynamo guards on (a memo written under
+    tracing made the first shape compile twice). The compiler's backend is "eager": tracing only."""
     if kit.name != "torch":
-        pytest.skip("torch.compile's recompilations")
+        pytest.skip("torch.compile's graphs and recompilations")
     import torch
+    from torch._dynamo.utils import counters
 
     from lrpt.backends.torch import model as torch_model
+    from lrpt.backends.torch import packed as torch_packed
     from lrpt.backends.torch import step as torch_step
 
     real = torch.compile
     monkeypatch.setattr(torch_step.torch, "compile", lambda fn, **kw: real(fn, backend="eager", dynamic=False))
     monkeypatch.setattr(torch_model, "_CACHE_KWARG", {})  # as in a fresh process
+    monkeypatch.setattr(torch_packed, "_TAKES_KWARGS", {})
+    if not packed:
+        monkeypatch.setattr(torch_model, "packs_prefix", lambda model: False)
     torch._dynamo.reset()
+    counters.clear()
     model, tok = llama
     prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
     try:
@@ -796,9 +804,11 @@ def test_torch_step_compiled_whole_with_the_shared_prefix_compiles_once(kit, lla
             res = kit.be.train(model, tok, prompt, TASK, toy_data(32), None,
                                cfg(steps=3, compile=True, compile_scope="step", shared_prefix=True,
                                    pad_to_multiple=64))
+        breaks = dict(counters["graph_break"])
     finally:
         torch._dynamo.reset()
     assert "shared prefix" in res.compile_choice and np.isfinite(res.final_loss)
+    assert not breaks
 
 
 @pytest.mark.parametrize("probe", [False, True])

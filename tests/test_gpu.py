@@ -216,6 +216,37 @@ def test_compiled_loss_and_gradients_match_eager(tiny_dirs, tb, mode, shared, sc
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_step_compiled_whole_is_one_cuda_graph_compiled_once(tiny_dirs, tb, monkeypatch, packed):
+    """The shared-prefix step compiled whole (reduce-overhead), packed or with the cached prompt
+    pass, is one graph, compiled once per shape, its CUDA graphs not skipped: on this device's torch
+    an import traced in the step was a graph break and the packed step ran at eager speed."""
+    from torch._dynamo.utils import counters
+
+    from lrpt.backends.torch import model as torch_model
+    from lrpt.backends.torch import packed as torch_packed
+    from lrpt.trainer import TrainConfig
+
+    monkeypatch.setattr(torch_model, "_CACHE_KWARG", {})  # as in a fresh process
+    monkeypatch.setattr(torch_packed, "_TAKES_KWARGS", {})
+    if not packed:
+        monkeypatch.setattr(torch_model, "packs_prefix", lambda model: False)
+    model, tok = tb.load_model(tiny_dirs["llama"], dtype="bfloat16", device="cuda", quiet=True)
+    prompt = tb.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            res = tb.train(model, tok, prompt, toy_task(), toy_data(48), None, TrainConfig(
+                steps=4, batch_size=8, compile=True, compile_scope="step", compile_mode="reduce-overhead",
+                shared_prefix=True, pad_to_multiple=64, progress=False))
+        breaks, skips = dict(counters["graph_break"]), counters["inductor"]["cudagraph_skips"]
+    finally:
+        torch._dynamo.reset()
+    assert "shared prefix" in res.compile_choice and np.isfinite(res.final_loss)
+    assert not breaks and not skips
+
+
 @pytest.mark.parametrize("scope", ["blocks", "step"])
 def test_compiled_training_over_many_widths_equals_eager(tiny_dirs, tb, scope):
     """A whole compiled run with CUDA graphs over rows of many lengths (several bucket widths, the

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import DynamicCache  # here, not in a traced function: an import there is a graph break
 
 from ... import methods
 from ...basemodel import BaseModelInfo, fingerprint_from_rows, fingerprint_rows
@@ -262,10 +263,7 @@ def shares_prefix(model) -> bool:
     and attend to it, with autograd through it, so every model this backend loads does, unless its
     blocks are sharded by FSDP2 (``--fsdp``). FSDP2 reshards a block after each forward, and a block
     run twice in one step (prompt, then tokens) failed its backward on freed parameter storage."""
-    if fsdp_sharded(model):
-        return False
-    packs_prefix(model)  # registers the packed attention here, outside any compiled region
-    return True
+    return not fsdp_sharded(model)
 
 
 def transformer_blocks(model) -> torch.nn.ModuleList | None:
@@ -290,8 +288,6 @@ def forward_after_prefix(model, prefix_embeds: torch.Tensor, suffix: Suffix) -> 
     ``[ones(n), row mask]`` (the cache concatenates the prompt's keys with the tokens' per layer).
     Autograd flows through the cache into the prompt, once.
     """
-    from transformers import DynamicCache
-
     if packs_prefix(model):
         return forward_packed(model, prefix_embeds, suffix, embed)
     n = suffix.n

@@ -24,19 +24,24 @@ import torch
 
 from ...layout import Suffix
 
+# Imported here, not where they are used: an import statement traced by torch.compile is a graph
+# break (transformers is a lazy module), and a step compiled whole then runs in pieces or eagerly.
+try:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
+except ImportError:  # transformers < 4.53: no attention interface; the cached-prefix path runs
+    AttentionInterface = None
+
 NAME = "lrpt_packed_prefix"
-_REGISTERED: list[bool] = []
 _TAKES_KWARGS: dict[type, bool] = {}
 
 
 def packs_prefix(model) -> bool:
     """Whether this model's attention runs through transformers' attention interface with nothing
     the packed function does not implement (logit soft-capping), and its forward passes keyword
-    arguments down to attention (the layout travels that way).
-
-    Called first outside any compiled region (:func:`.model.shares_prefix`, when a step or a scoring
-    call decides its path), so the registration and the memo below are written there: written under
-    torch.compile's tracing, they fail dynamo's guards on the next call and the step compiles twice."""
+    arguments down to attention (the layout travels that way). Under torch.compile's tracing the
+    memo is read, never written (a write there fails dynamo's guards: the step compiles twice)."""
     cfg = text_config(model)
     if not getattr(model, "_supports_attention_backend", False) or getattr(cfg, "attn_logit_softcapping", None):
         return False
@@ -47,29 +52,15 @@ def packs_prefix(model) -> bool:
         takes = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
         if not torch.compiler.is_compiling():
             _TAKES_KWARGS[cls] = takes
-    return takes and _register()
-
-
-def text_config(model):
-    return getattr(model.config, "get_text_config", lambda: model.config)()
-
-
-def _register() -> bool:
-    if not _REGISTERED:
-        try:
-            from transformers import AttentionInterface
-            from transformers.masking_utils import AttentionMaskInterface
-        except ImportError:  # transformers < 4.53: no attention interface, the cached-prefix path runs
-            _REGISTERED.append(False)
-            return False
-        AttentionInterface.register(NAME, attention)
-        AttentionMaskInterface.register(NAME, _no_mask)  # the function builds its own masks
-        _REGISTERED.append(True)
-    return _REGISTERED[0]
+    return takes and REGISTERED
 
 
 def _no_mask(*args, **kwargs) -> None:
     return None
+
+
+def text_config(model):
+    return getattr(model.config, "get_text_config", lambda: model.config)()
 
 
 @contextlib.contextmanager
@@ -111,8 +102,6 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     them, and the other rows' n prompt queries are wasted attention work, small beside the
     projections and MLPs that now run once for the prompt.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if lrpt_prefix is None:
         raise RuntimeError(f"the {NAME} attention runs only inside lrpt's packed shared-prefix forward")
     for name in ("softcap", "s_aux"):
@@ -135,3 +124,9 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
                                     dropout=dropout if module.training else 0.0, scaling=scaling, is_causal=True)
     # out: (B, n + T, heads, dim)
     return torch.cat([out[0, :n], out[:, n:].reshape(b * t, heads, dim)])[None], None
+
+
+REGISTERED = AttentionInterface is not None
+if REGISTERED:
+    AttentionInterface.register(NAME, attention)
+    AttentionMaskInterface.register(NAME, _no_mask)  # the function builds its own masks
