@@ -20,7 +20,7 @@ supplies only the framework work, ``be.forward_after_prefix``.
 Where it pays (the switch's default, None: :func:`prefix_pays`): the shared path runs every block
 twice, the prompt at batch 1 and then the rows, so it launches twice the kernels. Measured on an
 H200 at the Llama-3.2-1B shape (benchmarks/RESULTS.md): compiled with CUDA graphs, where launches
-cost nothing, it is the faster step (1.09× the hand-written floor against 0.99× for the plain path
+cost nothing, it is the faster step (1.13× the hand-written floor against 0.97× for the plain path
 at 32 × 48 tokens, 1.03× against 0.98× at 16 × 256); run eagerly on CUDA, where this model is
 launch-bound, the doubled launches made the step 2× slower. So: on for a step compiled whole,
 off for eager CUDA (training and scoring), on elsewhere (CPU, MLX), where the arithmetic it saves
