@@ -25,6 +25,8 @@ ratio to **the compiled floor**:
   each block compiled once, the rest eager; fast to compile, shared prefix off);
 - ``lrpt-<method>-plain[+compile]`` (``--plain``): the same step with ``shared_prefix=False``, the
   prompt run in every row as the floor does;
+- ``lrpt-<method>-packed[+compile]`` (``--packed``): the shared prefix forced and packed into one pass
+  with the rows (``packed_prefix.py``, an experiment outside the library), compiled whole;
 - ``lrpt-<method>-shared[+compile-blocks]`` (``--shared``): the step with ``shared_prefix=True``
   forced where auto leaves it off (eager, and compiled blocks), to measure whether it pays there.
 
@@ -128,6 +130,19 @@ def lrpt_step(model, method: str, rows: list[list[int]], labels: list[int], n: i
     return lambda: ops.step(batch, 1e-3)
 
 
+def packed_step(step):
+    """``step`` run with the shared prefix packed into one pass (benchmarks/packed_prefix.py)."""
+    from packed_prefix import packed
+
+    be = get_backend("torch")
+
+    def run():
+        with packed(be):
+            return step()
+
+    return run
+
+
 def peft_steps(model, ids, mask, labels, n: int, compile_mode: str | None) -> dict[str, object]:
     """PEFT prompt tuning as a user runs it: eager, eager with ``logits_to_keep=1``, and compiled."""
     from peft import PeftModelForCausalLM, PromptTuningConfig
@@ -214,6 +229,24 @@ def time_steps(fn, steps: int, device: str) -> float:
     return (time.perf_counter() - t) * 1000 / steps
 
 
+def profile(fn, path: Path, device: str, steps: int = 3) -> None:
+    """Where a variant's step time goes: ``torch.profiler`` over ``steps`` warm steps, the kernels
+    (or CPU ops) by their own time, written to ``path`` (the table's times are per ``steps`` steps)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{steps} steps\n" + prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=90))
+    print(f"  profile: {path}", file=sys.stderr, flush=True)
+
+
 def bench_training(model, args, name: str, batch: int, seq: int, compiled: bool) -> list[dict]:
     """Every variant on one input shape, alternating in rounds; one result dict per variant."""
     dev = model.device
@@ -237,6 +270,9 @@ def bench_training(model, args, name: str, batch: int, seq: int, compiled: bool)
         if not args.no_blocks:
             variants[f"lrpt-{method}+compile-blocks"] = lrpt_step(model, method, rows, labels, args.tokens, mode,
                                                                   scope="blocks")
+    for method in args.packed:  # the experiment of packed_prefix.py: the shared prefix in one packed pass
+        variants[f"lrpt-{method}-packed{'+compile' if compiled else ''}"] = packed_step(lrpt_step(
+            model, method, rows, labels, args.tokens, mode, shared_prefix=True))
     for method in args.plain:  # the same step without the shared prefix, as compiled as the rows above
         variants[f"lrpt-{method}-plain{'+compile' if compiled else ''}"] = lrpt_step(
             model, method, rows, labels, args.tokens, mode, shared_prefix=False)
@@ -267,6 +303,9 @@ def bench_training(model, args, name: str, batch: int, seq: int, compiled: bool)
     for _ in range(args.rounds):
         for key, fn in variants.items():
             times[key].append(time_steps(fn, args.steps, dev.type))
+    if args.profile:
+        for key, fn in variants.items():
+            profile(fn, Path(args.profile) / f"profile-{name}-{key}.txt", dev.type)
     reference = "floor+compile" if compiled else "floor"
     ms_ref = statistics.median(times[reference])
     tokens = batch * seq
@@ -297,6 +336,9 @@ def main(argv=None) -> int:
                     help="lrpt methods to run also with the shared prefix forced on (eager, compiled blocks)")
     ap.add_argument("--graphs", nargs="*", default=[],
                     help="lrpt methods to run also as recorded CUDA graphs (--compile-scope graphs; CUDA only)")
+    ap.add_argument("--packed", nargs="*", default=[],
+                    help="lrpt methods to run also with the shared prefix packed (the packed_prefix.py experiment)")
+    ap.add_argument("--profile", help="directory to write a torch.profiler table per variant to, after the timing")
     ap.add_argument("--no-blocks", action="store_true", help="skip the compiled-blocks rows of --compiled")
     ap.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of every compiled row")
     ap.add_argument("--no-compile", action="store_true", help="skip every compiled row (the eager floor is the reference)")
