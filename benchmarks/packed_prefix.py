@@ -14,16 +14,24 @@ batch 1, and the rows attend to ``[prompt keys; own keys]`` under the same kind 
 transformers builds for the two-pass path, both through transformers' own SDPA call. If it is
 still slower, packing itself costs more than it saves; if faster, attention was the cost before.
 
-``speed.py --packed METHOD`` measures it (variant ``lrpt-METHOD-packed+compile``);
-``tests/test_benchmarks.py`` checks it is exact on a tiny Llama. Models with attention soft-capping
-or sliding windows are refused (this experiment does not implement them).
+A second kind, ``flex``, runs attention as one call over the whole packed sequence with
+``torch.nn.attention.flex_attention``: the layout is a mask function (a token sees the prompt, and
+causally its own row), so nothing is copied or expanded and the kernel (Triton, under torch.compile)
+skips the blocks the mask rules out. FlexAttention has no backward on the CPU: there it is checked
+forward only; its gradients run on CUDA.
+
+``speed.py --packed METHOD [--packed-kinds sdpa flex]`` measures them (variants
+``lrpt-METHOD-packed-KIND+compile``); ``tests/test_benchmarks.py`` checks them on a tiny Llama.
+Models with attention soft-capping or sliding windows are refused (not implemented here).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
@@ -61,24 +69,54 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     return torch.cat([prompt[0], out.reshape(b * t, *out.shape[2:])])[None], None
 
 
+def flex(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+         lrpt_packed=None, **kwargs):
+    """The packed sequence's attention as one FlexAttention call under the packed layout's block mask."""
+    if lrpt_packed is None:
+        raise RuntimeError(f"the {NAME}_flex attention runs only inside forward_packed")
+    if kwargs.get("sliding_window") or kwargs.get("softcap"):
+        raise RuntimeError("the packed experiment implements neither sliding windows nor soft-capping")
+    out = flex_attention(query, key, value, block_mask=lrpt_packed, scale=scaling,
+                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2), None  # (1, n + B·T, heads, head_dim)
+
+
+def packed_block_mask(n: int, b: int, t: int, device):
+    """FlexAttention's block mask of the layout ``[prompt (n); row 1 (t); …; row b (t)]``: a prompt
+    token sees the prompt causally; a row's token sees the whole prompt and its own row causally.
+    (Rows are right padded: a real token never sees a pad, which sits after the row's last token.)"""
+
+    def mask(batch, head, q, k):
+        q_row = torch.where(q < n, -1, (q - n) // t)
+        k_row = torch.where(k < n, -1, (k - n) // t)
+        q_pos = torch.where(q < n, q, n + (q - n) % t)
+        k_pos = torch.where(k < n, k, n + (k - n) % t)
+        return ((k < n) | (q_row == k_row)) & (k_pos <= q_pos)
+
+    return create_block_mask(mask, None, None, n + b * t, n + b * t, device=device)
+
+
 AttentionInterface.register(NAME, attention)
 AttentionMaskInterface.register(NAME, _no_mask)
+AttentionInterface.register(NAME + "_flex", flex)
+AttentionMaskInterface.register(NAME + "_flex", _no_mask)
 
 
 @contextlib.contextmanager
-def _packed_attention(model):
+def _packed_attention(model, name: str):
     cfg = model.config
     real = cfg._attn_implementation_internal
-    cfg._attn_implementation_internal = NAME
+    cfg._attn_implementation_internal = name
     try:
         yield
     finally:
         cfg._attn_implementation_internal = real
 
 
-def forward_packed(model, prefix_embeds: torch.Tensor, suffix: Suffix) -> torch.Tensor:
+def forward_packed(model, prefix_embeds: torch.Tensor, suffix: Suffix, kind: str = "sdpa") -> torch.Tensor:
     """Drop-in for :func:`lrpt.backends.torch.model.forward_after_prefix`: last hidden states
-    (B, T, d) of the suffix's tokens behind one shared (n, d) prompt, in one packed pass."""
+    (B, T, d) of the suffix's tokens behind one shared (n, d) prompt, in one packed pass; ``kind``:
+    attention as two SDPA calls (``sdpa``) or one FlexAttention call (``flex``)."""
     cfg = model.config
     if getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "sliding_window", None):
         raise RuntimeError("the packed experiment runs models without soft-capping or sliding windows")
@@ -87,6 +125,11 @@ def forward_packed(model, prefix_embeds: torch.Tensor, suffix: Suffix) -> torch.
     b, t, d = tok.shape
     x = torch.cat([prefix_embeds.to(tok.dtype), tok.reshape(b * t, d)])[None]
     pos = torch.cat([torch.arange(n, device=tok.device), suffix.position_ids.reshape(-1)])[None]
+    if kind == "flex":
+        with _packed_attention(model, NAME + "_flex"):
+            out = model.base_model(inputs_embeds=x, position_ids=pos, use_cache=False,
+                                   lrpt_packed=packed_block_mask(n, b, t, tok.device))
+        return out.last_hidden_state[0, n:].reshape(b, t, d)
     # Row query i (position n + i) sees every prompt key and its own keys 0..i that are not padding:
     # the two-pass path's mask (bottom-right causal over [prompt; row]).
     q = torch.arange(t, device=tok.device)
@@ -94,16 +137,18 @@ def forward_packed(model, prefix_embeds: torch.Tensor, suffix: Suffix) -> torch.
     causal = k[None, :] <= q[:, None] + n
     valid = torch.cat([suffix.attention_mask.new_ones(b, n), suffix.attention_mask], dim=1).bool()
     mask = causal[None, None] & valid[:, None, None, :]
-    with _packed_attention(model):
+    with _packed_attention(model, NAME):
         out = model.base_model(inputs_embeds=x, position_ids=pos, use_cache=False, lrpt_packed=(n, b, mask))
     return out.last_hidden_state[0, n:].reshape(b, t, d)
 
 
 @contextlib.contextmanager
-def packed(be):
-    """The torch backend ``be`` with its shared prefix packed, for the duration of the block."""
+def packed(be, kind: str = "sdpa"):
+    """The torch backend ``be`` with its shared prefix packed (attention ``kind``), for the block."""
+    if kind not in ("sdpa", "flex"):
+        raise ValueError(f"packed attention kind {kind!r}: use sdpa or flex")
     real = be.forward_after_prefix
-    be.forward_after_prefix = forward_packed
+    be.forward_after_prefix = functools.partial(forward_packed, kind=kind)
     try:
         yield
     finally:

@@ -25,8 +25,9 @@ ratio to **the compiled floor**:
   each block compiled once, the rest eager; fast to compile, shared prefix off);
 - ``lrpt-<method>-plain[+compile]`` (``--plain``): the same step with ``shared_prefix=False``, the
   prompt run in every row as the floor does;
-- ``lrpt-<method>-packed[+compile]`` (``--packed``): the shared prefix forced and packed into one pass
-  with the rows (``packed_prefix.py``, an experiment outside the library), compiled whole;
+- ``lrpt-<method>-packed-<kind>[+compile]`` (``--packed``, ``--packed-kinds``): the shared prefix forced
+  and packed into one pass with the rows (``packed_prefix.py``, an experiment outside the library),
+  attention as two SDPA calls or one FlexAttention call, compiled whole;
 - ``lrpt-<method>-shared[+compile-blocks]`` (``--shared``): the step with ``shared_prefix=True``
   forced where auto leaves it off (eager, and compiled blocks), to measure whether it pays there.
 
@@ -130,14 +131,14 @@ def lrpt_step(model, method: str, rows: list[list[int]], labels: list[int], n: i
     return lambda: ops.step(batch, 1e-3)
 
 
-def packed_step(step):
+def packed_step(step, kind: str):
     """``step`` run with the shared prefix packed into one pass (benchmarks/packed_prefix.py)."""
     from packed_prefix import packed
 
     be = get_backend("torch")
 
     def run():
-        with packed(be):
+        with packed(be, kind):
             return step()
 
     return run
@@ -271,8 +272,9 @@ def bench_training(model, args, name: str, batch: int, seq: int, compiled: bool)
             variants[f"lrpt-{method}+compile-blocks"] = lrpt_step(model, method, rows, labels, args.tokens, mode,
                                                                   scope="blocks")
     for method in args.packed:  # the experiment of packed_prefix.py: the shared prefix in one packed pass
-        variants[f"lrpt-{method}-packed{'+compile' if compiled else ''}"] = packed_step(lrpt_step(
-            model, method, rows, labels, args.tokens, mode, shared_prefix=True))
+        for kind in args.packed_kinds:
+            variants[f"lrpt-{method}-packed-{kind}{'+compile' if compiled else ''}"] = packed_step(lrpt_step(
+                model, method, rows, labels, args.tokens, mode, shared_prefix=True), kind)
     for method in args.plain:  # the same step without the shared prefix, as compiled as the rows above
         variants[f"lrpt-{method}-plain{'+compile' if compiled else ''}"] = lrpt_step(
             model, method, rows, labels, args.tokens, mode, shared_prefix=False)
@@ -338,6 +340,8 @@ def main(argv=None) -> int:
                     help="lrpt methods to run also as recorded CUDA graphs (--compile-scope graphs; CUDA only)")
     ap.add_argument("--packed", nargs="*", default=[],
                     help="lrpt methods to run also with the shared prefix packed (the packed_prefix.py experiment)")
+    ap.add_argument("--packed-kinds", nargs="+", default=["sdpa", "flex"], choices=["sdpa", "flex"],
+                    help="attention of the --packed rows: two SDPA calls, or one FlexAttention call (no CPU backward)")
     ap.add_argument("--profile", help="directory to write a torch.profiler table per variant to, after the timing")
     ap.add_argument("--no-blocks", action="store_true", help="skip the compiled-blocks rows of --compiled")
     ap.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of every compiled row")

@@ -39,18 +39,21 @@ def test_speed_smoke(tmp_path):
 
 def test_speed_without_the_peft_anchors_with_the_packed_experiment_and_profiles(tmp_path):
     run("benchmarks/speed.py", "--device", "cpu", "--smoke", "--methods", "lopt1", "--no-peft", "--packed", "lopt1",
-        "--json", tmp_path / "s.json", "--profile", tmp_path / "prof")
+        "--packed-kinds", "sdpa", "--json", tmp_path / "s.json", "--profile", tmp_path / "prof")
     variants = {r["variant"] for r in json.loads((tmp_path / "s.json").read_text())["train"]}
-    assert variants == {"floor", "lrpt-lopt1", "lrpt-lopt1-packed"}
+    assert variants == {"floor", "lrpt-lopt1", "lrpt-lopt1-packed-sdpa"}
     tables = {p.name: p.read_text() for p in (tmp_path / "prof").iterdir()}
     assert set(tables) == {f"profile-custom-{v}.txt" for v in variants}  # --smoke: one custom input shape
     assert all("aten::mm" in t for t in tables.values())
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
 @pytest.mark.parametrize("kind", ["classification", "completion"])
-def test_packed_prefix_experiment_is_exact(tiny_dirs, kind):
+def test_packed_prefix_experiment_is_exact(tiny_dirs, kind, attention):
     """benchmarks/packed_prefix.py (measured by ``speed.py --packed``) gives the plain path's loss and
-    gradients (fp32, rows of different lengths, right padded) and does run packed: one pass of n + B·T."""
+    gradients (fp32, rows of different lengths, right padded) and does run packed: one pass of n + B·T.
+    FlexAttention has no backward on the CPU: there its loss is checked; on a CUDA machine (the GPU
+    run's ``pytest tests/test_benchmarks.py -k packed_prefix``) its gradients too, in fp32."""
     import numpy as np
     import torch
     from tiny import TEXTS, spec_for, toy_task
@@ -64,7 +67,8 @@ def test_packed_prefix_experiment_is_exact(tiny_dirs, kind):
     from lrpt.tokens import label_token_ids
 
     be = get_backend("torch")
-    model, tok = be.load_model(str(tiny_dirs["llama"]))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok = be.load_model(str(tiny_dirs["llama"]), dtype="float32", device=device, quiet=True)
     n = 5
     prompt = be.init_prompt(spec_for("lopt1", n=n), model, tok, seed=1)
     hf = be.hf_tokenizer(tok)
@@ -80,13 +84,15 @@ def test_packed_prefix_experiment_is_exact(tiny_dirs, kind):
     widths = []
     hook = model.base_model.layers[0].register_forward_pre_hook(
         lambda m, args, kw: widths.append(tuple((args[0] if args else kw["hidden_states"]).shape[:2])), with_kwargs=True)
+    grads = attention == "sdpa" or device == "cuda"
     out = []
-    for shared, ctx in ((False, False), (True, True)):
+    for packing in (False, True):
         prompt.zero_grad(set_to_none=True)
-        with packed(be) if ctx else torch.enable_grad():
-            loss = task_loss(be, model, prompt, task, arrays, 2, shared)
-        loss.backward()
-        out.append((loss.item(), {k: p.grad.clone() for k, p in prompt.named_parameters()}))
+        with packed(be, attention) if packing else torch.enable_grad(), torch.set_grad_enabled(grads):
+            loss = task_loss(be, model, prompt, task, arrays, 2, packing)
+        if grads:
+            loss.backward()
+        out.append((loss.item(), {k: p.grad.cpu() for k, p in prompt.named_parameters()} if grads else {}))
     hook.remove()
     (b, w), packed_width = widths[0], widths[-1]  # the plain path's (rows, width), then the packed pass's
     assert packed_width == (1, n + b * (w - n))
