@@ -11,7 +11,7 @@ validation split. Runs:
 - ``zero-shot``: the frozen model, no prompt (one job per task);
 - ``lrpt:METHOD[:key=value...]``: ``lrpt train`` with no tuning flags, i.e. the method's defaults
   (``lrpt.spec.METHOD_DEFAULTS``), ``--no-compile``; ``key=value`` overrides a PromptSpec field or
-  ``lr`` (e.g. ``lrpt:lopa:lr=1e-3``; ``init=text`` starts from ``INIT_TEXT``, as PEFT's TEXT init
+  ``lr`` (e.g. ``lrpt:lopa:lr=1e-3``, ``lrpt:lopt1:n_tokens=50``; ``init=text`` starts from ``INIT_TEXT``, as PEFT's TEXT init
   does; ``probe=1`` adds ``--lr-probe``, and the result's ``lr`` is the one it chose). Any run takes
   ``steps=N``, its own length (``peft-lora:lr=1e-3:steps=500``). The job is what this command
   trains (with ``--lrpt-step auto``, without ``--no-compile``)::
@@ -182,7 +182,7 @@ def _lrpt(task, train_rows, val, settings: dict, job: dict) -> dict:
     fields = {k: v for k, v in METHOD_DEFAULTS[method].items() if k != "lr"}
     if settings.get("init") == "text":  # the same one-line instruction PEFT's TEXT init gets
         settings["init_text"] = INIT_TEXT[task.name]
-    spec = PromptSpec(method, n_tokens=4 if job["smoke"] else TOKENS, **{**fields, **settings})
+    spec = PromptSpec(method, **{"n_tokens": 4 if job["smoke"] else TOKENS, **fields, **settings})
     prompt = M.init_prompt(spec, model, tok, seed=job["seed"])
     # --lrpt-step auto: the step lrpt train takes with no flag (CUDA graphs on a GPU); else eager
     config = _config(job, lr=lr, lr_probe=probe, compile=None if job.get("lrpt_step") == "auto" else False)
