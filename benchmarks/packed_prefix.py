@@ -43,17 +43,21 @@ NAME = "lrpt_packed_prefix_experiment"
 
 
 def _no_mask(*args, **kwargs) -> None:
-    return None  # the packed forward builds its own mask and passes it to :func:`attention`
+    return None  # the packed forward builds its own layout and passes it to the attention function
+
+
+def _check(layout, kwargs: dict) -> None:
+    if layout is None:
+        raise RuntimeError("the packed experiment's attention runs only inside forward_packed")
+    if kwargs.get("sliding_window") or kwargs.get("softcap"):
+        raise RuntimeError("the packed experiment implements neither sliding windows nor soft-capping")
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
               lrpt_packed=None, **kwargs):
     """Attention over the packed sequence: query, key, value (1, heads, n + B·T, head_dim) in, output
     (1, n + B·T, heads, head_dim) out, as transformers' own attention functions."""
-    if lrpt_packed is None:
-        raise RuntimeError(f"the {NAME} attention runs only inside forward_packed")
-    if kwargs.get("sliding_window") or kwargs.get("softcap"):
-        raise RuntimeError("the packed experiment implements neither sliding windows nor soft-capping")
+    _check(lrpt_packed, kwargs)
     n, b, row_mask = lrpt_packed
     t = (query.shape[2] - n) // b
 
@@ -72,10 +76,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
 def flex(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
          lrpt_packed=None, **kwargs):
     """The packed sequence's attention as one FlexAttention call under the packed layout's block mask."""
-    if lrpt_packed is None:
-        raise RuntimeError(f"the {NAME}_flex attention runs only inside forward_packed")
-    if kwargs.get("sliding_window") or kwargs.get("softcap"):
-        raise RuntimeError("the packed experiment implements neither sliding windows nor soft-capping")
+    _check(lrpt_packed, kwargs)
     out = flex_attention(query, key, value, block_mask=lrpt_packed, scale=scaling,
                          enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2), None  # (1, n + B·T, heads, head_dim)
@@ -96,10 +97,10 @@ def packed_block_mask(n: int, b: int, t: int, device):
     return create_block_mask(mask, None, None, n + b * t, n + b * t, device=device)
 
 
-AttentionInterface.register(NAME, attention)
-AttentionMaskInterface.register(NAME, _no_mask)
-AttentionInterface.register(NAME + "_flex", flex)
-AttentionMaskInterface.register(NAME + "_flex", _no_mask)
+KINDS = {"sdpa": attention, "flex": flex}  # attention kind: its function, registered as NAME_kind
+for _kind, _function in KINDS.items():
+    AttentionInterface.register(f"{NAME}_{_kind}", _function)
+    AttentionMaskInterface.register(f"{NAME}_{_kind}", _no_mask)
 
 
 @contextlib.contextmanager
@@ -126,27 +127,25 @@ def forward_packed(model, prefix_embeds: torch.Tensor, suffix: Suffix, kind: str
     x = torch.cat([prefix_embeds.to(tok.dtype), tok.reshape(b * t, d)])[None]
     pos = torch.cat([torch.arange(n, device=tok.device), suffix.position_ids.reshape(-1)])[None]
     if kind == "flex":
-        with _packed_attention(model, NAME + "_flex"):
-            out = model.base_model(inputs_embeds=x, position_ids=pos, use_cache=False,
-                                   lrpt_packed=packed_block_mask(n, b, t, tok.device))
-        return out.last_hidden_state[0, n:].reshape(b, t, d)
-    # Row query i (position n + i) sees every prompt key and its own keys 0..i that are not padding:
-    # the two-pass path's mask (bottom-right causal over [prompt; row]).
-    q = torch.arange(t, device=tok.device)
-    k = torch.arange(n + t, device=tok.device)
-    causal = k[None, :] <= q[:, None] + n
-    valid = torch.cat([suffix.attention_mask.new_ones(b, n), suffix.attention_mask], dim=1).bool()
-    mask = causal[None, None] & valid[:, None, None, :]
-    with _packed_attention(model, NAME):
-        out = model.base_model(inputs_embeds=x, position_ids=pos, use_cache=False, lrpt_packed=(n, b, mask))
+        layout = packed_block_mask(n, b, t, tok.device)
+    else:
+        # Row query i (position n + i) sees every prompt key and its own keys 0..i that are not
+        # padding: the two-pass path's mask (bottom-right causal over [prompt; row]).
+        q = torch.arange(t, device=tok.device)
+        k = torch.arange(n + t, device=tok.device)
+        causal = k[None, :] <= q[:, None] + n
+        valid = torch.cat([suffix.attention_mask.new_ones(b, n), suffix.attention_mask], dim=1).bool()
+        layout = (n, b, causal[None, None] & valid[:, None, None, :])
+    with _packed_attention(model, f"{NAME}_{kind}"):
+        out = model.base_model(inputs_embeds=x, position_ids=pos, use_cache=False, lrpt_packed=layout)
     return out.last_hidden_state[0, n:].reshape(b, t, d)
 
 
 @contextlib.contextmanager
 def packed(be, kind: str = "sdpa"):
     """The torch backend ``be`` with its shared prefix packed (attention ``kind``), for the block."""
-    if kind not in ("sdpa", "flex"):
-        raise ValueError(f"packed attention kind {kind!r}: use sdpa or flex")
+    if kind not in KINDS:
+        raise ValueError(f"packed attention kind {kind!r}: use one of {', '.join(KINDS)}")
     real = be.forward_after_prefix
     be.forward_after_prefix = functools.partial(forward_packed, kind=kind)
     try:

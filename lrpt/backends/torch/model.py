@@ -14,6 +14,7 @@ position; the LM head runs only where logits are needed (:func:`logits_at`).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,8 +312,6 @@ def _cache_kwarg(backbone_class: type) -> str:
     call, and a step compiled whole would compile its first shape twice."""
     name = _CACHE_KWARG.get(backbone_class)
     if name is None:
-        import inspect
-
         params = inspect.signature(backbone_class.forward).parameters
         name = "cache" if "cache" in params else "past_key_values"
         if not torch.compiler.is_compiling():
