@@ -103,17 +103,6 @@ for _kind, _function in KINDS.items():
     AttentionMaskInterface.register(f"{NAME}_{_kind}", _no_mask)
 
 
-@contextlib.contextmanager
-def _packed_attention(model, name: str):
-    cfg = model.config
-    real = cfg._attn_implementation_internal
-    cfg._attn_implementation_internal = name
-    try:
-        yield
-    finally:
-        cfg._attn_implementation_internal = real
-
-
 def forward_packed(model, prefix_embeds: torch.Tensor, suffix: Suffix, kind: str = "sdpa") -> torch.Tensor:
     """Drop-in for :func:`lrpt.backends.torch.model.forward_after_prefix`: last hidden states
     (B, T, d) of the suffix's tokens behind one shared (n, d) prompt, in one packed pass; ``kind``:
@@ -121,6 +110,8 @@ def forward_packed(model, prefix_embeds: torch.Tensor, suffix: Suffix, kind: str
     cfg = model.config
     if getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "sliding_window", None):
         raise RuntimeError("the packed experiment runs models without soft-capping or sliding windows")
+    if cfg._attn_implementation != f"{NAME}_{kind}":
+        raise RuntimeError("forward_packed runs inside packed(), which selects its attention")
     n = suffix.n
     tok = embed(model, suffix.ids)
     b, t, d = tok.shape
@@ -136,19 +127,25 @@ def forward_packed(model, prefix_embeds: torch.Tensor, suffix: Suffix, kind: str
         causal = k[None, :] <= q[:, None] + n
         valid = torch.cat([suffix.attention_mask.new_ones(b, n), suffix.attention_mask], dim=1).bool()
         layout = (n, b, causal[None, None] & valid[:, None, None, :])
-    with _packed_attention(model, f"{NAME}_{kind}"):
-        out = model.base_model(inputs_embeds=x, position_ids=pos, use_cache=False, lrpt_packed=layout)
+    out = model.base_model(inputs_embeds=x, position_ids=pos, use_cache=False, lrpt_packed=layout)
     return out.last_hidden_state[0, n:].reshape(b, t, d)
 
 
 @contextlib.contextmanager
-def packed(be, kind: str = "sdpa"):
-    """The torch backend ``be`` with its shared prefix packed (attention ``kind``), for the block."""
+def packed(be, model, kind: str = "sdpa"):
+    """The torch backend ``be`` with its shared prefix packed (attention ``kind``) on ``model``, for
+    the block. The model's attention is switched here, outside any compiled step. Switched inside
+    it (the previous version), the compiled step under torch 2.11 on the H200 profiled as cuDNN SDPA
+    kernels over the packed sequence and no FlexAttention kernel, and both kinds timed the same:
+    the packed attention was, it seems, not the one that ran (the CPU's torch 2.13 ran it, exactly).
+    speed.py now prints each variant's first loss, so a packed variant is checked where it is timed."""
     if kind not in KINDS:
         raise ValueError(f"packed attention kind {kind!r}: use one of {', '.join(KINDS)}")
-    real = be.forward_after_prefix
+    cfg = model.config
+    real_forward, real_attention = be.forward_after_prefix, cfg._attn_implementation_internal
     be.forward_after_prefix = functools.partial(forward_packed, kind=kind)
+    cfg._attn_implementation_internal = f"{NAME}_{kind}"
     try:
         yield
     finally:
-        be.forward_after_prefix = real
+        be.forward_after_prefix, cfg._attn_implementation_internal = real_forward, real_attention

@@ -128,19 +128,25 @@ def lrpt_step(model, method: str, rows: list[list[int]], labels: list[int], n: i
                       compile_scope=scope)
     ops = Training(get_backend("torch"), model, LabelTokenizer(), prompt, task, data, None, cfg)
     batch = [list(range(len(rows)))]
-    return lambda: ops.step(batch, 1e-3)
+
+    def step():
+        return ops.step(batch, 1e-3)
+
+    step.loss = lambda handle: ops.loss_value([handle])  # the first step's loss, a check across variants
+    return step
 
 
-def packed_step(step, kind: str):
+def packed_step(step, model, kind: str):
     """``step`` run with the shared prefix packed into one pass (benchmarks/packed_prefix.py)."""
     from packed_prefix import packed
 
     be = get_backend("torch")
 
     def run():
-        with packed(be, kind):
+        with packed(be, model, kind):
             return step()
 
+    run.loss = step.loss
     return run
 
 
@@ -274,7 +280,7 @@ def bench_training(model, args, name: str, batch: int, seq: int, compiled: bool)
     for method in args.packed:  # the experiment of packed_prefix.py: the shared prefix in one packed pass
         for kind in args.packed_kinds:
             variants[f"lrpt-{method}-packed-{kind}{'+compile' if compiled else ''}"] = packed_step(lrpt_step(
-                model, method, rows, labels, args.tokens, mode, shared_prefix=True), kind)
+                model, method, rows, labels, args.tokens, mode, shared_prefix=True), model, kind)
     for method in args.plain:  # the same step without the shared prefix, as compiled as the rows above
         variants[f"lrpt-{method}-plain{'+compile' if compiled else ''}"] = lrpt_step(
             model, method, rows, labels, args.tokens, mode, shared_prefix=False)
@@ -289,14 +295,16 @@ def bench_training(model, args, name: str, batch: int, seq: int, compiled: bool)
                                                              shared_prefix=True, scope="graphs")
         variants[f"lrpt-{method}+graphs"] = lrpt_step(model, method, rows, labels, args.tokens, None,
                                                       shared_prefix=False, scope="graphs")
-    peak, warm, times = {}, {}, {k: [] for k in variants}
+    peak, warm, first_loss, times = {}, {}, {}, {k: [] for k in variants}
     for key, fn in variants.items():  # warm-up (compilation, graph capture), peak memory over it
         t0 = time.perf_counter()
         if dev.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        for _ in range(args.warmup):
-            fn()
+        for i in range(args.warmup):
+            handle = fn()
+            if i == 0 and hasattr(fn, "loss"):
+                first_loss[key] = fn.loss(handle)
         if dev.type == "cuda":
             torch.cuda.synchronize()
             peak[key] = torch.cuda.max_memory_allocated() / 2**30
@@ -307,7 +315,8 @@ def bench_training(model, args, name: str, batch: int, seq: int, compiled: bool)
             times[key].append(time_steps(fn, args.steps, dev.type))
     if args.profile:
         for key, fn in variants.items():
-            profile(fn, Path(args.profile) / f"profile-{name}-{key}.txt", dev.type)
+            safe = key.replace("+", "_")  # names with '+' do not travel back from the device tool
+            profile(fn, Path(args.profile) / f"profile-{name}-{safe}.txt", dev.type)
     reference = "floor+compile" if compiled else "floor"
     ms_ref = statistics.median(times[reference])
     tokens = batch * seq
@@ -317,7 +326,8 @@ def bench_training(model, args, name: str, batch: int, seq: int, compiled: bool)
         out.append({"input": name, "batch": batch, "seq": seq, "variant": key, "step_ms": round(ms, 3),
                     "tok_s": round(tokens / ms * 1000), "vs_floor": round(ms_ref / ms, 3), "reference": reference,
                     "peak_gib": round(peak[key], 2) if key in peak else None, "warmup_s": round(warm[key], 1),
-                    "spread_ms": round(max(times[key]) - min(times[key]), 3), "rounds": args.rounds})
+                    "spread_ms": round(max(times[key]) - min(times[key]), 3), "rounds": args.rounds,
+                    "first_loss": first_loss.get(key)})
     return out
 
 
@@ -381,12 +391,15 @@ def main(argv=None) -> int:
             emit(r, log)
             train.append(r)
     print(f"\n{'input':<8}{'variant':<26}{'step ms':>10}{'tok/s':>12}{'vs floor':>10}{'peak GiB':>10}"
-          f"{'TFLOP/s':>9}", file=sys.stderr)
+          f"{'TFLOP/s':>9}{'1st loss':>10}", file=sys.stderr)
     for r in train:
         peak = f"{r['peak_gib']:>10.2f}" if r["peak_gib"] is not None else f"{'-':>10}"
+        loss = f"{r['first_loss']:>10.4f}" if r["first_loss"] is not None else f"{'-':>10}"
         print(f"{r['input']:<8}{r['variant']:<26}{r['step_ms']:>10.2f}{r['tok_s']:>12,}{r['vs_floor']:>10.2f}"
-              f"{peak}{r['tflops']:>9.1f}", file=sys.stderr)
-    print(f"(vs floor: the step time of {train[0]['reference']} over the row's)", file=sys.stderr, flush=True)
+              f"{peak}{r['tflops']:>9.1f}{loss}", file=sys.stderr)
+    print(f"(vs floor: the step time of {train[0]['reference']} over the row's; 1st loss: an lrpt variant's"
+          " loss at its first step, from the same prompt: equal across variants of one method)", file=sys.stderr,
+          flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "train": train}, indent=2))
     return 0

@@ -88,7 +88,7 @@ def test_packed_prefix_experiment_is_exact(tiny_dirs, kind, attention):
     out = []
     for packing in (False, True):
         prompt.zero_grad(set_to_none=True)
-        with packed(be, attention) if packing else torch.enable_grad(), torch.set_grad_enabled(grads):
+        with packed(be, model, attention) if packing else torch.enable_grad(), torch.set_grad_enabled(grads):
             loss = task_loss(be, model, prompt, task, arrays, 2, packing)
         if grads:
             loss.backward()
