@@ -25,9 +25,9 @@ ratio to **the compiled floor**:
   each block compiled once, the rest eager; fast to compile, shared prefix off);
 - ``lrpt-<method>-plain[+compile]`` (``--plain``): the same step with ``shared_prefix=False``, the
   prompt run in every row as the floor does;
-- ``lrpt-<method>-packed-<kind>[+compile]`` (``--packed``, ``--packed-kinds``): the shared prefix forced
-  and packed into one pass with the rows (``packed_prefix.py``, an experiment outside the library),
-  attention as two SDPA calls or one FlexAttention call, compiled whole;
+- ``lrpt-<method>-two-pass+compile`` (``--two-pass``): the step compiled whole with the shared prefix
+  in two passes (the prompt at batch 1, then the rows behind its cache) instead of packed with the
+  rows into one (``lrpt.backends.torch.packed``, the default where the model allows it);
 - ``lrpt-<method>-shared[+compile-blocks]`` (``--shared``): the step with ``shared_prefix=True``
   forced where auto leaves it off (eager, and compiled blocks), to measure whether it pays there.
 
@@ -136,18 +136,17 @@ def lrpt_step(model, method: str, rows: list[list[int]], labels: list[int], n: i
     return step
 
 
-def packed_step(step, model, kind: str):
-    """``step`` run with the shared prefix packed into one pass (benchmarks/packed_prefix.py)."""
-    from packed_prefix import packed
+def two_pass_step(model, method: str, rows, labels, n: int, compile_mode: str | None):
+    """lrpt's step compiled whole with its shared prefix in two passes: packing is decided when the
+    step is built (:class:`lrpt.backends.torch.step.Stepper`), so it is refused there."""
+    from lrpt.backends.torch import step as torch_step
 
-    be = get_backend("torch")
-
-    def run():
-        with packed(be, model, kind):
-            return step()
-
-    run.loss = step.loss
-    return run
+    real = torch_step.packable
+    torch_step.packable = lambda model: False
+    try:
+        return lrpt_step(model, method, rows, labels, n, compile_mode, shared_prefix=True)
+    finally:
+        torch_step.packable = real
 
 
 def peft_steps(model, ids, mask, labels, n: int, compile_mode: str | None) -> dict[str, object]:
@@ -277,10 +276,8 @@ def bench_training(model, args, name: str, batch: int, seq: int, compiled: bool)
         if not args.no_blocks:
             variants[f"lrpt-{method}+compile-blocks"] = lrpt_step(model, method, rows, labels, args.tokens, mode,
                                                                   scope="blocks")
-    for method in args.packed:  # the experiment of packed_prefix.py: the shared prefix in one packed pass
-        for kind in args.packed_kinds:
-            variants[f"lrpt-{method}-packed-{kind}{'+compile' if compiled else ''}"] = packed_step(lrpt_step(
-                model, method, rows, labels, args.tokens, mode, shared_prefix=True), model, kind)
+    for method in args.two_pass if compiled else []:  # the shared prefix compiled whole, not packed
+        variants[f"lrpt-{method}-two-pass+compile"] = two_pass_step(model, method, rows, labels, args.tokens, mode)
     for method in args.plain:  # the same step without the shared prefix, as compiled as the rows above
         variants[f"lrpt-{method}-plain{'+compile' if compiled else ''}"] = lrpt_step(
             model, method, rows, labels, args.tokens, mode, shared_prefix=False)
@@ -348,10 +345,8 @@ def main(argv=None) -> int:
                     help="lrpt methods to run also with the shared prefix forced on (eager, compiled blocks)")
     ap.add_argument("--graphs", nargs="*", default=[],
                     help="lrpt methods to run also as recorded CUDA graphs (--compile-scope graphs; CUDA only)")
-    ap.add_argument("--packed", nargs="*", default=[],
-                    help="lrpt methods to run also with the shared prefix packed (the packed_prefix.py experiment)")
-    ap.add_argument("--packed-kinds", nargs="+", default=["sdpa", "flex"], choices=["sdpa", "flex"],
-                    help="attention of the --packed rows: two SDPA calls, or one FlexAttention call (no CPU backward)")
+    ap.add_argument("--two-pass", nargs="*", default=[],
+                    help="lrpt methods to run also compiled whole with the shared prefix in two passes, not packed")
     ap.add_argument("--profile", help="directory to write a torch.profiler table per variant to, after the timing")
     ap.add_argument("--no-blocks", action="store_true", help="skip the compiled-blocks rows of --compiled")
     ap.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of every compiled row")

@@ -27,6 +27,12 @@ off for eager CUDA (training and scoring), on elsewhere (CPU, MLX), where the ar
 is the cost (measured only on small CPU models so far). The training step's own rule
 (:class:`lrpt.training.Training`) also leaves it off for compiled blocks and for CUDA graphs, where
 the full SST-2 epoch trained in 60.9 s with it against 36.5 s without (SmolLM2-135M, H200).
+
+How the torch backend runs it in a step compiled whole: packed with the rows into one pass
+(:mod:`lrpt.backends.torch.packed`), so each block reads its weights once, not once for the
+prompt's batch-1 pass and again for the rows: 1.29× the floor at 32 × 48 tokens (14.11 ms against
+16.16 ms for the two passes, same run). Everywhere else, and for models packing does not
+implement, the two passes of ``be.forward_after_prefix``.
 """
 
 from __future__ import annotations

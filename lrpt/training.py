@@ -71,7 +71,8 @@ class Training:
         scope = choice.scope if choice.compiled and be.NAME == "torch" else config.compile_scope
         step_config = replace(config, compile=choice.compiled, compile_mode=choice.mode, compile_scope=scope)
         self.stepper = be.Stepper(model, prompt, self.loss, step_config, shapes=max(len(counts), 1),
-                                  auto=config.compile is None or config.compile_scope is None)
+                                  auto=config.compile is None or config.compile_scope is None,
+                                  shared=uses_prefix(be, model, spec, self.shared))
         self.world = self.stepper.world  # (rank, size): (0, 1) unless launched data parallel
         if self.shapes is not None:  # each rank pads its share of a batch to the same row count
             self.shapes.rows = -(-config.batch_size // self.world[1])
@@ -82,7 +83,9 @@ class Training:
         if not (spec.is_static and spec.n_tokens > 0):
             return ""
         on = uses_prefix(self.be, self.model, spec, self.shared)
-        return "; static prompt " + ("once per batch (shared prefix)" if on else "in every row (plain path)")
+        if not on:
+            return "; static prompt in every row (plain path)"
+        return "; static prompt once per batch (shared prefix" + (", packed with the rows)" if self.stepper.packs else ")")
 
     def loss(self, arrays: dict[str, Any]):
         """The loss of one prepared batch (what the Stepper differentiates, and may compile)."""

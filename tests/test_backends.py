@@ -187,8 +187,9 @@ def test_both_backends_satisfy_the_protocol_with_the_same_signatures():
 
 # Files one backend has and the other needs not: MLX's splice.py puts prompts into mlx-lm models,
 # which mostly take no embeddings (transformers' take ``inputs_embeds``); torch's graphs.py records
-# the step as CUDA graphs (MLX has none: mx.compile is its whole-step compilation).
-ONLY_IN = {"torch": {"graphs.py"}, "mlx": {"splice.py"}}
+# the step as CUDA graphs (MLX has none: mx.compile is its whole-step compilation); torch's packed.py
+# packs the shared prefix through transformers' AttentionInterface (mlx-lm models have none).
+ONLY_IN = {"torch": {"graphs.py", "packed.py"}, "mlx": {"splice.py"}}
 
 
 def test_mirrored_files():
@@ -488,7 +489,10 @@ def test_shared_prefix_auto_is_off_for_eager_cuda_and_on_for_compiled_steps(kit,
     for compile_, scope, shared in cases:
         ops = Training(kit.be, model, tok, prompt, TASK, data, None, cfg(compile=compile_, compile_scope=scope))
         assert ops.shared is shared
-        assert ops.prefix_note().endswith("once per batch (shared prefix)" if shared else "in every row (plain path)")
+        packs = kit.name == "torch" and scope == "step"  # compiled whole: packed with the rows (torch)
+        assert ops.stepper.packs is packs
+        assert ops.prefix_note().endswith(("once per batch (shared prefix, packed with the rows)" if packs else
+                                           "once per batch (shared prefix)") if shared else "in every row (plain path)")
 
 
 # -- generation ------------------------------------------------------------------------------------
@@ -761,6 +765,95 @@ def test_torch_step_compiled_whole_with_the_shared_prefix_is_one_graph_compiled_
         torch._dynamo.reset()
     assert "shared prefix" in res.compile_choice and np.isfinite(res.final_loss)
     assert not breaks
+
+
+@pytest.mark.parametrize("kind", ["classification", "completion"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_torch_packed_prefix_equals_the_two_pass_prefix(tiny_dirs, arch, kind):
+    """The shared prefix packed with the rows (lrpt.backends.torch.packed) gives the two-pass path's
+    loss and gradients (fp32, rows of different lengths, right padded) and does run packed: one pass
+    of n + B·T. A model it does not implement (gemma3's sliding window) is not packable."""
+    import torch
+
+    from lrpt.backends.torch.packed import packable, packed_attention
+    from lrpt.layout import completion_arrays, scoring_arrays, to_arrays
+    from lrpt.scoring import task_loss
+
+    be = get_backend("torch")
+    model, tok = be.load_model(str(tiny_dirs[arch]), dtype="float32", device="cpu", quiet=True)
+    if arch == "gemma3":
+        assert not packable(model)
+        return
+    assert packable(model)
+    n = 5
+    prompt = be.init_prompt(spec_for("lopt1", n=n), model, tok, seed=1)
+    hf = be.hf_tokenizer(tok)
+    rows = [hf(t)["input_ids"] for t in TEXTS + ["fun film"]]
+    task = TASK
+    if kind == "completion":
+        host = completion_arrays(rows, [r[:3] for r in reversed(rows)], n, pad_to_multiple=8)
+        task = Task("echo", kind="completion", template="{prompt}")
+    else:
+        host = scoring_arrays(rows, label_token_ids(hf, [" good", " bad"]), [n] * len(rows), pad_to_multiple=8)
+        host["labels"] = np.array([0, 1, 1, 0])
+    arrays = to_arrays(host, be.asarray_for(model))
+    widths = []
+    from lrpt.backends.torch.model import transformer_blocks
+
+    hook = transformer_blocks(model)[0].register_forward_pre_hook(
+        lambda m, args, kw: widths.append(tuple((args[0] if args else kw["hidden_states"]).shape[:2])), with_kwargs=True)
+    out = []
+    for packing in (False, True):
+        prompt.zero_grad(set_to_none=True)
+        with packed_attention(model, packing):
+            loss = task_loss(be, model, prompt, task, arrays, 2, True)
+        loss.backward()
+        out.append((loss.item(), {k: p.grad.clone() for k, p in prompt.named_parameters()}))
+    hook.remove()
+    assert model.config._attn_implementation == "sdpa"  # switched back
+    (one, _), (b, w), packed_width = widths[0], widths[1], widths[-1]  # two passes (prompt, rows), then one
+    assert one == 1 and len(widths) == 3 and packed_width == (1, n + b * w)
+    assert abs(out[0][0] - out[1][0]) <= 1e-5
+    for k, g in out[0][1].items():
+        torch.testing.assert_close(out[1][1][k], g, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_step_compiled_whole_packs_the_shared_prefix_and_trains_like_two_passes(kit, llama, monkeypatch):
+    """A step compiled whole that runs the shared prefix runs it packed (one pass per block, the
+    attention switched outside the compiled code and back after it) and trains as the eager
+    two-pass step does; evaluation in between runs with the model's own attention."""
+    if kit.name != "torch":
+        pytest.skip("the torch backend's packing")
+    import torch
+
+    from lrpt.backends.torch import step as torch_step
+    from lrpt.backends.torch.model import transformer_blocks
+
+    real = torch.compile
+    monkeypatch.setattr(torch_step.torch, "compile", lambda fn, **kw: real(fn, backend="eager", dynamic=False))
+    model, tok = llama
+    widths = []
+    hook = transformer_blocks(model)[0].register_forward_pre_hook(
+        lambda m, args, kw: widths.append(tuple((args[0] if args else kw["hidden_states"]).shape[:2])), with_kwargs=True)
+    out = {}
+    try:
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            widths.clear()
+            prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+            res = kit.be.train(model, tok, prompt, TASK, toy_data(32), toy_data(8, seed=3),
+                               cfg(steps=3, compile=compiled, compile_scope="step" if compiled else None,
+                                   shared_prefix=True, pad_to_multiple=64, eval_every=2))
+            out[compiled] = (res.final_loss, res.best_metric, prompt.to_params(), list(widths))
+    finally:
+        hook.remove()
+        torch._dynamo.reset()
+    assert "packed" in res.compile_choice and model.config._attn_implementation == "sdpa"
+    assert not any(w[0] == 1 and w[1] > 64 for w in out[False][3])  # eager: two passes, never packed
+    assert any(w[0] == 1 and w[1] > 64 for w in out[True][3])  # compiled: packed (1, n + B·T) passes
+    assert out[True][0] == pytest.approx(out[False][0], abs=1e-4) and out[True][1] == out[False][1]
+    for k, v in out[False][2].items():
+        close(out[True][2][k], v, atol=1e-4)
 
 
 @pytest.mark.parametrize("probe", [False, True])

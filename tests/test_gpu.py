@@ -206,6 +206,8 @@ def test_compiled_loss_and_gradients_match_eager(tiny_dirs, tb, mode, shared, sc
         prompt = tb.prompt_from_adapter(_adapter("lopt1"), model)
         ops = Training(tb, model, tok, prompt, task, data, None,
                        TrainConfig(compile=compiled, compile_mode=mode, shared_prefix=shared, compile_scope=scope))
+        # Compiled whole, the shared prefix runs packed with the rows (lrpt.backends.torch.packed).
+        assert ops.stepper.packs == (compiled and shared and scope == "step")
         for _ in range(3 if compiled else 1):  # compiled: warm up (CUDA graphs record on later calls)
             prompt.zero_grad(set_to_none=True)
             loss = ops.stepper.loss(ops.prepare(data[:8]))  # the Stepper's (compiled) loss
@@ -217,8 +219,8 @@ def test_compiled_loss_and_gradients_match_eager(tiny_dirs, tb, mode, shared, sc
 
 
 def test_step_compiled_whole_is_one_cuda_graph_compiled_once(tiny_dirs, tb, monkeypatch):
-    """The shared-prefix step compiled whole (reduce-overhead) is one graph, compiled once per shape,
-    its CUDA graphs not skipped: on torch 2.11 an import statement traced in the step (transformers'
+    """The shared-prefix step compiled whole (reduce-overhead; the prefix packed with the rows) is one
+    graph, compiled once per shape, its CUDA graphs not skipped: on torch 2.11 an import statement traced in the step (transformers'
     lazy module) was a graph break, and a memo written under tracing made the first shape compile twice."""
     from torch._dynamo.utils import counters
 
@@ -238,7 +240,7 @@ def test_step_compiled_whole_is_one_cuda_graph_compiled_once(tiny_dirs, tb, monk
         breaks, skips = dict(counters["graph_break"]), counters["inductor"]["cudagraph_skips"]
     finally:
         torch._dynamo.reset()
-    assert "shared prefix" in res.compile_choice and np.isfinite(res.final_loss)
+    assert "shared prefix, packed with the rows" in res.compile_choice and np.isfinite(res.final_loss)
     assert not breaks and not skips
 
 

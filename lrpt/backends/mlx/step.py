@@ -29,10 +29,13 @@ class Stepper:
     """One optimizer step over micro-batches; the AdamW moments in the core's checkpoint schema."""
 
     def __init__(self, model, prompt, loss: Callable[[dict[str, Any]], mx.array], config: TrainConfig,
-                 shapes: int = 1, auto: bool = False):
+                 shapes: int = 1, auto: bool = False, shared: bool = False):
         """``auto``: the compile choice was lrpt's (torch then falls back from CUDA graphs that cannot be
-        recorded and says why in ``fell_back``; mx.compile has no such case, so it is unused here)."""
+        recorded and says why in ``fell_back``; mx.compile has no such case, so it is unused here).
+        ``shared``: the loss runs the shared prefix (torch packs it in a step compiled whole; MLX's
+        two-pass prefix is its only one, so it is unused here)."""
         self.fell_back: str | None = None
+        self.packs = False  # the shared prefix packed with the rows: torch's, in a step compiled whole
         if config.compile_mode:
             raise TrainingError("compile_mode is torch.compile's: with --backend mlx use --compile alone")
         if config.compile_scope:

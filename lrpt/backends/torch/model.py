@@ -30,6 +30,7 @@ from ...layout import Batch, Suffix, pack
 from ...reference import init_for_model
 from ...spec import PromptSpec
 from . import ops
+from .packed import forward_packed, is_packed
 from .prompts import PromptModule
 
 
@@ -291,6 +292,8 @@ def forward_after_prefix(model, prefix_embeds: torch.Tensor, suffix: Suffix) -> 
     n = suffix.n
     dev = suffix.ids.device
     tok = embed(model, suffix.ids)
+    if is_packed(model):  # a step compiled whole, switched to the packed layout around its call (.packed)
+        return forward_packed(model, prefix_embeds, tok, suffix)
     backbone = model.base_model
     cache = {_cache_kwarg(type(backbone)): DynamicCache(config=model.config)}
     backbone(inputs_embeds=prefix_embeds.to(tok.dtype)[None], position_ids=torch.arange(n, device=dev)[None],

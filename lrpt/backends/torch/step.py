@@ -18,13 +18,17 @@ from ...errors import TrainingError
 from ...trainer import TrainConfig
 from .graphs import CapturedSteps, NotRecordable, refusal
 from .model import autocast, fsdp_sharded, transformer_blocks
+from .packed import packable, packed_attention
 
 
 class Stepper:
     """One optimizer step over micro-batches; the AdamW moments in the core's checkpoint schema."""
 
     def __init__(self, model, prompt, loss: Callable[[dict[str, Any]], torch.Tensor], config: TrainConfig,
-                 shapes: int = 1, auto: bool = False):
+                 shapes: int = 1, auto: bool = False, shared: bool = False):
+        """``auto``: the compile choice was lrpt's (a step that cannot be recorded as CUDA graphs then
+        runs eagerly, ``fell_back`` says why). ``shared``: the loss runs the shared prefix, which a
+        step compiled whole runs packed where the model allows it (:mod:`.packed`)."""
         if config.grad_checkpoint:
             raise TrainingError("grad_checkpoint is the MLX backend's (recomputing layers in the backward pass):"
                                 " drop --grad-checkpoint with --backend torch")
@@ -42,8 +46,11 @@ class Stepper:
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=config.weight_decay,
                                      fused=model.device.type == "cuda", capturable=capture)
         self.loss = loss
+        # The shared prefix packed with the rows: a step compiled whole, on a model packing implements.
+        self.packs = bool(config.compile) and not capture and shared and config.compile_scope == "step" \
+            and packable(model)
         if config.compile and not capture:
-            self.loss = compiled(model, loss, config, shapes)
+            self.loss = compiled(model, loss, config, shapes, pack=self.packs)
         self.world = world(need_group=config.fsdp)
         # Under FSDP every forward and backward is a collective: ranks run the same number of them.
         self.lockstep = config.fsdp
@@ -146,7 +153,8 @@ class Stepper:
             }
 
 
-def compiled(model, loss: Callable[[dict[str, Any]], torch.Tensor], config: TrainConfig, shapes: int):
+def compiled(model, loss: Callable[[dict[str, Any]], torch.Tensor], config: TrainConfig, shapes: int,
+             pack: bool = False):
     """``loss`` with torch.compile, over ``config.compile_scope``:
 
     - ``blocks``: each transformer block's call is compiled, with dynamic shapes. Every block runs
@@ -160,6 +168,9 @@ def compiled(model, loss: Callable[[dict[str, Any]], torch.Tensor], config: Trai
 
     The whole step compiled once with dynamic shapes was tried and dropped (commit 2135de0): on the
     full SST-2 epoch it had not run 10 steps after 285 s, where the whole eager run took 170 s.
+
+    ``pack`` (a step compiled whole that runs the shared prefix): the prefix runs packed with the
+    rows (:mod:`.packed`), the model's attention switched around each call, outside the compiled code.
 
     Dynamo's recompile limit (8 by default; past it a step silently runs eager) is raised to cover
     the ``shapes`` (step) or one compilation per block (blocks run behind a KV cache: the shared
@@ -193,7 +204,8 @@ def compiled(model, loss: Callable[[dict[str, Any]], torch.Tensor], config: Trai
     def run(arrays: dict[str, Any]) -> torch.Tensor:
         if mark:  # a new iteration: CUDA graphs may reuse the memory of the last one's outputs
             torch.compiler.cudagraph_mark_step_begin()
-        return step(arrays)
+        with packed_attention(model, pack):
+            return step(arrays)
 
     return run
 
