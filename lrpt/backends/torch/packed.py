@@ -27,9 +27,13 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface
+
+try:  # a transformers with attention and mask registries (5.x has them); older ones keep two passes
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
+except ImportError:  # pragma: no cover - the test environment's transformers has them
+    AttentionInterface = None
 
 from ...errors import LrptError
 from ...layout import Suffix
@@ -64,8 +68,9 @@ def _no_mask(*args, **kwargs) -> None:
 
 
 # Registered at import, not in the traced step: registering there changes state dynamo guards on.
-AttentionInterface.register(NAME, attention)
-AttentionMaskInterface.register(NAME, _no_mask)
+if AttentionInterface is not None:
+    AttentionInterface.register(NAME, attention)
+    AttentionMaskInterface.register(NAME, _no_mask)
 
 
 def packable(model) -> bool:
@@ -73,7 +78,7 @@ def packable(model) -> bool:
     ``AttentionInterface`` with SDPA (what the packed attention reproduces), one config (no text
     sub-config), no attention soft-capping and no sliding window (not implemented here)."""
     cfg = model.config
-    return (getattr(model, "_supports_attention_backend", False) and cfg._attn_implementation == "sdpa"
+    return (AttentionInterface is not None and getattr(model, "_supports_attention_backend", False) and cfg._attn_implementation == "sdpa"
             and cfg.get_text_config() is cfg
             and not getattr(cfg, "attn_logit_softcapping", None) and not getattr(cfg, "sliding_window", None))
 
