@@ -47,8 +47,7 @@ class Stepper:
                                      fused=model.device.type == "cuda", capturable=capture)
         self.loss = loss
         # The shared prefix packed with the rows: a step compiled whole, on a model packing implements.
-        self.packs = bool(config.compile) and not capture and shared and config.compile_scope == "step" \
-            and packable(model)
+        self.packs = bool(config.compile) and config.compile_scope == "step" and shared and packable(model)
         if config.compile and not capture:
             self.loss = compiled(model, loss, config, shapes, pack=self.packs)
         self.world = world(need_group=config.fsdp)
