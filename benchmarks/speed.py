@@ -181,7 +181,7 @@ def peft_steps(model, ids, mask, labels, n: int, compile_mode: str | None) -> di
 
     out = {"peft": make(loss_fn, 0), "peft-keep1": make(loss_fn, 1)}
     if compile_mode is not None:
-        out["peft+compile"] = make(torch.compile(loss_fn, mode=compile_mode), 0)
+        out["peft+compile"] = make(torch.compile(loss_fn, mode=compile_mode, dynamic=False), 0)
     return out
 
 
@@ -200,7 +200,10 @@ def floor_step(model, ids, labels, n: int, compile_mode: str | None):
         logits = model.lm_head(h).float()
         return torch.nn.functional.cross_entropy(logits[:, label_ids], labels)
 
-    fn = torch.compile(loss_fn, mode=compile_mode) if compile_mode is not None else loss_fn
+    # dynamic=False as lrpt's step: each input shape compiled for itself (after a first shape,
+    # automatic dynamic shapes would recompile the second one symbolically, slower and, on torch
+    # 2.11 at 16x256 after 32x48, failing in inductor).
+    fn = torch.compile(loss_fn, mode=compile_mode, dynamic=False) if compile_mode is not None else loss_fn
 
     def step():
         with _autocast(model):
