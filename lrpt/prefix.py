@@ -20,8 +20,8 @@ supplies only the framework work, ``be.forward_after_prefix``.
 Where it pays (the switch's default, None: :func:`prefix_pays`): the shared path runs every block
 twice, the prompt at batch 1 and then the rows, so it launches twice the kernels. Measured on an
 H200 at the Llama-3.2-1B shape (benchmarks/RESULTS.md): compiled with CUDA graphs, where launches
-cost nothing, it is the faster step (1.13× the hand-written floor against 0.97× for the plain path
-at 32 × 48 tokens, 1.03× against 0.98× at 16 × 256); run eagerly on CUDA, where this model is
+cost nothing, it is the faster step (in two passes 1.14× the hand-written floor against 0.98× for
+the plain path at 32 × 48 tokens, 1.04× against 0.98× at 16 × 256); run eagerly on CUDA, where this model is
 launch-bound, the doubled launches made the step 2× slower. So: on for a step compiled whole,
 off for eager CUDA (training and scoring), on elsewhere (CPU, MLX), where the arithmetic it saves
 is the cost (measured only on small CPU models so far). The training step's own rule
@@ -30,8 +30,8 @@ the full SST-2 epoch trained in 60.9 s with it against 36.5 s without (SmolLM2-1
 
 How the torch backend runs it in a step compiled whole: packed with the rows into one pass
 (:mod:`lrpt.backends.torch.packed`), so each block reads its weights once, not once for the
-prompt's batch-1 pass and again for the rows: 1.29× the floor at 32 × 48 tokens (14.11 ms against
-16.16 ms for the two passes, same run). Everywhere else, and for models packing does not
+prompt's batch-1 pass and again for the rows: 1.29× the floor at 32 × 48 tokens (13.88 ms against
+15.73 ms for the two passes), 1.09× at 16 × 256 (34.59 ms against 36.25 ms), same runs. Everywhere else, and for models packing does not
 implement, the two passes of ``be.forward_after_prefix``.
 """
 

@@ -19,7 +19,18 @@ pytest.importorskip("torch")
 pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
-from tiny import ARCHS, METHODS, TEXTS, Crash, crash_after_checkpoint, sentences, spec_for, toy_data, toy_task  # noqa: E402
+from tiny import (  # noqa: E402
+    ARCHS,
+    METHODS,
+    TEXTS,
+    Crash,
+    crash_after_checkpoint,
+    packed_vs_two_passes,
+    sentences,
+    spec_for,
+    toy_data,
+    toy_task,
+)
 
 from lrpt import Adapter, PromptSpec, Task, TrainingError  # noqa: E402
 from lrpt.backends import BACKENDS, Backend, get_backend  # noqa: E402
@@ -775,9 +786,7 @@ def test_torch_packed_prefix_equals_the_two_pass_prefix(tiny_dirs, arch, kind):
     of n + B·T. A model it does not implement (gemma3's sliding window) is not packable."""
     import torch
 
-    from lrpt.backends.torch.packed import packable, packed_attention
-    from lrpt.layout import completion_arrays, scoring_arrays, to_arrays
-    from lrpt.scoring import task_loss
+    from lrpt.backends.torch.packed import packable
 
     be = get_backend("torch")
     model, tok = be.load_model(str(tiny_dirs[arch]), dtype="float32", device="cpu", quiet=True)
@@ -786,30 +795,7 @@ def test_torch_packed_prefix_equals_the_two_pass_prefix(tiny_dirs, arch, kind):
         return
     assert packable(model)
     n = 5
-    prompt = be.init_prompt(spec_for("lopt1", n=n), model, tok, seed=1)
-    hf = be.hf_tokenizer(tok)
-    rows = [hf(t)["input_ids"] for t in TEXTS + ["fun film"]]
-    task = TASK
-    if kind == "completion":
-        host = completion_arrays(rows, [r[:3] for r in reversed(rows)], n, pad_to_multiple=8)
-        task = Task("echo", kind="completion", template="{prompt}")
-    else:
-        host = scoring_arrays(rows, label_token_ids(hf, [" good", " bad"]), [n] * len(rows), pad_to_multiple=8)
-        host["labels"] = np.array([0, 1, 1, 0])
-    arrays = to_arrays(host, be.asarray_for(model))
-    widths = []
-    from lrpt.backends.torch.model import transformer_blocks
-
-    hook = transformer_blocks(model)[0].register_forward_pre_hook(
-        lambda m, args, kw: widths.append(tuple((args[0] if args else kw["hidden_states"]).shape[:2])), with_kwargs=True)
-    out = []
-    for packing in (False, True):
-        prompt.zero_grad(set_to_none=True)
-        with packed_attention(model, packing):
-            loss = task_loss(be, model, prompt, task, arrays, 2, True)
-        loss.backward()
-        out.append((loss.item(), {k: p.grad.clone() for k, p in prompt.named_parameters()}))
-    hook.remove()
+    out, widths = packed_vs_two_passes(be, model, tok, kind, n)
     assert model.config._attn_implementation == "sdpa"  # switched back
     (one, _), (b, w), packed_width = widths[0], widths[1], widths[-1]  # two passes (prompt, rows), then one
     assert one == 1 and len(widths) == 3 and packed_width == (1, n + b * w)

@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-from tiny import ARCHS, METHODS, TEXTS, sentences, spec_for, toy_data, toy_task  # noqa: E402
+from tiny import ARCHS, METHODS, TEXTS, packed_vs_two_passes, sentences, spec_for, toy_data, toy_task  # noqa: E402
 
 from lrpt import Adapter  # noqa: E402
 
@@ -153,6 +153,22 @@ def test_shared_prefix_loss_and_gradients_equal_the_plain_path_on_cuda(tiny_dirs
     assert abs(out[True][0] - out[False][0]) <= 1e-5
     for a, b in zip(out[True][1], out[False][1]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["classification", "completion"])
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "gemma3"])  # gemma3: not packable, two passes
+def test_packed_prefix_loss_and_gradients_equal_the_two_passes_on_cuda(tiny_dirs, tb, arch, kind):
+    """fp32 on CUDA, eagerly: the shared prefix packed with the rows (the default of a step compiled
+    whole) gives the two-pass path's loss, and its gradients within 1e-5 (relative above 1), and
+    runs as one pass of n + B·T; with the test above, the plain path's."""
+    model, tok = tb.load_model(tiny_dirs[arch], dtype="float32", device="cuda", quiet=True)
+    n = 5
+    out, widths = packed_vs_two_passes(tb, model, tok, kind, n)
+    (b, w), packed_width = widths[1], widths[-1]
+    assert len(widths) == 3 and packed_width == (1, n + b * w)
+    assert abs(out[0][0] - out[1][0]) <= 1e-5
+    for k, g in out[0][1].items():
+        torch.testing.assert_close(out[1][1][k], g, rtol=1e-5, atol=1e-5)
 
 
 def test_python_api_moves_a_cpu_prompt_to_the_model(tiny_dirs, tb):

@@ -203,6 +203,46 @@ def toy_data(n: int = 96, seed: int = 5) -> list[dict]:
             for s in sentences(n, seed=seed)]
 
 
+def packed_vs_two_passes(be, model, tok, kind: str, n: int = 5):
+    """The torch backend's shared prefix run in two passes, then packed with the rows
+    (lrpt.backends.torch.packed), eagerly on ``model``'s device: [(loss, {name: grad})] per path
+    and the (batch, width) the first block saw on each call (rows of different lengths, right padded)."""
+    import numpy as np
+
+    from lrpt import Task
+    from lrpt.backends.torch.model import transformer_blocks
+    from lrpt.backends.torch.packed import packed_attention
+    from lrpt.layout import completion_arrays, scoring_arrays, to_arrays
+    from lrpt.scoring import task_loss
+    from lrpt.tokens import label_token_ids
+
+    prompt = be.init_prompt(spec_for("lopt1", n=n), model, tok, seed=1)
+    hf = be.hf_tokenizer(tok)
+    rows = [hf(t)["input_ids"] for t in TEXTS + ["fun film"]]
+    task = toy_task()
+    if kind == "completion":
+        host = completion_arrays(rows, [r[:3] for r in reversed(rows)], n, pad_to_multiple=8)
+        task = Task("echo", kind="completion", template="{prompt}")
+    else:
+        host = scoring_arrays(rows, label_token_ids(hf, [" good", " bad"]), [n] * len(rows), pad_to_multiple=8)
+        host["labels"] = np.array([0, 1, 1, 0])
+    arrays = to_arrays(host, be.asarray_for(model))
+    widths = []
+    hook = transformer_blocks(model)[0].register_forward_pre_hook(
+        lambda m, args, kw: widths.append(tuple((args[0] if args else kw["hidden_states"]).shape[:2])), with_kwargs=True)
+    out = []
+    try:
+        for packing in (False, True):
+            prompt.zero_grad(set_to_none=True)
+            with packed_attention(model, packing):
+                loss = task_loss(be, model, prompt, task, arrays, 2, True)
+            loss.backward()
+            out.append((loss.item(), {k: p.grad.clone() for k, p in prompt.named_parameters()}))
+    finally:
+        hook.remove()
+    return out, widths
+
+
 class Crash(Exception):
     """What :func:`crash_after_checkpoint` raises: a run killed right after a checkpoint."""
 
