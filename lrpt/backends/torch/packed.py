@@ -9,9 +9,9 @@ sees the structure, and it is the two-pass path's attention: the prompt causal o
 causal, padding masked), both through transformers' own SDPA call. Same loss and gradients as the
 two-pass path, up to float rounding (tests/test_backends.py, tests/test_gpu.py).
 
-Measured on an H200 (Llama-3.2-1B shape, bf16, 32 × (48+20), the step compiled whole with CUDA
-graphs; benchmarks/RESULTS.md): 14.11 ms, 1.29× the compiled hand-written floor, against 16.16 ms
-(1.13×) for the two-pass path in the same run.
+Measured on an H200 (Llama-3.2-1B shape, bf16, the step compiled whole with CUDA graphs;
+benchmarks/RESULTS.md): at 32 × (48+20) 13.88 ms, 1.29× the compiled hand-written floor, against
+15.73 ms (1.14×) for the two-pass path; at 16 × (256+20) 1.09× against 1.04×, same runs.
 
 How it is switched on: the model's attention implementation is set to this module's function
 **outside** the compiled step (:func:`packed_attention`, entered by :func:`.step.compiled`) and
