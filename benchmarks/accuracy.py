@@ -12,16 +12,17 @@ validation split. Runs:
 - ``lrpt:METHOD[:key=value...]``: ``lrpt train`` with no tuning flags, i.e. the method's defaults
   (``lrpt.spec.METHOD_DEFAULTS``), ``--no-compile``; ``key=value`` overrides a PromptSpec field or
   ``lr`` (e.g. ``lrpt:lopa:lr=1e-3``, ``lrpt:lopt1:n_tokens=50``; ``init=text`` starts from ``INIT_TEXT``, as PEFT's TEXT init
-  does; ``probe=1`` adds ``--lr-probe``, and the result's ``lr`` is the one it chose). Any run takes
+  does; ``init=labels`` starts from the task's label words, repeated to n, Lester et al.'s class-label
+  init, as text init; ``probe=1`` adds ``--lr-probe``, and the result's ``lr`` is the one it chose). Any run takes
   ``steps=N``, its own length (``peft-lora:lr=1e-3:steps=500``). The job is what this command
   trains (with ``--lrpt-step auto``, without ``--no-compile``)::
 
       lrpt train --backend torch --model HF --data DATA/TASK --task TASK [--train-limit N] \\
           --method METHOD --seed SEED --no-compile --out RUN
 
-- ``peft-prompt:init=text|vocab:lr=X``: PEFT prompt tuning, n=20, PromptTuningInit TEXT (a
-  one-line task instruction, ``INIT_TEXT``) or SAMPLE_VOCAB, right padding, logits at each row's
-  last real token;
+- ``peft-prompt:init=text|labels|vocab:lr=X``: PEFT prompt tuning, n=20, PromptTuningInit TEXT (a
+  one-line task instruction, ``INIT_TEXT``, or with ``labels`` the label words) or SAMPLE_VOCAB,
+  right padding, logits at each row's last real token;
 - ``peft-lora:lr=X``: PEFT LoRA r=8, alpha 16, on q_proj and v_proj.
 
 Jobs run in ``--workers`` processes spread over ``--gpus`` (small models leave a GPU mostly idle,
@@ -61,6 +62,11 @@ INIT_TEXT = {  # PEFT's TEXT init: one line saying what the task asks
 }
 TOKENS = 20  # prompt length n of every prompt-tuning run
 LONGEST_FIRST = ["sst2", "trec", "rte", "cb"]  # by steps × tokens at the defaults
+
+
+def init_text(task, kind: str) -> str:
+    """The text a ``text`` init starts from: the task's instruction, or (``labels``) its label words."""
+    return "".join(task.label_words) if kind == "labels" else INIT_TEXT[task.name]
 
 
 def parse_run(name: str) -> tuple[str, dict]:
@@ -180,8 +186,8 @@ def _lrpt(task, train_rows, val, settings: dict, job: dict) -> dict:
     lr = settings.pop("lr", None)
     probe = bool(settings.pop("probe", 0))  # lrpt train --lr-probe
     fields = {k: v for k, v in METHOD_DEFAULTS[method].items() if k != "lr"}
-    if settings.get("init") == "text":  # the same one-line instruction PEFT's TEXT init gets
-        settings["init_text"] = INIT_TEXT[task.name]
+    if settings.get("init") in ("text", "labels"):  # the same texts PEFT's TEXT init gets
+        settings["init"], settings["init_text"] = "text", init_text(task, settings["init"])
     spec = PromptSpec(method, **{"n_tokens": 4 if job["smoke"] else TOKENS, **fields, **settings})
     prompt = M.init_prompt(spec, model, tok, seed=job["seed"])
     # --lrpt-step auto: the step lrpt train takes with no flag (CUDA graphs on a GPU); else eager
@@ -208,9 +214,10 @@ def _peft(task, train_rows, val, kind: str, settings: dict, job: dict) -> dict:
     model, tok = _model(fresh=True)  # PEFT changes the model it wraps
     lr, n = settings["lr"], (4 if job["smoke"] else TOKENS)
     if kind == "peft-prompt":
-        init = {"text": PromptTuningInit.TEXT, "vocab": PromptTuningInit.SAMPLE_VOCAB}[settings["init"]]
-        extra = dict(prompt_tuning_init_text=INIT_TEXT[task.name], tokenizer_name_or_path=_STATE["path"]) \
-            if settings["init"] == "text" else {}
+        vocab = settings["init"] == "vocab"
+        init = PromptTuningInit.SAMPLE_VOCAB if vocab else PromptTuningInit.TEXT
+        extra = {} if vocab else dict(prompt_tuning_init_text=init_text(task, settings["init"]),
+                                      tokenizer_name_or_path=_STATE["path"])
         pcfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, prompt_tuning_init=init, **extra)
     else:
         pcfg = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0,

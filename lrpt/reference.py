@@ -88,10 +88,14 @@ def init_params(
             return {"lopt.U": normal((n, r), 1.0 / math.sqrt(r)), "lopt.V": normal((r, dim), sigma)}
         a, s, bt = np.linalg.svd(start.astype(np.float64), full_matrices=False)
         root = np.sqrt(s[:r])
-        return {
-            "lopt.U": (a[:, :r] * root).astype(np.float32),
-            "lopt.V": (root[:, None] * bt[:r]).astype(np.float32),
-        }
+        u, v = a[:, :r] * root, root[:, None] * bt[:r]
+        # A start of rank < r (a text of fewer distinct tokens than r, e.g. two label words) leaves
+        # components with s = 0: U's column and V's row both zero get zero gradient forever. Those
+        # start as LoRA does (U column ~ N(0, 1/r), V row 0): X is unchanged and V learns at once.
+        dead = s[:r] <= s[0] * 1e-6
+        u[:, dead] = rng.standard_normal((n, int(dead.sum()))) / math.sqrt(r)
+        v[dead] = 0.0
+        return {"lopt.U": u.astype(np.float32), "lopt.V": v.astype(np.float32)}
     if spec.method == "lopt2":
         x0 = start if start is not None else normal((n, dim), sigma)
         return {

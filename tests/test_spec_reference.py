@@ -105,6 +105,18 @@ def test_vocab_and_text_init():
         init_params(PromptSpec("prompt", init="vocab"), 4, 0)
 
 
+def test_lopt1_text_init_of_lower_rank_keeps_every_component_trainable():
+    """Two label words repeated to n rows are a rank-2 start: at rank 4 the other two components
+    must not be a dead saddle (U column and V row both zero)."""
+    emb = np.random.default_rng(1).standard_normal((10, 6)).astype(np.float32)
+    spec = PromptSpec("lopt1", n_tokens=6, rank=4, init="text", init_text="x y")
+    p = init_params(spec, 6, 0, emb, init_token_ids=[3, 8])
+    np.testing.assert_allclose(p["lopt.U"] @ p["lopt.V"], emb[[3, 8, 3, 8, 3, 8]], atol=1e-5)
+    # dL/dV = Uᵀ G and dL/dU = G Vᵀ: every component gets a gradient from V's side.
+    assert np.all(np.abs(p["lopt.U"]).sum(0) > 0.1), p["lopt.U"]
+    assert np.count_nonzero(np.abs(p["lopt.V"]).sum(1) == 0) == 2
+
+
 def test_materialize_formulas_by_hand():
     u = np.array([[1.0, 0.0], [0.0, 2.0]], np.float32)
     v = np.array([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]], np.float32)
