@@ -336,6 +336,38 @@ def test_cuda_graphs_are_auto_on_cuda_and_refuse_lopa_dropout(tiny_dirs, tb):
                  TrainConfig(steps=3, batch_size=8, progress=False, compile=True, compile_scope="graphs"))
 
 
+MEMORY_SCRIPT = """
+import gc, sys, torch
+sys.path.insert(0, "tests")
+from tiny import spec_for, toy_data, toy_task
+from lrpt.backends import get_backend
+from lrpt.backends.torch import graphs
+from lrpt.trainer import TrainConfig
+if sys.argv[2] == "fresh":  # the old recorder: a new side stream for every recording
+    graphs.side_stream = lambda device: torch.cuda.Stream(device)
+tb = get_backend("torch")
+model, tok = tb.load_model(sys.argv[1], dtype="float32", device="cuda", quiet=True)
+for seed in range(4):
+    prompt = tb.init_prompt(spec_for("lopt1"), model, tok, seed=seed)
+    res = tb.train(model, tok, prompt, toy_task(), toy_data(90, seed=seed), None, TrainConfig(
+        steps=12, batch_size=8, compile=True, compile_scope="graphs", pad_to_multiple=4, progress=False))
+    assert "CUDA graphs" in res.compile_choice
+    del prompt, res
+    gc.collect()
+    print(torch.cuda.memory_allocated(), flush=True)
+"""
+
+
+def test_cuda_graph_runs_leave_no_memory_behind(tiny_dirs):
+    """Four CUDA-graph training runs in one fresh process: what stays allocated after the first stays
+    the same (each run records several shapes; a new side stream per recording used to leave a cuBLAS
+    workspace behind every time)."""
+    r = ok(subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tiny_dirs["llama"]), "one"],
+                          capture_output=True, text=True))
+    after = [int(line) for line in r.stdout.split()]
+    assert len(after) == 4 and max(after) - after[0] <= 2**20, after
+
+
 # -- the real model ------------------------------------------------------------------------------------
 
 SMOL = os.environ.get("LRPT_SMOLLM2")

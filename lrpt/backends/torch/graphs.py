@@ -40,6 +40,25 @@ from .model import autocast
 WARMUP = 2
 
 
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one stream every warm-up and recording of this process runs on, per GPU.
+
+    cuBLAS keeps a workspace for each (handle, stream) pair it has run on until the process ends
+    (``empty_cache`` does not free them). A fresh stream per recording (PyTorch's pool has 32 per
+    device) left about 50 MiB behind per recorded shape: 0.25-0.38 GiB more allocated after each
+    ``train`` call at SmolLM2's size on an H200, and out-of-memory errors for 24 training processes
+    sharing one GPU (benchmarks/RESULTS.md). Warming up on the stream the graph is recorded on also
+    keeps that stream's workspace out of the graph's private pool."""
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
+
+
 class NotRecordable(TrainingError):
     """The step cannot be recorded as a CUDA graph: something in it waits on the host (an index
     built on the CPU, a value read back), found before any recording began. Where lrpt chose
@@ -106,7 +125,7 @@ class CapturedSteps:
         before any recording starts, as :class:`NotRecordable`, with the process untouched. A
         recording that fails anyway leaves CUDA's stream and allocator mid-capture: that is an
         error, never a fallback."""
-        side = torch.cuda.Stream()
+        side = side_stream(self.model.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARMUP - 1):
@@ -124,7 +143,7 @@ class CapturedSteps:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, stream=side):
                 out = run()
         except RuntimeError as exc:
             raise TrainingError(f"recording the training step as a CUDA graph failed ({first_line(exc)}): train"
