@@ -18,7 +18,8 @@ standard deviation of the model's input-embedding matrix, 0.02 when none is give
 - ``init="vocab"``: rows of the embedding matrix drawn at random (Lester et al.'s
   sampled-vocabulary init). ``init="text"``: the embeddings of ``init_text``'s tokens,
   repeated or cut to n. For ``lopt1`` the target matrix is compressed to rank r by truncated
-  SVD; for ``lopt2`` it becomes X0; for ``lopa`` it becomes Z_S.
+  SVD (where it has rank < r, e.g. a two-word text, the missing components start with U's column
+  ~ N(0, 1/r) and V's row 0, so they train); for ``lopt2`` it becomes X0; for ``lopa`` it becomes Z_S.
 - LoPA heads: first layers as PyTorch's ``nn.Linear`` default (U(±1/√h)), second layers
   N(0, 0.02²) with zero bias, so at init u vᵀ ≈ 0 and Z ≈ 0.5·Z_S with the sigmoid gate.
 """
