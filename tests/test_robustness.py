@@ -393,7 +393,7 @@ def test_error_line_is_not_glued_to_a_progress_bar(capsys):
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_kill_and_resume_is_bitwise_equal(tiny_dirs, tmp_path, backend):
     """kill -9 after a checkpoint, then --resume: the final adapter equals an uninterrupted run's, byte for byte."""
-    args = ["train", "--backend", backend, "--model", str(tiny_dirs["llama"]), *TRAIN, "--steps", "160",
+    args = ["train", "--backend", backend, "--model", str(tiny_dirs["llama"]), *TRAIN, "--steps", "80",
             "--save-every", "4", "--train-limit", "64"]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
     run = tmp_path / "killed"
@@ -410,7 +410,7 @@ def test_kill_and_resume_is_bitwise_equal(tiny_dirs, tmp_path, backend):
     for name in (WEIGHTS_NAME, CONFIG_NAME):
         assert (run / "adapter" / name).read_bytes() == (tmp_path / "whole" / "adapter" / name).read_bytes()
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 160 and len(steps) == len(set(steps))
+    assert steps[-1] == 80 and len(steps) == len(set(steps))
 
 
 def test_task_validation_unit():
