@@ -93,7 +93,7 @@ def init_params(
         # components with s = 0: U's column and V's row both zero get zero gradient forever. Those
         # start as LoRA does (U column ~ N(0, 1/r), V row 0): X is unchanged and V learns at once.
         dead = s[:r] <= s[0] * 1e-6
-        u[:, dead] = rng.standard_normal((n, int(dead.sum()))) / math.sqrt(r)
+        u[:, dead] = normal((n, int(dead.sum())), 1.0 / math.sqrt(r))
         v[dead] = 0.0
         return {"lopt.U": u.astype(np.float32), "lopt.V": v.astype(np.float32)}
     if spec.method == "lopt2":
