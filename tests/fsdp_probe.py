@@ -1,6 +1,9 @@
 """Run under torchrun by tests/test_distributed.py and tests/test_gpu.py: what ``--fsdp`` leaves on
 each rank, and what it should be (the non-block weights whole, the blocks / world).
 
+Each MODE named on the command line (``fsdp_probe.py MODEL MODE...``) prints one JSON line on rank 0,
+in order; one launch serves several checks (a torchrun start costs seconds).
+
 ``shard``: bytes held by live tensors before and after :func:`shard_model` shards a loaded model.
 ``load``: ``load_model(fsdp=True)``, the path ``lrpt train --fsdp`` takes: this rank's bytes of
 weights, and on CUDA the peak memory of loading (one whole block at most beyond the share); then
@@ -32,16 +35,16 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-rank, size = world(need_group=True)
-path, mode = sys.argv[1], sys.argv[2]
-if mode == "shard":
+def shard_report(path: str, size: int) -> dict:
     model, _ = get_backend("torch").load_model(path)
     blocks = sum(nbytes(p) for p in model.model.layers.parameters())
     before = live_bytes()
     shard_model(model)
     after = live_bytes()
-    report = {"before": before, "after": after, "expected": before - blocks + blocks // size}
-else:
+    return {"before": before, "after": after, "expected": before - blocks + blocks // size}
+
+
+def load_report(path: str, size: int) -> dict:
     model, _ = get_backend("torch").load_model(path, fsdp=True)
     whole = sum(nbytes(p) for p in model.parameters())  # a sharded DTensor counts its global size
     blocks = sum(nbytes(p) for p in model.model.layers.parameters())
@@ -52,5 +55,12 @@ else:
     with torch.no_grad():
         model(torch.arange(1, 9, device=report["device"])[None])
     report["gathered_after_forward"] = sum(not hasattr(p, "_local_tensor") for p in model.model.layers.parameters())
-if rank == 0:
-    print(json.dumps(report), flush=True)
+    return report
+
+
+rank, size = world(need_group=True)
+for mode in sys.argv[2:]:
+    report = {"shard": shard_report, "load": load_report}[mode](sys.argv[1], size)  # the model is freed on return
+    gc.collect()
+    if rank == 0:
+        print(json.dumps(report), flush=True)

@@ -1,5 +1,6 @@
 """The `lrpt` command end to end on tiny random models: every subcommand and every error case."""
 
+import io
 import json
 import subprocess
 import sys
@@ -63,29 +64,27 @@ def test_continue_from_adapter(tiny_dirs, trained, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
-def test_eval_predictions_and_json(tiny_dirs, trained, tmp_path, backend):
+def test_eval_predictions_and_json(tiny_dirs, trained, tmp_path, backend, capsys):
     pred = tmp_path / "p.jsonl"
-    r = lrpt("eval", "--backend", backend, "--model", tiny_dirs["llama"], "--adapter", trained / "adapter",
-             "--limit", 20, "--predictions", pred, "--json")
-    assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout)
+    assert main(["eval", "--backend", backend, "--model", str(tiny_dirs["llama"]), "--adapter",
+                 str(trained / "adapter"), "--limit", "20", "--predictions", str(pred), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
     assert result["examples"] == 20 and 0 <= result["accuracy"] <= 1
     lines = [json.loads(x) for x in pred.read_text().splitlines()]
     assert len(lines) == 20 and set(lines[0]) == {"idx", "label", "pred", "scores"} and len(lines[0]["scores"]) == 2
     assert all(x["pred"] == max(range(2), key=lambda k: x["scores"][k]) for x in lines)
 
 
-def test_generate_args_and_stdin(tiny_dirs, trained):
-    base = ["generate", "--backend", "torch", "--model", tiny_dirs["llama"], "--adapter", trained / "adapter",
-            "--max-tokens", 4, "--json"]
-    a = lrpt(*base, "the plot was dull", "what a film")
-    assert a.returncode == 0, a.stderr
-    outs = json.loads(a.stdout)
+def test_generate_args_and_stdin(tiny_dirs, trained, capsys, monkeypatch):
+    base = ["generate", "--backend", "torch", "--model", str(tiny_dirs["llama"]), "--adapter",
+            str(trained / "adapter"), "--max-tokens", "4", "--json"]
+    assert main([*base, "the plot was dull", "what a film"]) == 0
+    a = capsys.readouterr().out
+    outs = json.loads(a)
     assert [o["input"] for o in outs] == ["Review: the plot was dull\nSentiment:",
                                          "Review: what a film\nSentiment:"]  # the task template
-    b = subprocess.run([sys.executable, "-m", "lrpt.cli", *map(str, base)], input="the plot was dull\nwhat a film\n",
-                       capture_output=True, text=True)
-    assert b.returncode == 0 and b.stdout == a.stdout
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the plot was dull\nwhat a film\n"))  # no inputs: read stdin
+    assert main(base) == 0 and capsys.readouterr().out == a
 
 
 def test_data_dir_custom_labels(tiny_dirs, tmp_path):

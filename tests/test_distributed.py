@@ -18,7 +18,8 @@ from lrpt import Adapter  # noqa: E402
 
 ARGS = ["--task", "demo", "--method", "lopt1", "--tokens", "4", "--rank", "2", "--batch-size", "12",
         "--train-limit", "60", "--eval-limit", "11", "--eval-every", "3", "--steps", "6", "--lr", "0.02",
-        "--schedule", "constant", "--warmup", "0", "--grad-accum", "2", "--no-progress", "--save-every", "3"]
+        "--schedule", "constant", "--warmup", "0", "--grad-accum", "2", "--no-progress", "--save-every", "3",
+        "--init", "text", "--init-text", "a good film"]  # a text init reads the embeddings, kept whole under FSDP
 
 
 def launch(backend: str, n: int, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -35,17 +36,32 @@ def launch(backend: str, n: int, model: Path, out: Path, *extra: str) -> subproc
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.fixture(scope="module")
+def reference(tiny_dirs, tmp_path_factory):
+    """``reference(backend)``: one process's run of ARGS, made once per backend; every launch below
+    must reproduce it (each launch costs seconds of imports, so the runs are shared)."""
+    runs = {}
+
+    def get(backend: str) -> Path:
+        if backend not in runs:
+            out = tmp_path_factory.mktemp(f"one-{backend}") / "run"
+            r = launch(backend, 1, tiny_dirs["llama"], out)
+            assert r.returncode == 0, r.stderr[-2000:]
+            runs[backend] = out
+        return runs[backend]
+
+    return get
+
+
 def relative_close(a: Adapter, b: Adapter, tol: float = 1e-5) -> None:
     for k in a.params:
         assert np.linalg.norm(a.params[k] - b.params[k]) <= tol * np.linalg.norm(a.params[k]), k
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
-def test_two_processes_train_the_adapter_one_process_trains(backend, tiny_dirs, tmp_path):
+def test_two_processes_train_the_adapter_one_process_trains(backend, tiny_dirs, tmp_path, reference):
     model = tiny_dirs["llama"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    r = launch(backend, 1, model, one)
-    assert r.returncode == 0, r.stderr[-2000:]
+    one, two = reference(backend), tmp_path / "two"
     r = launch(backend, 2, model, two)
     assert r.returncode == 0, r.stderr[-2000:]
     relative_close(Adapter.load(one / "adapter"), Adapter.load(two / "adapter"))
@@ -58,16 +74,16 @@ def test_two_processes_train_the_adapter_one_process_trains(backend, tiny_dirs, 
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
     # a two-process run resumes in one process (any world size), and the other way round
     shutil.rmtree(two / "checkpoints" / "step-000006")
-    r = launch(backend, 1, model, two, "--resume")
-    assert r.returncode == 0, r.stderr[-2000:]
+    from lrpt.cli import main  # one process: this one (a launch costs seconds of imports)
+
+    assert main(["train", "--backend", backend, "--model", str(model), *ARGS, "--out", str(two), "--resume"]) == 0
     relative_close(Adapter.load(one / "adapter"), Adapter.load(two / "adapter"))
 
 
-def test_two_nodes_of_one_process_train_the_adapter_one_process_trains(tiny_dirs, tmp_path):
+def test_two_nodes_of_one_process_train_the_adapter_one_process_trains(tiny_dirs, tmp_path, reference):
     """Multi-node torchrun, emulated on one host: two launchers (``--nnodes 2 --node-rank 0|1``), one
     process each, so both ranks have LOCAL_RANK 0; rank 0 (global) alone writes the shared run."""
     model = tiny_dirs["llama"]
-    assert launch("torch", 1, model, tmp_path / "one").returncode == 0
     cli = ["-m", "lrpt.cli", "train", "--backend", "torch", "--model", str(model), *ARGS, "--out", str(tmp_path / "two")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(i),
@@ -76,19 +92,15 @@ def test_two_nodes_of_one_process_train_the_adapter_one_process_trains(tiny_dirs
     for node in nodes:
         _, err = node.communicate(timeout=600)
         assert node.returncode == 0, err[-2000:]
-    relative_close(Adapter.load(tmp_path / "one" / "adapter"), Adapter.load(tmp_path / "two" / "adapter"))
+    relative_close(Adapter.load(reference("torch") / "adapter"), Adapter.load(tmp_path / "two" / "adapter"))
 
 
-def test_fsdp_shards_the_blocks_and_trains_the_same_adapter(tiny_dirs, tmp_path):
+def test_fsdp_shards_the_blocks_and_trains_the_same_adapter(tiny_dirs, tmp_path, reference):
     """FSDP2 (gloo, CPU): blocks sharded over two processes, the same adapter as one unsharded process,
     from a text init; uneven evaluation shares still run in lockstep (11 rows over 2 ranks)."""
-    model = tiny_dirs["llama"]
-    init = ["--init", "text", "--init-text", "a good film"]  # init reads the embeddings, kept whole under FSDP
-    r = launch("torch", 1, model, tmp_path / "one", *init)
+    r = launch("torch", 2, tiny_dirs["llama"], tmp_path / "fsdp", "--fsdp")
     assert r.returncode == 0, r.stderr[-2000:]
-    r = launch("torch", 2, model, tmp_path / "fsdp", "--fsdp", *init)
-    assert r.returncode == 0, r.stderr[-2000:]
-    relative_close(Adapter.load(tmp_path / "one" / "adapter"), Adapter.load(tmp_path / "fsdp" / "adapter"))
+    relative_close(Adapter.load(reference("torch") / "adapter"), Adapter.load(tmp_path / "fsdp" / "adapter"))
     last = [json.loads(x) for x in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()][-1]
     assert "eval_accuracy" in last
 
@@ -125,22 +137,14 @@ def test_two_processes_on_a_completion_task_weight_by_target_tokens(tiny_dirs, t
     assert evals[0]["eval_loss"] == pytest.approx(evals[1]["eval_loss"], rel=1e-5)
 
 
-def probe(model, mode: str, port: int) -> dict:
+def test_fsdp_holds_the_blocks_once_over_the_ranks_and_loads_only_this_ranks_share(tiny_dirs):
+    """After --fsdp's sharding each rank holds the non-block weights whole and 1/N of the blocks; and
+    ``load_model(fsdp=True)`` (what ``lrpt train --fsdp`` calls) returns the model sharded already."""
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        str(port), str(Path(__file__).with_name("fsdp_probe.py")), str(model), mode],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                        "29535", str(Path(__file__).with_name("fsdp_probe.py")), str(tiny_dirs["llama"]), "shard",
+                        "load"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(next(line for line in r.stdout.splitlines() if line.startswith("{")))
-
-
-def test_fsdp_holds_the_blocks_once_over_the_ranks(tiny_dirs):
-    """After --fsdp's sharding each rank holds the non-block weights whole and 1/N of the blocks."""
-    got = probe(tiny_dirs["llama"], "shard", 29535)
-    assert got["after"] == pytest.approx(got["expected"], rel=0.02) and got["after"] < got["before"]
-
-
-def test_fsdp_loading_keeps_only_this_ranks_share(tiny_dirs):
-    """``load_model(fsdp=True)`` (what ``lrpt train --fsdp`` calls) returns the model sharded already."""
-    got = probe(tiny_dirs["llama"], "load", 29536)
-    assert got["local"] == pytest.approx(got["expected"], rel=0.02) and got["local"] < got["whole"]
-    assert got["gathered_after_forward"] == 0  # each block frees its gathered weights after its forward
+    shard, load = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert shard["after"] == pytest.approx(shard["expected"], rel=0.02) and shard["after"] < shard["before"]
+    assert load["local"] == pytest.approx(load["expected"], rel=0.02) and load["local"] < load["whole"]
+    assert load["gathered_after_forward"] == 0  # each block frees its gathered weights after its forward
