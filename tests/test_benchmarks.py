@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end in their reduced CPU configuration (not timed tests)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -26,23 +27,18 @@ def json_lines(out: str) -> list[dict]:
 
 
 def test_speed_smoke(tmp_path):
+    """One run of every CPU variant kind, with profiles (each run costs ~10 s of imports: one serves both)."""
     out = run("benchmarks/speed.py", "--device", "cpu", "--smoke", "--methods", "lopt1", "lopa", "--shared", "lopt1",
-              "--json", tmp_path / "s.json", "--out", tmp_path / "logs")
+              "--json", tmp_path / "s.json", "--out", tmp_path / "logs", "--profile", tmp_path / "prof")
     data = json.loads((tmp_path / "s.json").read_text())
-    assert {r["variant"] for r in data["train"]} == {"floor", "peft", "peft-keep1", "lrpt-lopt1", "lrpt-lopa",
-                                                     "lrpt-lopt1-shared"}
-    assert all(r["tok_s"] > 0 and r["vs_floor"] > 0 and r["reference"] == "floor" for r in data["train"])
+    rows = data["train"]
+    assert {r["variant"] for r in rows} == {"floor", "peft", "peft-keep1", "lrpt-lopt1", "lrpt-lopa", "lrpt-lopt1-shared"}
+    assert all(r["tok_s"] > 0 and r["vs_floor"] > 0 and r["reference"] == "floor" for r in rows)
     lines = [json.loads(x) for x in out.splitlines()]  # stdout is JSON lines, the same as the log file
     assert lines == [json.loads(x) for x in (tmp_path / "logs" / "speed.jsonl").read_text().splitlines()]
-    assert lines[0]["shape"] == "tiny" and lines[1:] == data["train"]
-
-
-def test_speed_without_the_peft_anchors_with_profiles(tmp_path):
-    run("benchmarks/speed.py", "--device", "cpu", "--smoke", "--methods", "lopt1", "--no-peft",
-        "--json", tmp_path / "s.json", "--profile", tmp_path / "prof")
-    rows = json.loads((tmp_path / "s.json").read_text())["train"]
-    assert {r["variant"] for r in rows} == {"floor", "lrpt-lopt1"}
-    assert [r["first_loss"] is None for r in rows] == [True, False]  # the floor has none; lrpt's is its 1st step's
+    assert lines[0]["shape"] == "tiny" and lines[1:] == rows
+    first_loss = {r["variant"]: r["first_loss"] for r in rows}  # the floor has none; lrpt's is its 1st step's
+    assert first_loss["floor"] is None and all(first_loss[v] is not None for v in first_loss if v.startswith("lrpt"))
     tables = {p.name: p.read_text() for p in (tmp_path / "prof").iterdir()}
     assert set(tables) == {f"profile-custom-{r['variant']}.txt" for r in rows}  # --smoke: one custom input shape
     assert all("aten::mm" in t for t in tables.values())
@@ -143,13 +139,16 @@ def test_backends_smoke(tmp_path):
     assert lines == [data["info"], *data["train"], *data["score"], ratio]  # stdout: the same records, as JSON lines
 
 
-def test_backends_mlx_failure_keeps_torch():
-    """The torch figures are still reported when MLX fails its probe."""
+def test_backends_mlx_failure_keeps_torch(capsys, monkeypatch):
+    """The torch figures are still reported when MLX fails its probe (in this process: no launch's imports)."""
     pytest.importorskip("mlx_lm")
-    code = ("import sys; sys.path.insert(0, 'benchmarks'); import backends;"
-            " backends.PROBE = 'import sys; sys.exit(\"libnccl.so.2: cannot open shared object file\")';"
-            " backends.main(['--smoke'])")
-    lines = json_lines(run("-c", code))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts benchmarks/ on it: undone after the test
+    spec = importlib.util.spec_from_file_location("lrpt_bench_backends", ROOT / "benchmarks" / "backends.py")
+    backends = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(backends)
+    backends.PROBE = 'import sys; sys.exit("libnccl.so.2: cannot open shared object file")'
+    backends.main(["--smoke"])
+    lines = json_lines(capsys.readouterr().out)
     err = next(r for r in lines if "error" in r)
     assert err["backend"] == "mlx" and "libnccl.so.2" in err["error"] and "exited 1" in err["error"]
     assert [r["variant"] for r in lines if "variant" in r and "error" not in r] == ["torch", "torch score"]

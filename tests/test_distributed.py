@@ -15,6 +15,7 @@ pytest.importorskip("torch")
 pytest.importorskip("mlx_lm")
 
 from lrpt import Adapter  # noqa: E402
+from lrpt.cli import main  # noqa: E402
 
 ARGS = ["--task", "demo", "--method", "lopt1", "--tokens", "4", "--rank", "2", "--batch-size", "12",
         "--train-limit", "60", "--eval-limit", "11", "--eval-every", "3", "--steps", "6", "--lr", "0.02",
@@ -38,15 +39,15 @@ def launch(backend: str, n: int, model: Path, out: Path, *extra: str) -> subproc
 
 @pytest.fixture(scope="module")
 def reference(tiny_dirs, tmp_path_factory):
-    """``reference(backend)``: one process's run of ARGS, made once per backend; every launch below
-    must reproduce it (each launch costs seconds of imports, so the runs are shared)."""
+    """``reference(backend)``: one process's run of ARGS, made once per backend in this process; every
+    launch below must reproduce it (a launch costs ~10 s of imports on a 2-core machine, so none here)."""
     runs = {}
 
     def get(backend: str) -> Path:
         if backend not in runs:
             out = tmp_path_factory.mktemp(f"one-{backend}") / "run"
-            r = launch(backend, 1, tiny_dirs["llama"], out)
-            assert r.returncode == 0, r.stderr[-2000:]
+            assert main(["train", "--backend", backend, "--model", str(tiny_dirs["llama"]), *ARGS, "--out",
+                         str(out)]) == 0
             runs[backend] = out
         return runs[backend]
 
@@ -74,8 +75,6 @@ def test_two_processes_train_the_adapter_one_process_trains(backend, tiny_dirs, 
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
     # a two-process run resumes in one process (any world size), and the other way round
     shutil.rmtree(two / "checkpoints" / "step-000006")
-    from lrpt.cli import main  # one process: this one (a launch costs seconds of imports)
-
     assert main(["train", "--backend", backend, "--model", str(model), *ARGS, "--out", str(two), "--resume"]) == 0
     relative_close(Adapter.load(one / "adapter"), Adapter.load(two / "adapter"))
 
@@ -123,15 +122,14 @@ def test_two_processes_on_a_completion_task_weight_by_target_tokens(tiny_dirs, t
     rows = [{"prompt": s, "completion": " " + " ".join(s.split()[: 1 + i % 4])} for i, s in enumerate(sentences(40))]
     for split, part in (("train", rows[:32]), ("validation", rows[32:])):
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    common = ["-m", "lrpt.cli", "train", "--model", str(tiny_dirs["llama"]), "--data", str(data), "--tokens", "4",
-              "--rank", "2", "--batch-size", "8", "--steps", "4", "--lr", "0.02", "--schedule", "constant",
-              "--warmup", "0", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for n, out in ((1, "one"), (2, "two")):
-        launcher = [] if n == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29534"]
-        r = subprocess.run([sys.executable, *launcher, *common, "--backend", "torch", "--out", str(tmp_path / out)],
-                           capture_output=True, text=True, env=env, timeout=600)
-        assert r.returncode == 0, r.stderr[-2000:]
+    train = ["train", "--backend", "torch", "--model", str(tiny_dirs["llama"]), "--data", str(data), "--tokens", "4",
+             "--rank", "2", "--batch-size", "8", "--steps", "4", "--lr", "0.02", "--schedule", "constant",
+             "--warmup", "0", "--no-progress"]
+    assert main([*train, "--out", str(tmp_path / "one")]) == 0  # one process: this one
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29534",
+                        "-m", "lrpt.cli", *train, "--out", str(tmp_path / "two")],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
     relative_close(Adapter.load(tmp_path / "one" / "adapter"), Adapter.load(tmp_path / "two" / "adapter"))
     evals = [json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[-1]) for d in ("one", "two")]
     assert evals[0]["eval_loss"] == pytest.approx(evals[1]["eval_loss"], rel=1e-5)
