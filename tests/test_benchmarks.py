@@ -26,10 +26,34 @@ def json_lines(out: str) -> list[dict]:
     return [json.loads(x) for x in out.splitlines()]
 
 
-def test_speed_smoke(tmp_path):
-    """One run of every CPU variant kind, with profiles (each run costs ~10 s of imports: one serves both)."""
-    out = run("benchmarks/speed.py", "--device", "cpu", "--smoke", "--methods", "lopt1", "lopa", "--shared", "lopt1",
-              "--json", tmp_path / "s.json", "--out", tmp_path / "logs", "--profile", tmp_path / "prof")
+@pytest.fixture
+def script(monkeypatch):
+    """``script(name)``: benchmarks/NAME.py loaded in this process, for scripts whose smoke needs no
+    launcher of its own (a launch costs ~10 s of imports on a 2-core machine). What a script changes
+    for its process is undone after the test: sys.path (they put benchmarks/ on it), the working
+    directory, torch's thread count (cpu.py sets it)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(ROOT)
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"lrpt_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    torch.set_num_threads(threads)
+
+
+def test_speed_smoke(tmp_path, script, capsys):
+    """One run of every CPU variant kind, with profiles."""
+    assert script("speed").main(["--device", "cpu", "--smoke", "--methods", "lopt1", "lopa", "--shared", "lopt1",
+                                 "--json", str(tmp_path / "s.json"), "--out", str(tmp_path / "logs"),
+                                 "--profile", str(tmp_path / "prof")]) == 0
+    out = capsys.readouterr().out
     data = json.loads((tmp_path / "s.json").read_text())
     rows = data["train"]
     assert {r["variant"] for r in rows} == {"floor", "peft", "peft-keep1", "lrpt-lopt1", "lrpt-lopa", "lrpt-lopt1-shared"}
@@ -44,17 +68,17 @@ def test_speed_smoke(tmp_path):
     assert all("aten::mm" in t for t in tables.values())
 
 
-def test_generate_smoke(tmp_path):
-    run("benchmarks/generate.py", "--smoke", "--json", tmp_path / "g.json")
+def test_generate_smoke(tmp_path, script):
+    assert script("generate").main(["--smoke", "--json", str(tmp_path / "g.json")]) == 0
     rows = json.loads((tmp_path / "g.json").read_text())["results"]
     assert {r["bench"] for r in rows} == {"decode b=1", "decode b=3", "ttft"}
     assert all(r["median_ms"] > 0 for r in rows)
     assert any(r["case"] == "n=512 cached prefix" for r in rows)
 
 
-def test_generate_mlx_smoke(tmp_path):
+def test_generate_mlx_smoke(tmp_path, script):
     pytest.importorskip("mlx_lm")
-    run("benchmarks/generate.py", "--smoke", "--backend", "mlx", "--json", tmp_path / "g.json")
+    assert script("generate").main(["--smoke", "--backend", "mlx", "--json", str(tmp_path / "g.json")]) == 0
     rows = json.loads((tmp_path / "g.json").read_text())["results"]
     assert {r["case"] for r in rows} == {"mlx_lm.generate no prompt", "lrpt mlx n=4"}
 
@@ -84,16 +108,18 @@ def test_accuracy_smoke(tmp_path):
     assert table.count("\ndemo") == len(runs) and "±" in table
 
 
-def test_cpu_smoke():
+def test_cpu_smoke(script, capsys):
     pytest.importorskip("mlx_lm")
-    out = run("benchmarks/cpu.py", "--smoke")
+    assert script("cpu").main(["--smoke"]) == 0
+    out = capsys.readouterr().out
     assert set(json.loads(out.splitlines()[0])["step_ms"]) == {"mlx eager", "mlx compiled", "torch eager"}
 
 
-def test_ddp_fsdp_smoke():
+def test_ddp_fsdp_smoke(script, capsys):
     """benchmarks/ddp.py on the CPU: one process, and two under torchrun with --fsdp (gloo)."""
     small = ["--shape", "tiny", "--per-gpu", "2", "--length", "16", "--steps", "1", "--rounds", "1"]
-    one = json.loads(run("benchmarks/ddp.py", *small).splitlines()[-1])
+    assert script("ddp").main(small) == 0  # one process: this one
+    one = json.loads(capsys.readouterr().out.splitlines()[-1])
     two = json.loads(next(line for line in run("-m", "torch.distributed.run", "--nproc-per-node", "2",
                                                "--master-port", "29538", "benchmarks/ddp.py", *small,
                                                "--fsdp").splitlines() if line.startswith("{")))
@@ -123,10 +149,11 @@ def test_epoch_smoke(tiny_dirs, tmp_path):
     assert (tmp_path / "logs" / "auto-r0.log").read_text().count("lrpt: training step:") == 1
 
 
-def test_backends_smoke(tmp_path):
+def test_backends_smoke(tmp_path, script, capsys):
     """benchmarks/backends.py --smoke: both backends' training step and scoring on the CPU."""
     pytest.importorskip("mlx_lm")
-    lines = json_lines(run("benchmarks/backends.py", "--smoke", "--json", tmp_path / "b.json"))
+    assert script("backends").main(["--smoke", "--json", str(tmp_path / "b.json")]) == 0
+    lines = json_lines(capsys.readouterr().out)
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["errors"] == [] and data["info"]["mlx_device"].startswith("Device(cpu")
     assert [r["variant"] for r in data["train"]] == ["torch", "mlx", "mlx+compile"]
@@ -139,15 +166,12 @@ def test_backends_smoke(tmp_path):
     assert lines == [data["info"], *data["train"], *data["score"], ratio]  # stdout: the same records, as JSON lines
 
 
-def test_backends_mlx_failure_keeps_torch(capsys, monkeypatch):
-    """The torch figures are still reported when MLX fails its probe (in this process: no launch's imports)."""
+def test_backends_mlx_failure_keeps_torch(script, capsys):
+    """The torch figures are still reported when MLX fails its probe."""
     pytest.importorskip("mlx_lm")
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts benchmarks/ on it: undone after the test
-    spec = importlib.util.spec_from_file_location("lrpt_bench_backends", ROOT / "benchmarks" / "backends.py")
-    backends = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(backends)
+    backends = script("backends")
     backends.PROBE = 'import sys; sys.exit("libnccl.so.2: cannot open shared object file")'
-    backends.main(["--smoke"])
+    assert backends.main(["--smoke"]) == 0
     lines = json_lines(capsys.readouterr().out)
     err = next(r for r in lines if "error" in r)
     assert err["backend"] == "mlx" and "libnccl.so.2" in err["error"] and "exited 1" in err["error"]
