@@ -56,7 +56,8 @@ def test_speed_smoke(tmp_path, script, capsys):
     out = capsys.readouterr().out
     data = json.loads((tmp_path / "s.json").read_text())
     rows = data["train"]
-    assert {r["variant"] for r in rows} == {"floor", "peft", "peft-keep1", "lrpt-lopt1", "lrpt-lopa", "lrpt-lopt1-shared"}
+    assert {r["variant"] for r in rows} == {"floor", "peft", "peft-keep1", "lrpt-lopt1", "lrpt-lopa",
+                                            "lrpt-lopt1-shared"}
     assert all(r["tok_s"] > 0 and r["vs_floor"] > 0 and r["reference"] == "floor" for r in rows)
     lines = [json.loads(x) for x in out.splitlines()]  # stdout is JSON lines, the same as the log file
     assert lines == [json.loads(x) for x in (tmp_path / "logs" / "speed.jsonl").read_text().splitlines()]

@@ -23,31 +23,41 @@ ARGS = ["--task", "demo", "--method", "lopt1", "--tokens", "4", "--rank", "2", "
         "--init", "text", "--init-text", "a good film"]  # a text init reads the embeddings, kept whole under FSDP
 
 
-def launch(backend: str, n: int, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def launch(backend: str, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``lrpt train`` with ARGS in two processes, under torchrun (torch) or mlx.launch (mlx)."""
     cli = ["-m", "lrpt.cli", "train", "--backend", backend, "--model", str(model), *ARGS, "--out", str(out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    if n == 1:
-        cmd = [sys.executable, *cli]
-    elif backend == "torch":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port", "29533",
-               *cli]
+    if backend == "torch":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", *cli]
     else:
         launcher = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
-        cmd = [launcher, "-n", str(n), "--", sys.executable, *cli]
+        cmd = [launcher, "-n", "2", "--", sys.executable, *cli]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def one_process(*args: str) -> None:
+    """``lrpt ARGS`` in one process: this one (a launch costs ~10 s of imports on a 2-core machine), or,
+    where CUDA is visible, a child with it hidden, as the launches here run on the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(list(args)) == 0
+        return
+    r = subprocess.run([sys.executable, "-m", "lrpt.cli", *args], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_dirs, tmp_path_factory):
-    """``reference(backend)``: one process's run of ARGS, made once per backend in this process; every
-    launch below must reproduce it (a launch costs ~10 s of imports on a 2-core machine, so none here)."""
+    """``reference(backend)``: one process's run of ARGS, made once per backend; every launch below must
+    reproduce it."""
     runs = {}
 
     def get(backend: str) -> Path:
         if backend not in runs:
             out = tmp_path_factory.mktemp(f"one-{backend}") / "run"
-            assert main(["train", "--backend", backend, "--model", str(tiny_dirs["llama"]), *ARGS, "--out",
-                         str(out)]) == 0
+            one_process("train", "--backend", backend, "--model", str(tiny_dirs["llama"]), *ARGS, "--out", str(out))
             runs[backend] = out
         return runs[backend]
 
@@ -63,7 +73,7 @@ def relative_close(a: Adapter, b: Adapter, tol: float = 1e-5) -> None:
 def test_two_processes_train_the_adapter_one_process_trains(backend, tiny_dirs, tmp_path, reference):
     model = tiny_dirs["llama"]
     one, two = reference(backend), tmp_path / "two"
-    r = launch(backend, 2, model, two)
+    r = launch(backend, model, two)
     assert r.returncode == 0, r.stderr[-2000:]
     relative_close(Adapter.load(one / "adapter"), Adapter.load(two / "adapter"))
     # rank 0 alone wrote the run: one record per log point, the same evaluations
@@ -75,7 +85,7 @@ def test_two_processes_train_the_adapter_one_process_trains(backend, tiny_dirs, 
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
     # a two-process run resumes in one process (any world size), and the other way round
     shutil.rmtree(two / "checkpoints" / "step-000006")
-    assert main(["train", "--backend", backend, "--model", str(model), *ARGS, "--out", str(two), "--resume"]) == 0
+    one_process("train", "--backend", backend, "--model", str(model), *ARGS, "--out", str(two), "--resume")
     relative_close(Adapter.load(one / "adapter"), Adapter.load(two / "adapter"))
 
 
@@ -97,7 +107,7 @@ def test_two_nodes_of_one_process_train_the_adapter_one_process_trains(tiny_dirs
 def test_fsdp_shards_the_blocks_and_trains_the_same_adapter(tiny_dirs, tmp_path, reference):
     """FSDP2 (gloo, CPU): blocks sharded over two processes, the same adapter as one unsharded process,
     from a text init; uneven evaluation shares still run in lockstep (11 rows over 2 ranks)."""
-    r = launch("torch", 2, tiny_dirs["llama"], tmp_path / "fsdp", "--fsdp")
+    r = launch("torch", tiny_dirs["llama"], tmp_path / "fsdp", "--fsdp")
     assert r.returncode == 0, r.stderr[-2000:]
     relative_close(Adapter.load(reference("torch") / "adapter"), Adapter.load(tmp_path / "fsdp" / "adapter"))
     last = [json.loads(x) for x in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()][-1]
@@ -125,10 +135,11 @@ def test_two_processes_on_a_completion_task_weight_by_target_tokens(tiny_dirs, t
     train = ["train", "--backend", "torch", "--model", str(tiny_dirs["llama"]), "--data", str(data), "--tokens", "4",
              "--rank", "2", "--batch-size", "8", "--steps", "4", "--lr", "0.02", "--schedule", "constant",
              "--warmup", "0", "--no-progress"]
-    assert main([*train, "--out", str(tmp_path / "one")]) == 0  # one process: this one
+    one_process(*train, "--out", str(tmp_path / "one"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29534",
                         "-m", "lrpt.cli", *train, "--out", str(tmp_path / "two")],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+                       capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     relative_close(Adapter.load(tmp_path / "one" / "adapter"), Adapter.load(tmp_path / "two" / "adapter"))
     evals = [json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[-1]) for d in ("one", "two")]
