@@ -23,16 +23,24 @@ ARGS = ["--task", "demo", "--method", "lopt1", "--tokens", "4", "--rank", "2", "
         "--init", "text", "--init-text", "a good film"]  # a text init reads the embeddings, kept whole under FSDP
 
 
-def launch(backend: str, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    """``lrpt train`` with ARGS in two processes, under torchrun (torch) or mlx.launch (mlx)."""
-    cli = ["-m", "lrpt.cli", "train", "--backend", backend, "--model", str(model), *ARGS, "--out", str(out), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+# Every run here is on the CPU, one thread per process (two processes share a 2-core machine).
+CPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def train(backend: str, model: Path, out: Path, *extra: str) -> list[str]:
+    """The ``lrpt`` arguments of a training run with ARGS."""
+    return ["train", "--backend", backend, "--model", str(model), *ARGS, "--out", str(out), *extra]
+
+
+def launch(backend: str, *args: str) -> subprocess.CompletedProcess:
+    """``lrpt ARGS`` in two processes, under torchrun (torch) or mlx.launch (mlx)."""
+    cli = ["-m", "lrpt.cli", *args]
     if backend == "torch":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", *cli]
     else:
         launcher = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
         cmd = [launcher, "-n", "2", "--", sys.executable, *cli]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, env=CPU_ENV, timeout=600)
 
 
 def one_process(*args: str) -> None:
@@ -44,7 +52,7 @@ def one_process(*args: str) -> None:
         assert main(list(args)) == 0
         return
     r = subprocess.run([sys.executable, "-m", "lrpt.cli", *args], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+                       env=CPU_ENV)
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -57,7 +65,7 @@ def reference(tiny_dirs, tmp_path_factory):
     def get(backend: str) -> Path:
         if backend not in runs:
             out = tmp_path_factory.mktemp(f"one-{backend}") / "run"
-            one_process("train", "--backend", backend, "--model", str(tiny_dirs["llama"]), *ARGS, "--out", str(out))
+            one_process(*train(backend, tiny_dirs["llama"], out))
             runs[backend] = out
         return runs[backend]
 
@@ -73,7 +81,7 @@ def relative_close(a: Adapter, b: Adapter, tol: float = 1e-5) -> None:
 def test_two_processes_train_the_adapter_one_process_trains(backend, tiny_dirs, tmp_path, reference):
     model = tiny_dirs["llama"]
     one, two = reference(backend), tmp_path / "two"
-    r = launch(backend, model, two)
+    r = launch(backend, *train(backend, model, two))
     assert r.returncode == 0, r.stderr[-2000:]
     relative_close(Adapter.load(one / "adapter"), Adapter.load(two / "adapter"))
     # rank 0 alone wrote the run: one record per log point, the same evaluations
@@ -85,19 +93,17 @@ def test_two_processes_train_the_adapter_one_process_trains(backend, tiny_dirs, 
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
     # a two-process run resumes in one process (any world size), and the other way round
     shutil.rmtree(two / "checkpoints" / "step-000006")
-    one_process("train", "--backend", backend, "--model", str(model), *ARGS, "--out", str(two), "--resume")
+    one_process(*train(backend, model, two, "--resume"))
     relative_close(Adapter.load(one / "adapter"), Adapter.load(two / "adapter"))
 
 
 def test_two_nodes_of_one_process_train_the_adapter_one_process_trains(tiny_dirs, tmp_path, reference):
     """Multi-node torchrun, emulated on one host: two launchers (``--nnodes 2 --node-rank 0|1``), one
     process each, so both ranks have LOCAL_RANK 0; rank 0 (global) alone writes the shared run."""
-    model = tiny_dirs["llama"]
-    cli = ["-m", "lrpt.cli", "train", "--backend", "torch", "--model", str(model), *ARGS, "--out", str(tmp_path / "two")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cli = ["-m", "lrpt.cli", *train("torch", tiny_dirs["llama"], tmp_path / "two")]
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(i),
                                "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", "29537", *cli],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in (0, 1)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CPU_ENV) for i in (0, 1)]
     for node in nodes:
         _, err = node.communicate(timeout=600)
         assert node.returncode == 0, err[-2000:]
@@ -107,7 +113,7 @@ def test_two_nodes_of_one_process_train_the_adapter_one_process_trains(tiny_dirs
 def test_fsdp_shards_the_blocks_and_trains_the_same_adapter(tiny_dirs, tmp_path, reference):
     """FSDP2 (gloo, CPU): blocks sharded over two processes, the same adapter as one unsharded process,
     from a text init; uneven evaluation shares still run in lockstep (11 rows over 2 ranks)."""
-    r = launch("torch", tiny_dirs["llama"], tmp_path / "fsdp", "--fsdp")
+    r = launch("torch", *train("torch", tiny_dirs["llama"], tmp_path / "fsdp", "--fsdp"))
     assert r.returncode == 0, r.stderr[-2000:]
     relative_close(Adapter.load(reference("torch") / "adapter"), Adapter.load(tmp_path / "fsdp" / "adapter"))
     last = [json.loads(x) for x in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()][-1]
@@ -132,14 +138,11 @@ def test_two_processes_on_a_completion_task_weight_by_target_tokens(tiny_dirs, t
     rows = [{"prompt": s, "completion": " " + " ".join(s.split()[: 1 + i % 4])} for i, s in enumerate(sentences(40))]
     for split, part in (("train", rows[:32]), ("validation", rows[32:])):
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    train = ["train", "--backend", "torch", "--model", str(tiny_dirs["llama"]), "--data", str(data), "--tokens", "4",
-             "--rank", "2", "--batch-size", "8", "--steps", "4", "--lr", "0.02", "--schedule", "constant",
-             "--warmup", "0", "--no-progress"]
-    one_process(*train, "--out", str(tmp_path / "one"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29534",
-                        "-m", "lrpt.cli", *train, "--out", str(tmp_path / "two")],
-                       capture_output=True, text=True, env=env, timeout=600)
+    args = ["train", "--backend", "torch", "--model", str(tiny_dirs["llama"]), "--data", str(data), "--tokens", "4",
+            "--rank", "2", "--batch-size", "8", "--steps", "4", "--lr", "0.02", "--schedule", "constant",
+            "--warmup", "0", "--no-progress"]
+    one_process(*args, "--out", str(tmp_path / "one"))
+    r = launch("torch", *args, "--out", str(tmp_path / "two"))
     assert r.returncode == 0, r.stderr[-2000:]
     relative_close(Adapter.load(tmp_path / "one" / "adapter"), Adapter.load(tmp_path / "two" / "adapter"))
     evals = [json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[-1]) for d in ("one", "two")]
