@@ -14,7 +14,9 @@ validation split. Runs:
   ``lr`` (e.g. ``lrpt:lopa:lr=1e-3``, ``lrpt:lopt1:n_tokens=50``; ``init=text`` starts from ``INIT_TEXT``, as PEFT's TEXT init
   does; ``init=labels`` starts from the task's label words, repeated to n, Lester et al.'s class-label
   init, as text init; ``probe=1`` adds ``--lr-probe``, and the result's ``lr`` is the one it chose). Any run takes
-  ``steps=N``, its own length (``peft-lora:lr=1e-3:steps=500``). The job is what this command
+  ``steps=N``, its own length (``peft-lora:lr=1e-3:steps=500``), ``average=F`` (``--average F``: the
+  mean of the trainable parameters over the final F of the steps, :mod:`lrpt.average`; PEFT's runs
+  average theirs the same way) and ``schedule=NAME`` (``--schedule``). The job is what this command
   trains (with ``--lrpt-step auto``, without ``--no-compile``)::
 
       lrpt train --backend torch --model HF --data DATA/TASK --task TASK [--train-limit N] \\
@@ -142,6 +144,7 @@ def run_job(job: dict) -> dict:
     kind, settings = parse_run(job["run"])
     if "steps" in settings:  # this run's own length (e.g. lrpt:lopt1:steps=500), for every kind
         job = {**job, "steps": int(settings.pop("steps"))}
+    job = {**job, "train": {k: settings.pop(k) for k in ("average", "schedule") if k in settings}}
     t0 = time.perf_counter()
     try:
         if kind == "zero-shot":
@@ -159,7 +162,8 @@ def _config(job: dict, **extra):
     from lrpt.trainer import TrainConfig
 
     smoke = dict(batch_size=8, steps=job["steps"] or 6) if job["smoke"] else {"steps": job["steps"]} if job["steps"] else {}
-    return TrainConfig(seed=job["seed"], progress=False, log_every=50, **{"compile": False, **smoke, **extra})
+    return TrainConfig(seed=job["seed"], progress=False, log_every=50,
+                       **{"compile": False, **smoke, **job.get("train", {}), **extra})
 
 
 def _score(task, val, prompt) -> dict:
@@ -206,6 +210,7 @@ def _peft(task, train_rows, val, kind: str, settings: dict, job: dict) -> dict:
     import torch
     from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
 
+    from lrpt.average import TailAverage
     from lrpt.backends.torch import model as M
     from lrpt.data import encode_examples, lr_factor, metric
     from lrpt.tokens import label_token_ids, tokenize_fn
@@ -252,6 +257,7 @@ def _peft(task, train_rows, val, kind: str, settings: dict, job: dict) -> dict:
         last = torch.tensor([len(r) - 1 + n for r in rows], device=dev)
         return torch.log_softmax(logits[torch.arange(len(rows), device=dev), last].float(), -1)[:, label_ids]
 
+    average = TailAverage(config.average, total) if config.average else None
     pm.train()
     for step in range(total):
         for g in opt.param_groups:
@@ -262,6 +268,13 @@ def _peft(task, train_rows, val, kind: str, settings: dict, job: dict) -> dict:
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if average is not None and average.due(step + 1):  # as lrpt's loop: steps counted from 1
+            average.add({str(i): p.detach().cpu().numpy() for i, p in enumerate(params)})
+    if average is not None:
+        mean = average.mean()
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(torch.from_numpy(mean[str(i)]))
     pm.eval()
     preds = []
     with torch.no_grad():

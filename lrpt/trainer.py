@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .adapter import Adapter
+from .average import TailAverage, split_state
 from .data import epoch_batches, lr_factor
 from .errors import TrainingError
 from .fileio import atomic_dir, atomic_write, atomic_write_json, encode_safetensors, read_safetensors
@@ -94,6 +95,8 @@ class TrainConfig:
     keep_checkpoints: int = knob(2, "checkpoints kept in RUN/checkpoints")
     keep_best: bool = knob(True, "RUN/adapter is the best evaluation's (else the last step's)")
     early_stopping: int = knob(0, "evaluations without improvement before stopping (0: never)")
+    average: float = knob(0.0, "end with the mean of the prompt's parameters over this final fraction of the steps"
+                               " (tail averaging, sampled at up to 50 steps; lrpt.average); 0: the last step's")
     log_every: int = knob(10, "steps between loss records in metrics.jsonl")
     seed: int = knob(0, "seed of the prompt's initialisation, data order and dropout")
     bucket: bool = knob(True, "batch rows of similar length together (less padding)")
@@ -141,6 +144,7 @@ class TrainConfig:
             check_number("epochs", self.epochs, low=0, low_open=True, high=1e6)
         check_number("warmup", self.warmup, low=0, high=1e9)
         check_number("weight_decay", self.weight_decay, low=0)
+        check_number("average", self.average, low=0, high=1)
         if self.max_grad_norm is not None:
             check_number("max_grad_norm", self.max_grad_norm, low=0, low_open=True)
         return self
@@ -191,6 +195,9 @@ class TrainOps(Protocol):
 
     def load_state(self, adapter: Adapter, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         """Restore what :meth:`state` and :meth:`adapter` captured."""
+
+    def load_params(self, params: dict[str, np.ndarray]) -> None:
+        """Set the prompt's tensors (canonical names, as ``adapter().params``), e.g. to a tail average."""
 
 
 def plan(config: TrainConfig, n_examples: int) -> tuple[int, int]:
@@ -259,6 +266,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
     """The loop of :func:`run_training`, inside the run directory's lock."""
     step, micro = 0, 0
     best, best_step, bad_evals = None, None, 0
+    average = TailAverage(config.average, total) if config.average > 0 else None
     history: list[dict[str, Any]] = []
     if run:
         if resume:
@@ -266,8 +274,10 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
             if ckpt is None:
                 raise TrainingError(f"--resume: no checkpoint in {run.root / 'checkpoints'}")
             config = check_resume_config(run.root / "train_config.json", config)
-            meta = run.load_checkpoint(ckpt, ops)
+            meta, sums = run.load_checkpoint(ckpt, ops)
             step, micro = meta["step"], meta["micro"]
+            if average is not None:
+                average.load_state(sums, meta.get("average_count", 0))
             best, best_step, bad_evals = meta["best"], meta["best_step"], meta["bad_evals"]
             history = run.truncate_metrics(step)
         elif run.latest_checkpoint() is not None:
@@ -327,6 +337,11 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
                     run.log(rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.4f}")
+            if average is not None and average.due(step):
+                average.add(ops.adapter().params)
+                if is_last:  # the run ends with the mean: evaluated, checkpointed and saved as its adapter
+                    ops.load_params(average.mean())
+                    average.reset()
             if do_eval:
                 metrics = ops.evaluate()
                 if metrics:
@@ -347,11 +362,14 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
                     if config.early_stopping and bad_evals >= config.early_stopping:
                         stopped_early = True
             if do_save or (stopped_early and run):
+                sums, count = average.state() if average is not None else ({}, 0)
                 run.save_checkpoint(
                     step,
                     ops,
-                    {"step": step, "micro": micro, "best": best, "best_step": best_step, "bad_evals": bad_evals},
+                    {"step": step, "micro": micro, "best": best, "best_step": best_step, "bad_evals": bad_evals,
+                     "average_count": count},
                     config.keep_checkpoints,
+                    sums,
                 )
             if stopped_early:
                 break
@@ -529,20 +547,23 @@ class RunDir:
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def save_checkpoint(self, step: int, ops: TrainOps, meta: dict[str, Any], keep: int) -> Path:
+    def save_checkpoint(self, step: int, ops: TrainOps, meta: dict[str, Any], keep: int,
+                        extra: dict[str, np.ndarray] | None = None) -> Path:
+        """``extra``: more float32 tensors for optimizer.safetensors (the tail average's sums)."""
         final = self.root / "checkpoints" / f"step-{step:06d}"
         if not self.writer:
             return final  # the optimizer state is the same on every rank: rank 0 writes it
         with atomic_dir(final, replace=True) as tmp:
             ops.adapter().save(tmp / "adapter")
             tensors, state = ops.state()
-            atomic_write(tmp / "optimizer.safetensors", encode_safetensors(tensors))
+            atomic_write(tmp / "optimizer.safetensors", encode_safetensors({**tensors, **(extra or {})}))
             atomic_write_json(tmp / "trainer_state.json", {**meta, "backend_state": state})
         for old in self.checkpoints()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def load_checkpoint(self, path: Path, ops: TrainOps) -> dict[str, Any]:
+    def load_checkpoint(self, path: Path, ops: TrainOps) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Restore ``ops`` from the checkpoint at ``path``; its trainer state and tail-average sums."""
         try:
             meta = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
@@ -551,5 +572,6 @@ class RunDir:
             ) from None
         adapter = Adapter.load(path / "adapter")
         tensors, _, _ = read_safetensors(path / "optimizer.safetensors")
+        tensors, sums = split_state(tensors)
         ops.load_state(adapter, tensors, meta["backend_state"])
-        return meta
+        return meta, sums

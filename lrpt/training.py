@@ -187,6 +187,9 @@ class Training:
     def adapter(self) -> Adapter:
         return self.be.prompt_to_adapter(self.prompt, self.task, self.base)
 
+    def load_params(self, params: dict[str, np.ndarray]) -> None:
+        self.prompt.load_params(params)
+
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return self.stepper.moments(), {"schema": CHECKPOINT_SCHEMA, "adam_step": self.t}
 

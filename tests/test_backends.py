@@ -648,6 +648,41 @@ def test_lr_probe_runs_once_a_resumed_run_keeps_its_lr(kit, llama, tmp_path, mon
         kit.be.train(model, tok, prompt, TASK, data, None, cfg(steps=8, lr_probe=True), tmp_path / "straight")
 
 
+def test_tail_average_ends_the_run_with_the_mean_of_the_sampled_iterates(kit, llama, monkeypatch):
+    """--average 0.5 over 8 steps: the prompt ends as the mean of the iterates after steps 5-8
+    (recorded from a run without averaging, which is otherwise the same run)."""
+    from lrpt.average import TailAverage
+    from lrpt.training import Training
+
+    model, tok = llama
+    data = toy_data(48)
+    seen: dict[int, dict] = {}
+    real = Training.step
+
+    def recording(self, micro_batches, lr):
+        handle = real(self, micro_batches, lr)
+        seen[self.t] = self.prompt.to_params()
+        return handle
+
+    monkeypatch.setattr(Training, "step", recording)
+    ends = {}
+    for average in (0.0, 0.5):
+        prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+        kit.be.train(model, tok, prompt, TASK, data, None, cfg(steps=8, lr=0.05, average=average))
+        ends[average] = prompt.to_params()
+    for k, v in ends[0.5].items():
+        want = np.mean([seen[t][k] for t in (5, 6, 7, 8)], axis=0)
+        np.testing.assert_allclose(v, want, rtol=1e-5, atol=1e-6)
+        if k.endswith(("U", "V")):
+            assert not np.allclose(v, ends[0.0][k])  # the mean is not the last iterate
+    # at most SAMPLES iterates, evenly spaced, the last step always among them
+    tail = TailAverage(0.5, 1000)
+    due = [s for s in range(1, 1001) if tail.due(s)]
+    assert len(due) == 50 and due[-1] == 1000 and due[0] == 510 and set(np.diff(due)) == {10}
+    with pytest.raises(TrainingError, match="--average must be <= 1"):
+        cfg(average=1.5).validate()
+
+
 def test_continue_training_a_saved_adapter(kit, llama, tmp_path):
     model, tok = llama
     data = toy_data()

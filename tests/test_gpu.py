@@ -283,12 +283,14 @@ def test_compiled_training_over_many_widths_equals_eager(tiny_dirs, tb, scope):
 # -- CUDA graphs (--compile-scope graphs) ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("method,shared,accum", [("lopt1", False, 1), ("lopt1", True, 1), ("lopt1", False, 2),
-                                                 ("prompt", True, 2), ("lopa", False, 1)])
-def test_cuda_graph_training_over_many_widths_equals_eager(tiny_dirs, tb, method, shared, accum):
+@pytest.mark.parametrize("method,shared,accum,average", [
+    ("lopt1", False, 1, 0.0), ("lopt1", True, 1, 0.0), ("lopt1", False, 2, 0.0), ("prompt", True, 2, 0.0),
+    ("lopa", False, 1, 0.0), ("lopt1", False, 1, 0.5)])
+def test_cuda_graph_training_over_many_widths_equals_eager(tiny_dirs, tb, method, shared, accum, average):
     """A whole run recorded as CUDA graphs (several bucket widths, the short last batch, gradient
     accumulation, evaluation between steps) ends where the eager run ends; LoPA without dropout
-    records too (its encoder runs the model inside the graph)."""
+    records too (its encoder runs the model inside the graph); the tail average (--average) reads
+    the graphs' parameters as it reads eager ones."""
     from dataclasses import replace
 
     from lrpt.trainer import TrainConfig
@@ -301,7 +303,7 @@ def test_cuda_graph_training_over_many_widths_equals_eager(tiny_dirs, tb, method
         prompt = tb.init_prompt(spec, model, tok, seed=0)
         res = tb.train(model, tok, prompt, toy_task(), rows, rows[:16], TrainConfig(
             steps=14, batch_size=8, grad_accum=accum, compile=compiled, compile_scope="graphs", pad_to_multiple=4,
-            progress=False, eval_every=7, shared_prefix=shared))
+            progress=False, eval_every=7, shared_prefix=shared, average=average))
         assert ("CUDA graphs" in res.compile_choice) == compiled
         out[compiled] = (res.final_loss, res.best_metric, prompt.to_params())
     assert out[True][0] == pytest.approx(out[False][0], abs=1e-4) and out[True][1] == out[False][1]
