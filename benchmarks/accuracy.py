@@ -182,14 +182,14 @@ def _metrics(task, labels, preds, metric) -> dict:
 
 def _lrpt(task, train_rows, val, settings: dict, job: dict) -> dict:
     from lrpt.backends.torch import model as M
-    from lrpt.spec import METHOD_DEFAULTS, PromptSpec
+    from lrpt.spec import METHOD_DEFAULTS, TRAIN_DEFAULTS, PromptSpec
     from lrpt.training import train
 
     model, tok = _model()
     method = settings.pop("method")
     lr = settings.pop("lr", None)
     probe = bool(settings.pop("probe", 0))  # lrpt train --lr-probe
-    fields = {k: v for k, v in METHOD_DEFAULTS[method].items() if k != "lr"}
+    fields = {k: v for k, v in METHOD_DEFAULTS[method].items() if k not in TRAIN_DEFAULTS}
     if settings.get("init") in ("text", "labels"):  # the same texts PEFT's TEXT init gets
         settings["init"], settings["init_text"] = "text", init_text(task, settings["init"])
     spec = PromptSpec(method, **{"n_tokens": 4 if job["smoke"] else TOKENS, **fields, **settings})
@@ -199,6 +199,7 @@ def _lrpt(task, train_rows, val, settings: dict, job: dict) -> dict:
     res = train(model, tok, prompt, task, train_rows, None, config)
     chosen = res.lr_probe.lr if res.lr_probe else config.for_method(method).lr
     out = {**_score(task, val, prompt), "params": spec.param_count(prompt.dim), "lr": chosen,
+           "average": config.for_method(method).average,
            "step_path": res.compile_choice.split(":")[0]}
     if res.lr_probe:  # every candidate's held-out loss, to study what the probe's choice tracks
         out["probe_losses"] = {f"{lr:.4g}": loss for lr, loss in res.lr_probe.losses.items()}

@@ -75,9 +75,10 @@ def main() -> int:
     asked = "{sentence}\nTopic:"  # for reference: the instruction the template leaves out, written by hand
     written = torch_backend.classify(model, tok, None, [asked.format(**r) for r in held_out], task.label_words)
     prompt = torch_backend.init_prompt(PromptSpec("lopt1", n_tokens=20, rank=4), model, tok, seed=0)
-    # keep_best off: the held-out rows only draw the curve, they choose nothing
+    # keep_best off: the held-out rows only draw the curve, they choose nothing; average off: each point
+    # of the curve is the prompt at that step (lopt1's default tail average would make the last one a mean)
     config = TrainConfig(steps=args.steps, lr=3e-2, batch_size=16, log_every=args.eval_every,
-                         eval_every=args.eval_every, keep_best=False)
+                         eval_every=args.eval_every, keep_best=False, average=0.0)
     result = torch_backend.train(model, tok, prompt, task, topic_rows("train", 16 * args.steps), held_out, config,
                                  out / "run")
     tuned = [r["eval_accuracy"] for r in result.history if "eval_accuracy" in r][-1]  # at the last step

@@ -10,8 +10,11 @@ and a resumed run ends bit for bit as an unbroken one), and loaded into the prom
 before the final evaluation and save.
 
 Only the run's planned last step averages: an early-stopped run keeps its iterate (and keep-best
-its best evaluation). The final checkpoint holds the averaged prompt and no samples, so a finished
-run extended with ``--resume --steps N`` continues from the average and averages its own new tail.
+its best evaluation). Checkpoints hold the trajectory's own iterate (the final one too) with the sums,
+so training continues where it was: a run resumed with the same length ends exactly as an unbroken
+one; one resumed with another length (``--resume --steps N``) has another tail, so its sums start
+again from the resume point, which is exact when the new tail starts there or later (a finished run
+extended to at least ``1 / (1 - F)`` times its length).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class TailAverage:
 
     def __init__(self, fraction: float, total: int):
         window = max(1, math.ceil(fraction * total))
-        self.total = total
+        self.fraction, self.total = fraction, total
         self.stride = max(1, math.ceil(window / SAMPLES))
         self.first = total - window + 1  # steps are counted from 1 after each optimizer step
         self.sums: dict[str, np.ndarray] = {}
@@ -52,13 +55,22 @@ class TailAverage:
     def reset(self) -> None:
         self.sums, self.count = {}, 0
 
-    def state(self) -> tuple[dict[str, np.ndarray], int]:
-        """The sums as checkpoint tensors (``{param}.tail_sum``) and the sample count."""
-        return {k + SUFFIX: s for k, s in self.sums.items()}, self.count
+    def plan(self) -> dict[str, float | int]:
+        """What decides which steps are sampled (stored with the sums: they only carry over under it)."""
+        return {"fraction": self.fraction, "total": self.total}
 
-    def load_state(self, tensors: dict[str, np.ndarray], count: int) -> None:
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+        """The sums as checkpoint tensors (``{param}.tail_sum``), and the sample count with the plan."""
+        return {k + SUFFIX: s for k, s in self.sums.items()}, {"count": self.count, **self.plan()}
+
+    def load_state(self, tensors: dict[str, np.ndarray], meta: dict[str, object] | None) -> bool:
+        """Take a checkpoint's sums if they were taken under this plan; False: they were not (dropped)."""
+        if not meta or {k: meta.get(k) for k in self.plan()} != self.plan():
+            self.reset()
+            return not tensors
         self.sums = {k.removesuffix(SUFFIX): np.asarray(v, np.float32).copy() for k, v in tensors.items()}
-        self.count = count if self.sums else 0
+        self.count = int(meta["count"]) if self.sums else 0
+        return True
 
 
 def split_state(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

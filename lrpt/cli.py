@@ -21,7 +21,7 @@ from .data import load_examples
 from .errors import DataError, LrptError
 from .fetch import DEFAULT_MODEL
 from .fileio import atomic_write
-from .spec import METHOD_DEFAULTS, PromptSpec
+from .spec import METHOD_DEFAULTS, TRAIN_DEFAULTS, PromptSpec
 from .tasks import REGISTRY, Task, get_task
 from .trainer import TrainConfig, check_number
 
@@ -276,9 +276,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         run_settings, resumed = {}, None
     given = {**run_settings, **config}
-    # The method's own defaults (rank, LoPA's h′; its lr is TrainConfig's auto) under typed flags and config.
+    # The method's own defaults (rank, LoPA's h′; its lr and average are TrainConfig's auto) under typed
+    # flags and config.
     method = getattr(args, "method", None) or given.get("method") or args.train_defaults["method"]
-    per_method = {k: v for k, v in METHOD_DEFAULTS.get(method, {}).items() if k != "lr"}
+    per_method = {k: v for k, v in METHOD_DEFAULTS.get(method, {}).items() if k not in TRAIN_DEFAULTS}
     flags.resolve(args, {**args.train_defaults, **per_method}, given, args.config or "--resume", args.train_actions)
     out = Path(args.out)
     start_from = Adapter.load(args.init_from) if args.init_from else None

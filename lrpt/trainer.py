@@ -95,8 +95,10 @@ class TrainConfig:
     keep_checkpoints: int = knob(2, "checkpoints kept in RUN/checkpoints")
     keep_best: bool = knob(True, "RUN/adapter is the best evaluation's (else the last step's)")
     early_stopping: int = knob(0, "evaluations without improvement before stopping (0: never)")
-    average: float = knob(0.0, "end with the mean of the prompt's parameters over this final fraction of the steps"
-                               " (tail averaging, sampled at up to 50 steps; lrpt.average); 0: the last step's")
+    average: float | None = knob(None, "end with the mean of the prompt's parameters over this final fraction of"
+                                       " the steps (tail averaging, sampled at up to 50 steps; lrpt.average); 0:"
+                                       " the last step's; unset: auto, the method's default"
+                                       " (lrpt.spec.METHOD_DEFAULTS)")
     log_every: int = knob(10, "steps between loss records in metrics.jsonl")
     seed: int = knob(0, "seed of the prompt's initialisation, data order and dropout")
     bucket: bool = knob(True, "batch rows of similar length together (less padding)")
@@ -144,16 +146,20 @@ class TrainConfig:
             check_number("epochs", self.epochs, low=0, low_open=True, high=1e6)
         check_number("warmup", self.warmup, low=0, high=1e9)
         check_number("weight_decay", self.weight_decay, low=0)
-        check_number("average", self.average, low=0, high=1)
+        if self.average is not None:
+            check_number("average", self.average, low=0, high=1)
         if self.max_grad_norm is not None:
             check_number("max_grad_norm", self.max_grad_norm, low=0, low_open=True)
         return self
 
     def for_method(self, method: str) -> TrainConfig:
-        """This config with an unset ``lr`` filled by ``method``'s default (lrpt.spec.METHOD_DEFAULTS)."""
+        """This config with an unset ``lr`` and ``average`` filled by ``method``'s defaults
+        (lrpt.spec.METHOD_DEFAULTS; ``average`` 0 where it names none)."""
         from .spec import METHOD_DEFAULTS
 
-        return self if self.lr is not None else replace(self, lr=METHOD_DEFAULTS[method]["lr"])
+        mine = METHOD_DEFAULTS[method]
+        return replace(self, lr=mine["lr"] if self.lr is None else self.lr,
+                       average=mine.get("average", 0.0) if self.average is None else self.average)
 
 
 @dataclass
@@ -266,7 +272,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
     """The loop of :func:`run_training`, inside the run directory's lock."""
     step, micro = 0, 0
     best, best_step, bad_evals = None, None, 0
-    average = TailAverage(config.average, total) if config.average > 0 else None
+    average, averaged = None, False  # the tail average (--average), once the run's settings are known
     history: list[dict[str, Any]] = []
     if run:
         if resume:
@@ -276,8 +282,9 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
             config = check_resume_config(run.root / "train_config.json", config)
             meta, sums = run.load_checkpoint(ckpt, ops)
             step, micro = meta["step"], meta["micro"]
-            if average is not None:
-                average.load_state(sums, meta.get("average_count", 0))
+            average = TailAverage(config.average, total) if config.average else None
+            if average is not None and not average.load_state(sums, meta.get("average")):
+                note += f"; the tail average restarts at step {step} (the run's length or --average changed)"
             best, best_step, bad_evals = meta["best"], meta["best_step"], meta["bad_evals"]
             history = run.truncate_metrics(step)
         elif run.latest_checkpoint() is not None:
@@ -285,6 +292,8 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
     if start is not None and not resume:
         config, more = start(config)
         note += more
+    if average is None and config.average:
+        average = TailAverage(config.average, total)
     if run and run.writer:
         atomic_write_json(run.root / "train_config.json", {"backend": backend, **asdict(config)})
     if log is not None and note:
@@ -337,11 +346,13 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
                     run.log(rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.4f}")
+            last_iterate = None  # the trajectory's own parameters, for the checkpoint, once the mean replaces them
             if average is not None and average.due(step):
-                average.add(ops.adapter().params)
-                if is_last:  # the run ends with the mean: evaluated, checkpointed and saved as its adapter
+                params = ops.adapter().params
+                average.add(params)
+                if is_last:  # the run ends with the mean: evaluated and saved as its adapter
                     ops.load_params(average.mean())
-                    average.reset()
+                    last_iterate, averaged = params, True
             if do_eval:
                 metrics = ops.evaluate()
                 if metrics:
@@ -362,14 +373,15 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
                     if config.early_stopping and bad_evals >= config.early_stopping:
                         stopped_early = True
             if do_save or (stopped_early and run):
-                sums, count = average.state() if average is not None else ({}, 0)
+                sums, tail = average.state() if average is not None else ({}, None)
                 run.save_checkpoint(
                     step,
                     ops,
                     {"step": step, "micro": micro, "best": best, "best_step": best_step, "bad_evals": bad_evals,
-                     "average_count": count},
+                     "average": tail},
                     config.keep_checkpoints,
                     sums,
+                    last_iterate,
                 )
             if stopped_early:
                 break
@@ -378,6 +390,8 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
             bar.close()
     if pending:
         last_loss = ops.loss_value(pending)
+    if average is not None and average.count and step == total and not averaged:
+        ops.load_params(average.mean())  # a finished run resumed: its checkpoint holds the last iterate
     adapter_dir = None
     if run:
         adapter_dir = str(run.root / "adapter")
@@ -402,6 +416,8 @@ def check_resume_config(path: Path, config: TrainConfig) -> TrainConfig:
         return config  # a run from before train_config.json existed: nothing to compare
     except (OSError, json.JSONDecodeError) as exc:
         raise TrainingError(f"--resume: {path} is unreadable ({exc})") from None
+    if "average" not in stored:  # a run started before --average existed ended with its last step
+        config = replace(config, average=0.0)
     if config.lr_probe and stored.get("lr_probe") and isinstance(stored.get("lr"), (int, float)):
         config = replace(config, lr=float(stored["lr"]))
     new = asdict(config)
@@ -548,13 +564,16 @@ class RunDir:
         return found[-1] if found else None
 
     def save_checkpoint(self, step: int, ops: TrainOps, meta: dict[str, Any], keep: int,
-                        extra: dict[str, np.ndarray] | None = None) -> Path:
-        """``extra``: more float32 tensors for optimizer.safetensors (the tail average's sums)."""
+                        extra: dict[str, np.ndarray] | None = None,
+                        params: dict[str, np.ndarray] | None = None) -> Path:
+        """``extra``: more float32 tensors for optimizer.safetensors (the tail average's sums);
+        ``params``: the adapter's tensors, where the prompt now holds others (the tail average)."""
         final = self.root / "checkpoints" / f"step-{step:06d}"
         if not self.writer:
             return final  # the optimizer state is the same on every rank: rank 0 writes it
         with atomic_dir(final, replace=True) as tmp:
-            ops.adapter().save(tmp / "adapter")
+            adapter = ops.adapter()
+            (replace(adapter, params=params) if params is not None else adapter).save(tmp / "adapter")
             tensors, state = ops.state()
             atomic_write(tmp / "optimizer.safetensors", encode_safetensors({**tensors, **(extra or {})}))
             atomic_write_json(tmp / "trainer_state.json", {**meta, "backend_state": state})
