@@ -294,6 +294,8 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
         note += more
     if average is None and config.average:
         average = TailAverage(config.average, total)
+    if average is not None:  # said here, where the settings are final (a resumed run's are its own)
+        note += f"; ends with the mean of its last {config.average:.0%} of steps (--average)"
     if run and run.writer:
         atomic_write_json(run.root / "train_config.json", {"backend": backend, **asdict(config)})
     if log is not None and note:

@@ -250,8 +250,7 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
         cut = fit_to_context(train_data, room, reserve, truncate)
         fit_to_context(eval_data or [], room, reserve, truncate)
     ops = Training(be, model, tokenizer, prompt, task, train_data, eval_data, config)
-    choice = ops.compile_choice.line() + ops.prefix_note() + length_note(config, len(train_data)) + (
-        f"; ends with the mean of its last {config.average:.0%} of steps (--average)" if config.average else "")
+    choice = ops.compile_choice.line() + ops.prefix_note() + length_note(config, len(train_data))
     probe, probe_note = None, ""
 
     def start(config: TrainConfig) -> tuple[TrainConfig, str]:

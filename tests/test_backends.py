@@ -701,6 +701,7 @@ def test_tail_average_checkpoints_hold_the_trajectory_and_extensions_stay_exact(
     for k in ends["straight"]:
         np.testing.assert_allclose(ends["extended"][k], ends["straight"][k], rtol=1e-6, atol=1e-7)
     assert sum("tail average restarts at step 6" in n for n in notes) == 1
+    assert len(notes) == 3 and all("ends with the mean of its last 50% of steps" in n for n in notes)
     last = Adapter.load(tmp_path / "straight" / "checkpoints" / "step-000012" / "adapter").params
     assert not np.allclose(last["lopt.U"], ends["straight"]["lopt.U"])  # the checkpoint: the last iterate
     prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=5)
@@ -708,6 +709,15 @@ def test_tail_average_checkpoints_hold_the_trajectory_and_extensions_stay_exact(
     np.testing.assert_array_equal(Adapter.load(tmp_path / "straight" / "adapter").params["lopt.U"],
                                   ends["straight"]["lopt.U"])
     np.testing.assert_array_equal(prompt.to_params()["lopt.U"], ends["straight"]["lopt.U"])
+    # a run started before --average existed (its settings name none) resumes without averaging
+    stored = tmp_path / "extended" / "train_config.json"
+    stored.write_text(json.dumps({k: v for k, v in json.loads(stored.read_text()).items() if k != "average"}))
+    notes.clear()
+    kit.be.train(model, tok, prompt, TASK, data, None, cfg(steps=15, **config), tmp_path / "extended", resume=True,
+                 log=notes.append)
+    last = Adapter.load(tmp_path / "extended" / "checkpoints" / "step-000015" / "adapter").params
+    np.testing.assert_array_equal(prompt.to_params()["lopt.U"], last["lopt.U"])
+    assert "--average" not in notes[0]
 
 
 def test_continue_training_a_saved_adapter(kit, llama, tmp_path):
