@@ -272,7 +272,7 @@ def _peft(task, train_rows, val, kind: str, settings: dict, job: dict) -> dict:
         if average is not None and average.due(step + 1):  # as lrpt's loop: steps counted from 1
             average.add({str(i): p.detach().cpu().numpy() for i, p in enumerate(params)})
     if average is not None:
-        mean = average.mean()
+        mean = average.mean()  # every tensor PEFT trains
         with torch.no_grad():
             for i, p in enumerate(params):
                 p.copy_(torch.from_numpy(mean[str(i)]))

@@ -350,11 +350,11 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
                     bar.set_postfix(loss=f"{last_loss:.4f}")
             last_iterate = None  # the trajectory's own parameters, for the checkpoint, once the mean replaces them
             if average is not None and average.due(step):
-                params = ops.adapter().params
-                average.add(params)
+                now = ops.adapter()
+                average.add({k: now.params[k] for k in now.spec.trainable_names()})  # lopt2's fixed X0: not
                 if is_last:  # the run ends with the mean: evaluated and saved as its adapter
-                    ops.load_params(average.mean())
-                    last_iterate, averaged = params, True
+                    ops.load_params(average.applied(now.params))
+                    last_iterate, averaged = now.params, True
             if do_eval:
                 metrics = ops.evaluate()
                 if metrics:
@@ -393,7 +393,8 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
     if pending:
         last_loss = ops.loss_value(pending)
     if average is not None and average.count and step == total and not averaged:
-        ops.load_params(average.mean())  # a finished run resumed: its checkpoint holds the last iterate
+        ops.load_params(average.applied(ops.adapter().params))  # a finished run resumed: the checkpoint held
+        # the last iterate
     adapter_dir = None
     if run:
         adapter_dir = str(run.root / "adapter")

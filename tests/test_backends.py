@@ -675,6 +675,10 @@ def test_tail_average_ends_the_run_with_the_mean_of_the_sampled_iterates(kit, ll
         np.testing.assert_allclose(v, want, rtol=1e-5, atol=1e-6)
         if k.endswith(("U", "V")):
             assert not np.allclose(v, ends[0.0][k])  # the mean is not the last iterate
+    prompt = kit.be.init_prompt(spec_for("lopt2"), model, tok, seed=0)  # a fixed tensor stays out of the mean
+    x0 = prompt.to_params()["lopt.X0"]
+    kit.be.train(model, tok, prompt, TASK, data, None, cfg(steps=6, lr=0.05, average=0.5))  # 3 samples: (x+x+x)/3 need not be x
+    np.testing.assert_array_equal(prompt.to_params()["lopt.X0"], x0)
     # at most SAMPLES iterates, evenly spaced, the last step always among them
     tail = TailAverage(0.5, 1000)
     due = [s for s in range(1, 1001) if tail.due(s)]
