@@ -3,7 +3,8 @@ checkpoint holds. A backend supplies only its ``Stepper`` (autograd, AdamW, comp
 
 Checkpoints hold one schema on every backend, so a run started with ``--backend torch`` resumes
 with ``--backend mlx`` and the other way round: the AdamW moments as ``{param}.exp_avg`` and
-``{param}.exp_avg_sq`` (canonical parameter names, float32) and ``{"schema": 1, "adam_step": t}``.
+``{param}.exp_avg_sq`` (canonical parameter names, float32) and ``{"schema": 1, "adam_step": t}``;
+the trainer adds the tail average's sums (``{param}.tail_sum``, :mod:`lrpt.average`) beside them.
 Data order comes from seeded generators (:func:`lrpt.data.epoch_batches`) and dropout is reseeded
 from (seed, step) at every step, so no random-generator state needs saving.
 """
