@@ -8,10 +8,11 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: test test-gpu demo lint clean
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt: the library versions the README's demo lines were measured with.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" -e '.[torch,mlx,serve,dev]'
+	$(PY) -m pip install -q -c constraints.txt "$(TORCH)" -e '.[torch,mlx,serve,dev]'
 	touch $@
 
 lint: $(VENV)/.installed
