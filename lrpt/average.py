@@ -51,6 +51,12 @@ class TailAverage:
             self.sums[k] += np.asarray(v, np.float32)
         self.count += 1
 
+    def describe(self) -> str:
+        """What the run ended with, for its summary."""
+        first = self.total - self.stride * ((self.total - self.first) // self.stride)
+        what = f"{self.count} iterates" if self.count != 1 else "1 iterate"
+        return f"mean of {what} (steps {first}-{self.total} every {self.stride}; --average)"
+
     def mean(self) -> dict[str, np.ndarray]:
         """The mean of each averaged tensor."""
         return {k: s / np.float32(self.count) for k, s in self.sums.items()}

@@ -320,6 +320,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         rows.append(("training step", result.compile_choice))
     rows += [("steps", result.step),
             ("final train loss", f"{result.final_loss:.4f}")]
+    if result.averaged:
+        rows.append(("final prompt", result.averaged))
     if result.best_metric is not None:
         rows.append((f"best validation {task.metric}", f"{result.best_metric:.4f} (step {result.best_step})"))
     rows += [("early stop", "yes" if result.stopped_early else "no"), ("time", f"{seconds:.1f} s"),

@@ -174,6 +174,7 @@ class TrainResult:
     truncated: int = 0  # training inputs cut to fit the model's context
     compile_choice: str = ""  # how the step ran (eager or compiled) and why
     lr_probe: Any = None  # lrpt.probe.ProbeResult of a run that chose its lr (--lr-probe)
+    averaged: str = ""  # what the tail average made of the final prompt (--average); "" for none
 
 
 class TrainOps(Protocol):
@@ -400,7 +401,10 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
         adapter_dir = str(run.root / "adapter")
         if run.writer and not (config.keep_best and best_step is not None):
             ops.adapter().save(run.root / "adapter")
-    return TrainResult(step, last_loss, best, best_step, stopped_early, adapter_dir, history)
+    result = TrainResult(step, last_loss, best, best_step, stopped_early, adapter_dir, history)
+    if average is not None and average.count and step == total:
+        result.averaged = average.describe()
+    return result
 
 
 # What a resumed run may change: how long it runs, how often it reports, and how fast it computes.

@@ -665,11 +665,12 @@ def test_tail_average_ends_the_run_with_the_mean_of_the_sampled_iterates(kit, ll
         return handle
 
     monkeypatch.setattr(Training, "step", recording)
-    ends = {}
+    ends, said = {}, {}
     for average in (0.0, 0.5):
         prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
-        kit.be.train(model, tok, prompt, TASK, data, None, cfg(steps=8, lr=0.05, average=average))
-        ends[average] = prompt.to_params()
+        res = kit.be.train(model, tok, prompt, TASK, data, None, cfg(steps=8, lr=0.05, average=average))
+        ends[average], said[average] = prompt.to_params(), res.averaged
+    assert said == {0.0: "", 0.5: "mean of 4 iterates (steps 5-8 every 1; --average)"}  # the CLI's summary row
     for k, v in ends[0.5].items():
         want = np.mean([seen[t][k] for t in (5, 6, 7, 8)], axis=0)
         np.testing.assert_allclose(v, want, rtol=1e-5, atol=1e-6)
@@ -683,6 +684,8 @@ def test_tail_average_ends_the_run_with_the_mean_of_the_sampled_iterates(kit, ll
     tail = TailAverage(0.5, 1000)
     due = [s for s in range(1, 1001) if tail.due(s)]
     assert len(due) == 50 and due[-1] == 1000 and due[0] == 510 and set(np.diff(due)) == {10}
+    tail.count = 50
+    assert tail.describe() == "mean of 50 iterates (steps 510-1000 every 10; --average)"
     with pytest.raises(TrainingError, match="--average must be <= 1"):
         cfg(average=1.5).validate()
 

@@ -82,7 +82,7 @@ def test_cross_backend_resume_from_the_cli(tiny_dirs, tmp_path, src, dst):
         assert np.linalg.norm(a.params[k] - b.params[k]) <= 1e-5 * np.linalg.norm(a.params[k]), k
 
 
-def test_each_method_gets_its_own_defaults_under_flags_and_config(tiny_dirs, tmp_path):
+def test_each_method_gets_its_own_defaults_under_flags_and_config(tiny_dirs, tmp_path, capsys):
     """No tuning flags: the method's rank, LoPA's h′ and its lr (lrpt.spec.METHOD_DEFAULTS); a typed
     flag or a config key still wins over them."""
     from lrpt.spec import METHOD_DEFAULTS
@@ -98,6 +98,8 @@ def test_each_method_gets_its_own_defaults_under_flags_and_config(tiny_dirs, tmp
         assert main(["train", *base, "--method", method, *extra, "--out", str(out),
                      *(["-c", str(cfg)] if name == "lopa-typed" else [])]) == 0
         spec = Adapter.load(out / "adapter").spec
+        summary = capsys.readouterr().out  # lopt1's summary says what its final prompt is
+        assert ("final prompt" in summary and "mean of 1 iterate (steps 1-1" in summary) == (method == "lopt1")
         stored = json.loads((out / "train_config.json").read_text())
         lr = stored["lr"]
         want = METHOD_DEFAULTS[method]
