@@ -270,7 +270,7 @@ def _peft(task, train_rows, val, kind: str, settings: dict, job: dict) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         if average is not None and average.due(step + 1):  # as lrpt's loop: steps counted from 1
-            average.add({str(i): p.detach().cpu().numpy() for i, p in enumerate(params)})
+            average.add({str(i): p.detach().cpu().numpy() for i, p in enumerate(params)}, step + 1)
     if average is not None:
         mean = average.mean()  # every tensor PEFT trains
         with torch.no_grad():

@@ -248,6 +248,8 @@ def _run_settings(out: Path, backend: str) -> tuple[dict[str, Any], Adapter | No
     from .trainer import RunDir
 
     stored = _read_json(out / "train_config.json")
+    if stored:
+        stored.setdefault("average", 0.0)  # a run started before --average existed ends with its last step
     was = stored.pop("backend", None)
     if was != backend:
         for key in BACKEND_ONLY.get(was, ()):

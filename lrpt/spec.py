@@ -50,7 +50,7 @@ STATIC_METHODS = ("prompt", "lopt1", "lopt2")
 # within a seed's spread on some others); vocabulary or text init and lopt1 at 3e-1 did not hold
 # on every task. They still do not beat PEFT's best on every task. ``average`` (the tail average of
 # lrpt.average, a TrainConfig field like ``lr``): for lopt1, averaging the last half of the steps
-# raised CB by 6.0 points (every seed by 5-7) and moved the other three tasks by 0.0 to +0.4 in the
+# raised CB by 6.0 points (every seed by 5-7) and moved the other three tasks' means by -0.1 to +0.4 in the
 # same run (RESULTS.md "tail averaging"); the other methods were not measured with it, so keep 0.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "prompt": {"lr": 3e-2},

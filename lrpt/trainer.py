@@ -352,7 +352,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
             last_iterate = None  # the trajectory's own parameters, for the checkpoint, once the mean replaces them
             if average is not None and average.due(step):
                 now = ops.adapter()
-                average.add({k: now.params[k] for k in now.spec.trainable_names()})  # lopt2's fixed X0: not
+                average.add({k: now.params[k] for k in now.spec.trainable_names()}, step)  # lopt2's X0: not
                 if is_last:  # the run ends with the mean: evaluated and saved as its adapter
                     ops.load_params(average.applied(now.params))
                     last_iterate, averaged = now.params, True
@@ -403,7 +403,10 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
             ops.adapter().save(run.root / "adapter")
     result = TrainResult(step, last_loss, best, best_step, stopped_early, adapter_dir, history)
     if average is not None and average.count and step == total:
-        result.averaged = average.describe()
+        kept = run is not None and config.keep_best and best_step is not None
+        result.averaged = average.describe() + (
+            f"; evaluated at step {total}, adapter/ holds step {best_step}'s, the best evaluation (keep-best)"
+            if kept and best_step != total else "")
     return result
 
 
@@ -423,8 +426,7 @@ def check_resume_config(path: Path, config: TrainConfig) -> TrainConfig:
         return config  # a run from before train_config.json existed: nothing to compare
     except (OSError, json.JSONDecodeError) as exc:
         raise TrainingError(f"--resume: {path} is unreadable ({exc})") from None
-    if "average" not in stored:  # a run started before --average existed ended with its last step
-        config = replace(config, average=0.0)
+    stored.setdefault("average", 0.0)  # a run started before --average existed ends with its last step
     if config.lr_probe and stored.get("lr_probe") and isinstance(stored.get("lr"), (int, float)):
         config = replace(config, lr=float(stored["lr"]))
     new = asdict(config)

@@ -650,7 +650,7 @@ def test_lr_probe_runs_once_a_resumed_run_keeps_its_lr(kit, llama, tmp_path, mon
 
 def test_tail_average_ends_the_run_with_the_mean_of_the_sampled_iterates(kit, llama, monkeypatch):
     """--average 0.5 over 8 steps: the prompt ends as the mean of the iterates after steps 5-8
-    (recorded from a run without averaging, which is otherwise the same run)."""
+    (recorded after every step; both runs follow the same trajectory, only their ends differ)."""
     from lrpt.average import TailAverage
     from lrpt.training import Training
 
@@ -684,8 +684,7 @@ def test_tail_average_ends_the_run_with_the_mean_of_the_sampled_iterates(kit, ll
     tail = TailAverage(0.5, 1000)
     due = [s for s in range(1, 1001) if tail.due(s)]
     assert len(due) == 50 and due[-1] == 1000 and due[0] == 510 and set(np.diff(due)) == {10}
-    tail.count = 50
-    assert tail.describe() == "mean of 50 iterates (steps 510-1000 every 10; --average)"
+    assert TailAverage(0.07, 100).first == 94  # a window of 7, though 0.07 × 100 is 7.000000000000001
     with pytest.raises(TrainingError, match="--average must be <= 1"):
         cfg(average=1.5).validate()
 
@@ -697,16 +696,21 @@ def test_tail_average_checkpoints_hold_the_trajectory_and_extensions_stay_exact(
     model, tok = llama
     data = toy_data(48)
     config = dict(lr=0.05, average=0.5, eval_every=0, save_every=3, schedule="constant", warmup=0)
-    ends, notes = {}, []
-    for name, parts in (("straight", [12]), ("extended", [6, 12])):
+    ends, notes, said = {}, [], {}
+    for name, parts in (("straight", [12]), ("extended", [6, 12]), ("longer", [12, 18])):
         prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
         for i, steps in enumerate(parts):
-            kit.be.train(model, tok, prompt, TASK, data, None, cfg(steps=steps, **config), tmp_path / name,
-                         resume=i > 0, log=notes.append)
-        ends[name] = Adapter.load(tmp_path / name / "adapter").params
+            res = kit.be.train(model, tok, prompt, TASK, data, None, cfg(steps=steps, **config), tmp_path / name,
+                               resume=i > 0, log=notes.append)
+        ends[name], said[name] = Adapter.load(tmp_path / name / "adapter").params, res.averaged
         np.testing.assert_array_equal(ends[name]["lopt.U"], prompt.to_params()["lopt.U"])
     for k in ends["straight"]:
-        np.testing.assert_allclose(ends["extended"][k], ends["straight"][k], rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(ends["extended"][k], ends["straight"][k])
+    # the summary names the steps in the mean: 12 -> 18 restarts the sums after step 12, inside the new tail
+    assert said == {"straight": "mean of 6 iterates (steps 7-12 every 1; --average)",
+                    "extended": "mean of 6 iterates (steps 7-12 every 1; --average)",
+                    "longer": "mean of 6 iterates (steps 13-18 every 1; --average)"}
+    notes = notes[:3]
     assert sum("tail average restarts at step 6" in n for n in notes) == 1
     assert len(notes) == 3 and all("ends with the mean of its last 50% of steps" in n for n in notes)
     last = Adapter.load(tmp_path / "straight" / "checkpoints" / "step-000012" / "adapter").params
@@ -716,15 +720,39 @@ def test_tail_average_checkpoints_hold_the_trajectory_and_extensions_stay_exact(
     np.testing.assert_array_equal(Adapter.load(tmp_path / "straight" / "adapter").params["lopt.U"],
                                   ends["straight"]["lopt.U"])
     np.testing.assert_array_equal(prompt.to_params()["lopt.U"], ends["straight"]["lopt.U"])
-    # a run started before --average existed (its settings name none) resumes without averaging
+    # a run started before --average existed (its settings name none) ended with its last step: it
+    # resumes only without averaging, as a run resumes only with its own lr
     stored = tmp_path / "extended" / "train_config.json"
     stored.write_text(json.dumps({k: v for k, v in json.loads(stored.read_text()).items() if k != "average"}))
+    with pytest.raises(TrainingError, match="average 0.0 → 0.5"):
+        kit.be.train(model, tok, prompt, TASK, data, None, cfg(steps=15, **config), tmp_path / "extended",
+                     resume=True)
     notes.clear()
-    kit.be.train(model, tok, prompt, TASK, data, None, cfg(steps=15, **config), tmp_path / "extended", resume=True,
-                 log=notes.append)
+    res = kit.be.train(model, tok, prompt, TASK, data, None, cfg(steps=15, **{**config, "average": 0.0}),
+                       tmp_path / "extended", resume=True, log=notes.append)
     last = Adapter.load(tmp_path / "extended" / "checkpoints" / "step-000015" / "adapter").params
     np.testing.assert_array_equal(prompt.to_params()["lopt.U"], last["lopt.U"])
-    assert "--average" not in notes[0]
+    assert "--average" not in notes[0] and res.averaged == ""
+
+
+def test_tail_average_competes_with_earlier_evaluations_under_keep_best(kit, llama, tmp_path):
+    """With evaluation rows and keep-best, the mean is the last evaluation: adapter/ is the mean only
+    if it scores best, and the summary says which step adapter/ holds when it is not."""
+    model, tok = llama
+    data = toy_data(64)
+    prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+    res = kit.be.train(model, tok, prompt, TASK, data[:48], data[48:], cfg(steps=8, lr=0.5, eval_every=2,
+                       average=0.5), tmp_path / "r")
+    saved = Adapter.load(tmp_path / "r" / "adapter").params
+    assert res.averaged.startswith("mean of 4 iterates (steps 5-8")
+    assert res.best_step == 6  # here the mean (step 8) only ties step 6's score, which keep-best keeps
+    assert not np.array_equal(saved["lopt.U"], prompt.to_params()["lopt.U"])
+    assert "evaluated at step 8, adapter/ holds step 6's, the best evaluation (keep-best)" in res.averaged
+    res = kit.be.train(model, tok, prompt, TASK, data[:48], data[48:], cfg(steps=8, lr=0.5, eval_every=2,
+                       average=0.5, keep_best=False), tmp_path / "last")
+    np.testing.assert_array_equal(Adapter.load(tmp_path / "last" / "adapter").params["lopt.U"],
+                                  prompt.to_params()["lopt.U"])  # without keep-best, adapter/ is the mean
+    assert "keep-best" not in res.averaged
 
 
 def test_continue_training_a_saved_adapter(kit, llama, tmp_path):

@@ -63,6 +63,21 @@ def test_resume_refuses_changed_settings_and_needs_no_flags(tiny_dirs, tmp_path,
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
 
 
+def test_a_run_from_before_average_resumes_without_it(tiny_dirs, tmp_path, capsys):
+    """`--resume` with no flags continues a run whose settings name no --average (made before it
+    existed) without averaging, as it ended; asking for averaging then is refused, naming it."""
+    out = tmp_path / "old"
+    common = ["--backend", "torch", "--model", str(tiny_dirs["llama"]), "--out", str(out)]
+    assert main(["train", *common, *DATA, "--method", "lopt1", "--steps", "2"]) == 0
+    stored = out / "train_config.json"
+    stored.write_text(json.dumps({k: v for k, v in json.loads(stored.read_text()).items() if k != "average"}))
+    capsys.readouterr()
+    assert main(["train", *common, "--resume", "--steps", "4"]) == 0
+    assert "--average" not in capsys.readouterr().err and json.loads(stored.read_text())["average"] == 0.0
+    assert main(["train", *common, "--resume", "--steps", "6", "--average", "0.5"]) == 2
+    assert "average 0.0 → 0.5" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("src, dst", [("torch", "mlx"), ("mlx", "torch")])
 def test_cross_backend_resume_from_the_cli(tiny_dirs, tmp_path, src, dst):
     """6 steps on one backend + `--resume --backend other` to 12 == 12 straight steps (1e-5 relative);

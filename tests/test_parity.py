@@ -135,8 +135,9 @@ def test_training_continues_on_the_other_backend(tiny_dirs, tmp_path, method, sr
 @pytest.mark.parametrize("method, average", [("lopt1", 0.0), ("lopa", 0.0), ("lopt1", 0.5)])
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_resume_is_bitwise_exact(tiny_dirs, tmp_path, backend, method, average):
-    """A run stopped after a checkpoint and resumed ends with bitwise the same tensors (CPU); with
-    --average 0.5 the stop falls inside the averaged tail (steps 7-12), so the sums resume too."""
+    """A run stopped after a checkpoint and resumed ends with bitwise the same tensors and adapter/
+    (CPU); with --average 0.5 it stops before the averaged tail (steps 7-12), inside it (the sums
+    resume too) and after the last step's checkpoint, before the adapter is saved."""
     model, tok = load(backend, str(tiny_dirs["llama"]))
     spec = spec_for(method)
     rows = data(96)
@@ -145,16 +146,20 @@ def test_resume_is_bitwise_exact(tiny_dirs, tmp_path, backend, method, average):
     full = B[backend].init_prompt(spec, model, tok, seed=0)
     B[backend].train(model, tok, full, TASK, rows[:80], rows[80:], cfg, tmp_path / "a")
 
-    with pytest.raises(Crash), crash_after_checkpoint(8):
-        B[backend].train(model, tok, B[backend].init_prompt(spec, model, tok, seed=0), TASK, rows[:80], rows[80:],
-                         cfg, tmp_path / "b")
-    fresh = B[backend].init_prompt(spec, model, tok, seed=99)  # resuming overwrites it
-    B[backend].train(model, tok, fresh, TASK, rows[:80], rows[80:], cfg, tmp_path / "b", resume=True)
-    a, b = full.to_params(), fresh.to_params()
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-    strip = [[{k: v for k, v in __import__("json").loads(x).items() if k != "elapsed_s"}
-              for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("a", "b")]
-    assert strip[0] == strip[1]
+    for stop in (4, 8, 12) if average else (8,):
+        run = tmp_path / f"b{stop}"
+        with pytest.raises(Crash), crash_after_checkpoint(stop):
+            B[backend].train(model, tok, B[backend].init_prompt(spec, model, tok, seed=0), TASK, rows[:80],
+                             rows[80:], cfg, run)
+        fresh = B[backend].init_prompt(spec, model, tok, seed=99)  # resuming overwrites it
+        B[backend].train(model, tok, fresh, TASK, rows[:80], rows[80:], cfg, run, resume=True)
+        a, b = full.to_params(), fresh.to_params()
+        assert all(np.array_equal(a[k], b[k]) for k in a), stop
+        saved = [Adapter.load(d / "adapter").params for d in (tmp_path / "a", run)]
+        assert all(np.array_equal(saved[0][k], saved[1][k]) for k in saved[0]), stop
+        strip = [[{k: v for k, v in __import__("json").loads(x).items() if k != "elapsed_s"}
+                  for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path / "a", run)]
+        assert strip[0] == strip[1], stop
 
 
 # Adam divides by the gradients' own scale, so fp32 differences between the two frameworks' kernels
