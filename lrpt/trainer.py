@@ -274,6 +274,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
     step, micro = 0, 0
     best, best_step, bad_evals = None, None, 0
     average, averaged = None, False  # the tail average (--average), once the run's settings are known
+    stopped_early = False
     history: list[dict[str, Any]] = []
     if run:
         if resume:
@@ -288,6 +289,10 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
                 note += f"; the tail average restarts at step {step} (the run's length or --average changed)"
             best, best_step, bad_evals = meta["best"], meta["best_step"], meta["bad_evals"]
             history = run.truncate_metrics(step)
+            if config.early_stopping and bad_evals >= config.early_stopping:  # it ended there: it stays ended
+                stopped_early = True
+                note += (f"; the run stopped early at step {step}: nothing to resume (to train on, start a new"
+                         f" run with --init-from {run.root / 'adapter'})")
         elif run.latest_checkpoint() is not None:
             raise TrainingError(f"{run.root} already holds a run: pass --resume to continue it or choose another --out")
     if start is not None and not resume:
@@ -310,10 +315,9 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
     guard = DivergenceGuard(ops)
     pending: list[Any] = []
     last_loss = float("nan")
-    stopped_early = False
     started = time.perf_counter()
     try:
-        while step < total:
+        while step < total and not stopped_early:
             lr = config.lr * lr_factor(step, total, warmup, config.schedule)
             pending.append(ops.step(next_micro_batches(micro), lr))
             micro += config.grad_accum

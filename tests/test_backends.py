@@ -799,6 +799,11 @@ def test_keep_best_and_early_stopping(kit, llama, tmp_path):
                                                                             early_stopping=2), tmp_path / "r")
     assert res.stopped_early and res.step < 40
     assert res.best_step is not None and Adapter.load(tmp_path / "r" / "adapter")
+    saved, notes = Adapter.load(tmp_path / "r" / "adapter").params, []
+    again = kit.be.train(model, tok, prompt, TASK, data[:80], data[80:], cfg(steps=40, lr=1e-6, eval_every=2,
+                         early_stopping=2), tmp_path / "r", resume=True, log=notes.append)
+    assert again.stopped_early and again.step == res.step and "stopped early" in notes[0]  # it stays stopped
+    assert all(np.array_equal(saved[k], Adapter.load(tmp_path / "r" / "adapter").params[k]) for k in saved)
 
 
 def test_completion_task_trains_on_targets(kit, llama, tmp_path):
