@@ -397,17 +397,17 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
             bar.close()
     if pending:
         last_loss = ops.loss_value(pending)
-    if average is not None and average.count and step == total and not averaged:
-        ops.load_params(average.applied(ops.adapter().params))  # a finished run resumed: the checkpoint held
-        # the last iterate
+    ends_averaged = average is not None and average.count and step == total
+    if ends_averaged and not averaged:  # a finished run resumed: its checkpoint held the last iterate
+        ops.load_params(average.applied(ops.adapter().params))
+    kept = run is not None and config.keep_best and best_step is not None  # adapter/: the best evaluation's
     adapter_dir = None
     if run:
         adapter_dir = str(run.root / "adapter")
-        if run.writer and not (config.keep_best and best_step is not None):
+        if run.writer and not kept:
             ops.adapter().save(run.root / "adapter")
     result = TrainResult(step, last_loss, best, best_step, stopped_early, adapter_dir, history)
-    if average is not None and average.count and step == total:
-        kept = run is not None and config.keep_best and best_step is not None
+    if ends_averaged:
         result.averaged = average.describe() + (
             f"; evaluated at step {total}, adapter/ holds step {best_step}'s, the best evaluation (keep-best)"
             if kept and best_step != total else "")
