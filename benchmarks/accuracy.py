@@ -16,7 +16,9 @@ validation split. Runs:
   init, as text init; ``probe=1`` adds ``--lr-probe``, and the result's ``lr`` is the one it chose). Any run takes
   ``steps=N``, its own length (``peft-lora:lr=1e-3:steps=500``), ``average=F`` (``--average F``: the
   mean of the trainable parameters over the final F of the steps, :mod:`lrpt.average`; PEFT's runs
-  average theirs the same way) and ``schedule=NAME`` (``--schedule``). The job is what this command
+  average theirs the same way), ``schedule=NAME`` (``--schedule``) and ``deterministic=0``
+  (``--no-deterministic``: on CUDA, the attention backward whose sums land in a varying order;
+  PEFT's runs switch the same way). The job is what this command
   trains (with ``--lrpt-step auto``, without ``--no-compile``)::
 
       lrpt train --backend torch --model HF --data DATA/TASK --task TASK [--train-limit N] \\
@@ -144,7 +146,7 @@ def run_job(job: dict) -> dict:
     kind, settings = parse_run(job["run"])
     if "steps" in settings:  # this run's own length (e.g. lrpt:lopt1:steps=500), for every kind
         job = {**job, "steps": int(settings.pop("steps"))}
-    job = {**job, "train": {k: settings.pop(k) for k in ("average", "schedule") if k in settings}}
+    job = {**job, "train": {k: settings.pop(k) for k in ("average", "schedule", "deterministic") if k in settings}}
     t0 = time.perf_counter()
     try:
         if kind == "zero-shot":
@@ -213,6 +215,7 @@ def _peft(task, train_rows, val, kind: str, settings: dict, job: dict) -> dict:
 
     from lrpt.average import TailAverage
     from lrpt.backends.torch import model as M
+    from lrpt.backends.torch.step import deterministic_kernels
     from lrpt.data import encode_examples, lr_factor, metric
     from lrpt.tokens import label_token_ids, tokenize_fn
     from lrpt.trainer import plan, run_micro_batches
@@ -260,17 +263,18 @@ def _peft(task, train_rows, val, kind: str, settings: dict, job: dict) -> dict:
 
     average = TailAverage(config.average, total) if config.average else None
     pm.train()
-    for step in range(total):
-        for g in opt.param_groups:
-            g["lr"] = lr * lr_factor(step, total, warmup, config.schedule)
-        idx = batches[step]
-        y = torch.tensor([enc[i].target for i in idx], device=dev)
-        torch.nn.functional.cross_entropy(scores([enc[i].ids for i in idx]), y).backward()
-        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if average is not None and average.due(step + 1):  # as lrpt's loop: steps counted from 1
-            average.add({str(i): p.detach().cpu().numpy() for i, p in enumerate(params)}, step + 1)
+    with deterministic_kernels(dev, config.deterministic):  # as in lrpt's runs: a seed fixes the result
+        for step in range(total):
+            for g in opt.param_groups:
+                g["lr"] = lr * lr_factor(step, total, warmup, config.schedule)
+            idx = batches[step]
+            y = torch.tensor([enc[i].target for i in idx], device=dev)
+            torch.nn.functional.cross_entropy(scores([enc[i].ids for i in idx]), y).backward()
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if average is not None and average.due(step + 1):  # as lrpt's loop: steps counted from 1
+                average.add({str(i): p.detach().cpu().numpy() for i, p in enumerate(params)}, step + 1)
     if average is not None:
         mean = average.mean()  # every tensor PEFT trains
         with torch.no_grad():

@@ -15,11 +15,14 @@ in one invocation, on the same rows, seed and settings:
 - ``graphs``: ``--compile --compile-scope graphs`` (the eager step recorded as one CUDA graph per
   bucketed batch shape, no compiler) with the shared prefix forced on (``--shared-prefix``);
   ``graphs-plain``: the same on the plain path (``--no-shared-prefix``, auto's choice there);
-- ``auto``: no flag: lrpt decides (its one-line choice is reported as ``choice``).
+- ``auto``: no flag: lrpt decides (its one-line choice is reported as ``choice``);
+- ``eager-nondet``, ``auto-nondet``: ``eager`` and ``auto`` with ``--no-deterministic`` (CUDA's
+  attention backward adding a long row's parts in the order they finish). Each run reports the
+  SHA-256 of its adapter's tensors (``adapter_sha``): runs that trained to the same bits share it.
 
 Data: a folder of ``train.jsonl`` / ``validation.jsonl`` given by path (never copied); ``--limit N``
 trains on `lrpt train --train-limit N` (a fixed-seed random subset of N rows, the same in every
-run). ``--preset sst2`` uses lrpt's sst2 task; ``--preset trec`` the TREC columns (text, labels
+run). ``--preset sst2`` (``rte``) uses lrpt's sst2 (rte) task; ``--preset trec`` the TREC columns (text, labels
 0-5) with the label words of ../shared/data/README.md. Every run prints one JSON line as it ends
 (unbuffered), then one summary line per variant (median wall clock and its ratio to eager); with
 --out DIR the lines go to DIR/epoch.jsonl and each run's output to DIR/VARIANT-rK.log.
@@ -32,6 +35,7 @@ run). ``--preset sst2`` uses lrpt's sst2 task; ``--preset trec`` the TREC column
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -53,9 +57,12 @@ VARIANTS = {
     "graphs": ["--compile", "--compile-scope", "graphs", "--shared-prefix"],
     "graphs-plain": ["--compile", "--compile-scope", "graphs", "--no-shared-prefix"],
     "auto": [],
+    "eager-nondet": ["--no-compile", "--no-deterministic"],
+    "auto-nondet": ["--no-deterministic"],
 }
 PRESETS = {
     "sst2": ["--task", "sst2"],
+    "rte": ["--task", "rte"],
     "trec": ["--text-field", "text", "--labels", "abbreviation,description,entity,person,location,number",
              "--template", "Question: {text}\nAnswer type:"],
 }
@@ -103,7 +110,7 @@ def run_once(args, variant: str, round_: int, work: Path, logs: Path | None) -> 
             "timed_out": timed_out, "steps_logged": max(steps) if steps else 0,
             "train_s": _train_seconds(output),
             "accuracy": evals[-1].get("eval_accuracy", evals[-1].get("eval_metric")) if evals else None,
-            "choice": choice.group(1) if choice else None,
+            "choice": choice.group(1) if choice else None, "adapter_sha": _adapter_sha(run_dir / "adapter"),
             "error": None if proc.returncode == 0 else (output.strip().splitlines() or ["?"])[-1][:300]}
 
 
@@ -117,6 +124,17 @@ def _metrics(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue  # a line cut by a killed run
     return out
+
+
+def _adapter_sha(folder: Path) -> str | None:
+    """SHA-256 (first 16 hex digits) of the adapter's tensor files: equal for runs that trained to the same bits."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _train_seconds(output: str) -> float | None:

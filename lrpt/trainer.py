@@ -119,6 +119,9 @@ class TrainConfig:
                                      choices=COMPILE_SCOPES)
     compile_mode: str | None = knob(None, "torch.compile mode, e.g. reduce-overhead (CUDA graphs; auto's choice);"
                                           " torch only")
+    deterministic: bool = knob(True, "on CUDA, kernels that give the same bits every run, so a seed fixes the result"
+                                     " and --resume continues bit for bit (torch.use_deterministic_algorithms; off:"
+                                     " attention's backward sums long rows in a varying order); torch only")
     grad_checkpoint: bool = knob(False, "recompute layer activations in the backward pass; MLX only")
     fsdp: bool = knob(False, "shard the frozen model's blocks over the GPUs with FSDP2 (torch, under torchrun)")
     progress: bool = knob(True, "show a progress bar")
@@ -418,7 +421,8 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
 # Anything else (lr, batch, seed, schedule...) would silently make it another run.
 RESUMABLE_CHANGES = frozenset({"steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "log_every",
                                "eval_batch_size", "progress", "compile", "compile_mode", "grad_checkpoint",
-                               "fsdp", "shared_prefix", "compile_scope", "lr_probe"})
+                               "fsdp", "shared_prefix", "compile_scope", "lr_probe",
+                               "deterministic"})
 
 
 def check_resume_config(path: Path, config: TrainConfig) -> TrainConfig:

@@ -916,6 +916,60 @@ def test_torch_packed_prefix_equals_the_two_pass_prefix(tiny_dirs, arch, kind):
         torch.testing.assert_close(out[1][1][k], g, rtol=1e-5, atol=1e-5)
 
 
+def test_torch_deterministic_kernels_switch_on_cuda_only_and_back(monkeypatch):
+    """``--deterministic`` turns torch's deterministic mode on for a CUDA run only (with the cuBLAS
+    workspace setting it needs, a user's own value kept, and no NaN-filling of new buffers), and
+    puts back whatever the process had before, the user's own mode included."""
+    import os
+
+    import torch
+    import torch.utils.deterministic as det
+
+    from lrpt.backends.torch.step import deterministic_kernels
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    for device, on in ((torch.device("cpu"), True), (torch.device("cuda"), False)):
+        with deterministic_kernels(device, on):
+            assert not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    with deterministic_kernels(torch.device("cuda")):
+        assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and not det.fill_uninitialized_memory
+    assert not torch.are_deterministic_algorithms_enabled() and det.fill_uninitialized_memory
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with deterministic_kernels(torch.device("cuda")):
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_torch_an_op_without_a_deterministic_kernel_is_one_clear_error(tiny_dirs, monkeypatch):
+    """torch's refusal of an op that has no deterministic CUDA kernel becomes one TrainingError line
+    naming the op and --no-deterministic; any other RuntimeError goes through unchanged."""
+    from lrpt.backends.torch import step as torch_step
+
+    be = get_backend("torch")
+    model, tok = be.load_model(str(tiny_dirs["llama"]), dtype="float32", device="cpu", quiet=True)
+    refusal = ("index_add_cuda_ does not have a deterministic implementation, but you set"
+               " 'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for this operation")
+    for message, expected in ((refusal, TrainingError), ("CUDA out of memory", RuntimeError)):
+        def fail(self, *a, message=message):
+            raise RuntimeError(message)
+
+        monkeypatch.setattr(torch_step.Stepper, "_step", fail)
+        with pytest.raises(expected) as err:
+            be.train(model, tok, be.init_prompt(spec_for("lopt1"), model, tok, seed=0), TASK, toy_data(16), None,
+                     cfg(steps=1))
+        assert type(err.value) is expected
+        assert str(err.value) == ("CUDA out of memory" if expected is RuntimeError else
+                                  "index_add_cuda_ has no deterministic CUDA kernel in this torch: train with"
+                                  " --no-deterministic (runs of one seed may then differ)")
+
+
 def test_torch_step_compiled_whole_packs_the_shared_prefix_and_trains_like_two_passes(kit, llama, monkeypatch):
     """A step compiled whole that runs the shared prefix runs it packed (one pass per block, the
     attention switched outside the compiled code and back after it) and trains as the eager

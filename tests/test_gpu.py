@@ -21,7 +21,19 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-from tiny import ARCHS, METHODS, TEXTS, packed_vs_two_passes, sentences, spec_for, toy_data, toy_task  # noqa: E402
+from tiny import (  # noqa: E402
+    ARCHS,
+    METHODS,
+    TEXTS,
+    Crash,
+    crash_after_checkpoint,
+    packed_vs_two_passes,
+    save_tiny,
+    sentences,
+    spec_for,
+    toy_data,
+    toy_task,
+)
 
 from lrpt import Adapter  # noqa: E402
 
@@ -368,6 +380,41 @@ def test_cuda_graph_runs_leave_no_memory_behind(tiny_dirs):
                           capture_output=True, text=True))
     after = [int(line) for line in r.stdout.split()]
     assert len(after) == 4 and max(after) - after[0] <= 2**20, after
+
+
+# -- determinism on long rows (--deterministic, the default) -----------------------------------------
+
+
+@pytest.mark.parametrize("method", ["lopt1", "lopa"])
+def test_long_rows_train_to_the_same_bits_twice_and_resume_exactly_on_cuda(tmp_path, tb, method):
+    """bf16 rows of 150-300 tokens, where the attention backward, left to itself, adds the parts of a
+    long row's query gradient in the order its thread blocks finish: eager and as CUDA graphs, two runs
+    of one seed end with bitwise the same prompt, a run killed after its step-4 checkpoint and resumed
+    ends where the unbroken run ends, and torch's deterministic mode is off again after each run."""
+    from dataclasses import replace
+
+    from lrpt.trainer import TrainConfig
+
+    folder = save_tiny("llama", tmp_path / "m", max_position_embeddings=1024)
+    model, tok = tb.load_model(folder, dtype="bfloat16", device="cuda", quiet=True)
+    rows = [{"text": t, "label": i % 2} for i, t in enumerate(sentences(40, seed=3, length=(150, 300)))]
+    spec = replace(spec_for(method), dropout=0.0) if method == "lopa" else spec_for(method)
+    for graphs in (False, True) if method == "lopt1" else (False,):
+        cfg = TrainConfig(steps=8, batch_size=8, lr=0.05, save_every=4, compile=graphs, compile_scope="graphs",
+                          progress=False)
+        ends = []
+        for run in ("a", "b", "c"):
+            prompt = tb.init_prompt(spec, model, tok, seed=0)
+            if run == "c":
+                with pytest.raises(Crash), crash_after_checkpoint(4):
+                    tb.train(model, tok, prompt, toy_task(), rows, None, cfg, tmp_path / f"{graphs}{run}")
+                prompt = tb.init_prompt(spec, model, tok, seed=99)  # resuming overwrites it
+            tb.train(model, tok, prompt, toy_task(), rows, None, cfg, tmp_path / f"{graphs}{run}", resume=run == "c")
+            assert not torch.are_deterministic_algorithms_enabled()
+            ends.append(prompt.to_params())
+        for k in ends[0]:
+            assert np.array_equal(ends[0][k], ends[1][k]), (graphs, k, "two runs")
+            assert np.array_equal(ends[0][k], ends[2][k]), (graphs, k, "resumed")
 
 
 # -- the real model ------------------------------------------------------------------------------------

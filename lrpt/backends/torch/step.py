@@ -7,8 +7,10 @@ loss stays on the device until the shared loop asks for it at a log point.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,8 @@ class Stepper:
             raise TrainingError("grad_checkpoint is the MLX backend's (recomputing layers in the backward pass):"
                                 " drop --grad-checkpoint with --backend torch")
         self.model, self.prompt, self.config = model, prompt, config
+        self.scope = contextlib.ExitStack()  # process-wide switches of this run, undone by close()
+        self.scope.enter_context(deterministic_kernels(model.device, config.deterministic))
         self.auto = auto  # graphs were lrpt's choice: a step that cannot be recorded runs eagerly
         self.fell_back: str | None = None  # why, when it did
         self.named = [(n, p) for n, p in prompt.named_parameters() if p.requires_grad]
@@ -60,6 +64,16 @@ class Stepper:
 
     def step(self, batches: list[dict[str, torch.Tensor]], weights: list[float], lr: float, seed: int) -> torch.Tensor:
         """Accumulate ``weights[i] * loss(batches[i])``; data parallel, sum the gradients of all ranks."""
+        try:
+            return self._step(batches, weights, lr, seed)
+        except RuntimeError as exc:
+            if "use_deterministic_algorithms" not in str(exc):
+                raise
+            op = str(exc).split(" does not have", 1)[0].strip().splitlines()[-1]
+            raise TrainingError(f"{op} has no deterministic CUDA kernel in this torch: train with"
+                                " --no-deterministic (runs of one seed may then differ)") from None
+
+    def _step(self, batches: list[dict[str, torch.Tensor]], weights: list[float], lr: float, seed: int) -> torch.Tensor:
         if self.graphs is not None:
             try:
                 return self.graphs.step(batches, weights, lr)
@@ -119,7 +133,8 @@ class Stepper:
         return torch.cat(out).cpu().numpy()
 
     def close(self) -> None:
-        """The run is over (MLX's Stepper undoes its checkpointing here; torch changed nothing)."""
+        """The run is over: torch's deterministic mode goes back to what it was before the run."""
+        self.scope.close()
 
     def loss_value(self, handles: list[torch.Tensor]) -> float:
         return float(torch.stack(handles).mean().item())
@@ -150,6 +165,39 @@ class Stepper:
                 "exp_avg": torch.from_numpy(tensors[f"{name}.exp_avg"]).to(p.device),
                 "exp_avg_sq": torch.from_numpy(tensors[f"{name}.exp_avg_sq"]).to(p.device),
             }
+
+
+@contextlib.contextmanager
+def deterministic_kernels(device: torch.device, on: bool = True) -> Iterator[None]:
+    """Inside the block, CUDA kernels give the same bits every run (``--deterministic``, the default).
+
+    Why: the backward pass of SDPA's memory-efficient attention, which a padded batch runs, splits a
+    long row's keys over thread blocks and adds their parts of the query gradient with atomics, in
+    whatever order the blocks finish. A prompt's gradient comes back through that sum in every layer,
+    so on rows past ~100 tokens two runs of one seed drift apart, and on a small task they end far
+    apart (RTE moved one seed 13.7 points; benchmarks/RESULTS.md). torch's deterministic mode runs
+    that kernel unsplit and refuses ops that have no deterministic kernel. CPU kernels are
+    deterministic already, so the switch is left alone there.
+    """
+    if not on or device.type != "cuda":
+        yield
+        return
+    import torch.utils.deterministic as det
+
+    # cuBLAS is deterministic only with a fixed workspace; torch refuses to run it in this mode
+    # without the setting (a user's own value wins).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              det.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    # The mode also fills every new uninitialised buffer with NaN, to expose reads of garbage; that
+    # costs a kernel per allocation and changes no result of code that reads none.
+    det.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        det.fill_uninitialized_memory = before[2]
 
 
 def compiled(model, loss: Callable[[dict[str, Any]], torch.Tensor], config: TrainConfig, shapes: int,
