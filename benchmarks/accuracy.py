@@ -202,7 +202,10 @@ def _lrpt(task, train_rows, val, settings: dict, job: dict) -> dict:
     chosen = res.lr_probe.lr if res.lr_probe else config.for_method(method).lr
     out = {**_score(task, val, prompt), "params": spec.param_count(prompt.dim), "lr": chosen,
            "average": config.for_method(method).average,
-           "step_path": res.compile_choice.split(":")[0]}
+           "step_path": res.compile_choice.split(":")[0],
+           # the logged training loss (mean since the previous record, every --log-every steps): what a
+           # run that ends at chance looked like while training
+           "losses": [round(r["loss"], 4) for r in res.history if "loss" in r]}
     if res.lr_probe:  # every candidate's held-out loss, to study what the probe's choice tracks
         out["probe_losses"] = {f"{lr:.4g}": loss for lr, loss in res.lr_probe.losses.items()}
     return out
