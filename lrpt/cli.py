@@ -326,6 +326,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         rows.append(("final prompt", result.averaged))
     if result.best_metric is not None:
         rows.append((f"best validation {task.metric}", f"{result.best_metric:.4f} (step {result.best_step})"))
+    if result.baseline is not None:
+        rows.append(("majority-label baseline", f"{result.baseline[0]:.4f} (always {result.baseline[1]!r})"))
     rows += [("early stop", "yes" if result.stopped_early else "no"), ("time", f"{seconds:.1f} s"),
              ("adapter", result.adapter_dir)]
     plot = _plot(out)

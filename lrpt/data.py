@@ -174,6 +174,28 @@ def classification_metrics(task: Task, labels: Sequence[int], scores: np.ndarray
     return {"metric": metric(task.metric, labels, preds, k), "accuracy": metric("accuracy", labels, preds, k)}
 
 
+def majority_baseline(task: Task, labels: Sequence[int]) -> tuple[float, str]:
+    """The task's metric, and the label word, of always answering the most frequent of ``labels``
+    (ties: the first label): the score a prompt that ignores its input gets at best, so a tuned
+    prompt at or under it has learned nothing usable (lr 1e-1 ``lopt1`` once ended an SST-2 run at 48.6%
+    accuracy, under its 50.9%: benchmarks/RESULTS.md, "The SST-2 seed-1 collapse")."""
+    k = len(task.label_words)
+    top = int(np.argmax(np.bincount(np.asarray(labels, np.int64), minlength=k)))
+    return metric(task.metric, labels, [top] * len(labels), k), task.label_words[top]
+
+
+def chance_warning(task: Task, labels: Sequence[int], best: float | None) -> str | None:
+    """One line when the best evaluation (``best``, the task's metric) is no better than
+    :func:`majority_baseline` on the same rows, else None."""
+    if best is None or not labels:
+        return None
+    value, word = majority_baseline(task, labels)
+    if best > value:
+        return None
+    return (f"warning: the best evaluation ({task.metric} {best:.4f}) is no better than always answering {word!r}"
+            f" ({value:.4f}): the prompt learned nothing usable; train again with a lower --lr or another --seed")
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Learning-rate multiplier at ``step`` (0-based): linear warmup, then the schedule."""
     if warmup > 0 and step < warmup:

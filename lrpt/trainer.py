@@ -178,6 +178,8 @@ class TrainResult:
     compile_choice: str = ""  # how the step ran (eager or compiled) and why
     lr_probe: Any = None  # lrpt.probe.ProbeResult of a run that chose its lr (--lr-probe)
     averaged: str = ""  # what the tail average made of the final prompt (--average); "" for none
+    baseline: tuple[float, str] | None = None  # the metric and label word of always answering the evaluation rows'
+    # most frequent label (classification with evaluation rows; lrpt.data.majority_baseline)
 
 
 class TrainOps(Protocol):

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .adapter import Adapter
-from .data import Encoded, encode_examples, fit_to_context
+from .data import Encoded, chance_warning, encode_examples, fit_to_context, majority_baseline
 from .errors import SpecError, TrainingError
 from .layout import completion_arrays, scoring_arrays, to_arrays
 from .prefix import uses_prefix
@@ -277,6 +277,12 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
     if ops.stepper.fell_back:  # lrpt chose CUDA graphs and the step could not be recorded
         result.compile_choice = f"eager after all ({ops.stepper.fell_back}); planned: {result.compile_choice}"
     result.lr_probe = probe
+    if task.kind == "classification" and eval_data:
+        labels = [e.target for e in eval_data]
+        result.baseline = majority_baseline(task, labels)
+        warning = chance_warning(task, labels, result.best_metric)
+        if warning and log is not None and ops.world[0] == 0:
+            log(warning)
     return result
 
 

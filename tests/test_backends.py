@@ -34,6 +34,7 @@ from tiny import (  # noqa: E402
 
 from lrpt import Adapter, PromptSpec, Task, TrainingError  # noqa: E402
 from lrpt.backends import BACKENDS, Backend, get_backend  # noqa: E402
+from lrpt.data import chance_warning  # noqa: E402
 from lrpt.reference import materialize  # noqa: E402
 from lrpt.tokens import label_token_ids  # noqa: E402
 from lrpt.trainer import TrainConfig  # noqa: E402
@@ -804,6 +805,20 @@ def test_keep_best_and_early_stopping(kit, llama, tmp_path):
                          early_stopping=2), tmp_path / "r", resume=True, log=notes.append)
     assert again.stopped_early and again.step == res.step and "stopped early" in notes[0]  # it stays stopped
     assert all(np.array_equal(saved[k], Adapter.load(tmp_path / "r" / "adapter").params[k]) for k in saved)
+
+
+def test_a_run_no_better_than_the_majority_label_says_so(kit, llama):
+    """Evaluation rows of one label: always answering it scores 1.0, which no prompt beats, so the run
+    records that baseline and logs the warning (lrpt.data.chance_warning)."""
+    model, tok = llama
+    data, notes = toy_data(), []
+    prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok)
+    one_label = [dict(r, label=1) for r in data[80:]]
+    res = kit.be.train(model, tok, prompt, TASK, data[:80], one_label, cfg(steps=2, lr=1e-3), log=notes.append)
+    assert res.baseline == (1.0, " good") and res.best_metric <= 1.0
+    assert [m for m in notes if m.startswith("warning:")] == [chance_warning(TASK, [1] * 16, res.best_metric)]
+    res = kit.be.train(model, tok, prompt, TASK, data[:80], None, cfg(steps=2, lr=1e-3))
+    assert res.baseline is None  # no evaluation rows, nothing to compare
 
 
 def test_completion_task_trains_on_targets(kit, llama, tmp_path):

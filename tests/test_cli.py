@@ -35,6 +35,7 @@ def trained(tiny_dirs, tmp_path_factory):
              "--out", out)
     assert r.returncode == 0, r.stderr
     assert "best validation accuracy" in r.stdout and "trainable parameters" in r.stdout
+    assert "majority-label baseline" in r.stdout  # the score of always answering one label, beside it
     return out
 
 

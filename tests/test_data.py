@@ -74,6 +74,23 @@ def test_metrics():
     assert metric("macro_f1", [0, 1, 2], [0, 1, 1], 3) == pytest.approx((1 + 2 / 3 + 0) / 3)
 
 
+def test_majority_baseline_and_the_warning_at_or_under_it():
+    from lrpt.data import chance_warning, majority_baseline
+
+    task = Task("t", template="{text}", label_words=[" a", " b", " c"])
+    labels = [1, 1, 1, 0, 2]
+    assert majority_baseline(task, labels) == (0.6, " b")
+    assert majority_baseline(task, [2, 0]) == (0.5, " a")  # a tie: the first label
+    macro = Task("t", template="{text}", label_words=[" a", " b", " c"], metric="macro_f1")
+    value, word = majority_baseline(macro, labels)  # always b: F1 of b 0.75, of a and c 0
+    assert word == " b" and value == pytest.approx(0.25)
+    assert chance_warning(task, labels, 0.61) is None
+    assert chance_warning(task, labels, None) is None
+    for best in (0.6, 0.4):
+        line = chance_warning(task, labels, best)
+        assert line.startswith("warning:") and "always answering ' b' (0.6000)" in line and "--lr" in line
+
+
 def test_model_resolution_order(tmp_path, monkeypatch):
     import lrpt.fetch as models
     from lrpt import LrptError
