@@ -375,7 +375,7 @@ def _plot(out: Path) -> Path | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import check_split, encode_examples, fit_to_context, metric
+    from .data import check_split, encode_examples, fit_to_context, majority_baseline, metric
     from .tokens import label_token_ids, target_tokenize_fn, tokenize_fn
 
     check_split(args.split)
@@ -405,6 +405,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result["truncated"] = cut
     if task.metric != "accuracy":
         result[task.metric] = metric(task.metric, labels, preds, k)
+    # what always answering the most frequent label scores on these rows: the floor a useful prompt beats
+    result["majority_baseline"], result["majority_label"] = majority_baseline(task, labels)
     if args.predictions:
         lines = [json.dumps({"idx": r.get("idx", i), "label": labels[i], "pred": preds[i],
                              "scores": [round(float(x), 6) for x in scores[i]]}) for i, r in enumerate(rows)]

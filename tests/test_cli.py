@@ -72,6 +72,9 @@ def test_eval_predictions_and_json(tiny_dirs, trained, tmp_path, backend, capsys
     result = json.loads(capsys.readouterr().out)
     assert result["examples"] == 20 and 0 <= result["accuracy"] <= 1
     lines = [json.loads(x) for x in pred.read_text().splitlines()]
+    top = max((0, 1), key=[x["label"] for x in lines].count)  # ties: the first label, as majority_baseline
+    assert result["majority_label"] == [" negative", " positive"][top]
+    assert result["majority_baseline"] == sum(x["label"] == top for x in lines) / 20
     assert len(lines) == 20 and set(lines[0]) == {"idx", "label", "pred", "scores"} and len(lines[0]["scores"]) == 2
     assert all(x["pred"] == max(range(2), key=lambda k: x["scores"][k]) for x in lines)
 
