@@ -184,13 +184,11 @@ def majority_baseline(task: Task, labels: Sequence[int]) -> tuple[float, str]:
     return metric(task.metric, labels, [top] * len(labels), k), task.label_words[top]
 
 
-def chance_warning(task: Task, labels: Sequence[int], best: float | None) -> str | None:
-    """One line when the best evaluation (``best``, the task's metric) is no better than
-    :func:`majority_baseline` on the same rows, else None."""
-    if best is None or not labels:
-        return None
-    value, word = majority_baseline(task, labels)
-    if best > value:
+def chance_warning(task: Task, baseline: tuple[float, str], best: float | None) -> str | None:
+    """One line when the best evaluation (``best``, the task's metric) is no better than ``baseline``
+    (:func:`majority_baseline` of the same rows), else None."""
+    value, word = baseline
+    if best is None or best > value:
         return None
     return (f"warning: the best evaluation ({task.metric} {best:.4f}) is no better than always answering {word!r}"
             f" ({value:.4f}): the prompt learned nothing usable; train again with a lower --lr or another --seed")

@@ -278,9 +278,8 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
         result.compile_choice = f"eager after all ({ops.stepper.fell_back}); planned: {result.compile_choice}"
     result.lr_probe = probe
     if task.kind == "classification" and eval_data:
-        labels = [e.target for e in eval_data]
-        result.baseline = majority_baseline(task, labels)
-        warning = chance_warning(task, labels, result.best_metric)
+        result.baseline = majority_baseline(task, [e.target for e in eval_data])
+        warning = chance_warning(task, result.baseline, result.best_metric)
         if warning and log is not None and ops.world[0] == 0:
             log(warning)
     return result

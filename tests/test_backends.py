@@ -816,7 +816,7 @@ def test_a_run_no_better_than_the_majority_label_says_so(kit, llama):
     one_label = [dict(r, label=1) for r in data[80:]]
     res = kit.be.train(model, tok, prompt, TASK, data[:80], one_label, cfg(steps=2, lr=1e-3), log=notes.append)
     assert res.baseline == (1.0, " good") and res.best_metric <= 1.0
-    assert [m for m in notes if m.startswith("warning:")] == [chance_warning(TASK, [1] * 16, res.best_metric)]
+    assert [m for m in notes if m.startswith("warning:")] == [chance_warning(TASK, (1.0, " good"), res.best_metric)]
     res = kit.be.train(model, tok, prompt, TASK, data[:80], None, cfg(steps=2, lr=1e-3))
     assert res.baseline is None  # no evaluation rows, nothing to compare
 

@@ -84,10 +84,11 @@ def test_majority_baseline_and_the_warning_at_or_under_it():
     macro = Task("t", template="{text}", label_words=[" a", " b", " c"], metric="macro_f1")
     value, word = majority_baseline(macro, labels)  # always b: F1 of b 0.75, of a and c 0
     assert word == " b" and value == pytest.approx(0.25)
-    assert chance_warning(task, labels, 0.61) is None
-    assert chance_warning(task, labels, None) is None
+    baseline = majority_baseline(task, labels)
+    assert chance_warning(task, baseline, 0.61) is None
+    assert chance_warning(task, baseline, None) is None
     for best in (0.6, 0.4):
-        line = chance_warning(task, labels, best)
+        line = chance_warning(task, baseline, best)
         assert line.startswith("warning:") and "always answering ' b' (0.6000)" in line and "--lr" in line
 
 
