@@ -202,7 +202,7 @@ def _lrpt(task, train_rows, val, settings: dict, job: dict) -> dict:
     chosen = res.lr_probe.lr if res.lr_probe else config.for_method(method).lr
     out = {**_score(task, val, prompt), "params": spec.param_count(prompt.dim), "lr": chosen,
            "average": config.for_method(method).average,
-           "step_path": res.compile_choice.split(":")[0],
+           "step_path": res.compile_choice.split(":")[0], "retried": res.retried,
            # the logged training loss (mean since the previous record, every --log-every steps): what a
            # run that ends at chance looked like while training
            "losses": [round(r["loss"], 4) for r in res.history if "loss" in r]}

@@ -324,6 +324,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             ("final train loss", f"{result.final_loss:.4f}")]
     if result.averaged:
         rows.append(("final prompt", result.averaged))
+    if result.retried:
+        rows.append(("retried", result.retried))
     if result.best_metric is not None:
         rows.append((f"best validation {task.metric}", f"{result.best_metric:.4f} (step {result.best_step})"))
     if result.baseline is not None:

@@ -65,13 +65,13 @@ def probe_lr(ops, base_lr: float, seed: int, steps: int | None = None,
     losses: dict[float, float] = {}
     for factor in factors:
         lr = base_lr * factor
-        _reset(ops, start)
+        ops.restart(start)
         for step in range(steps):
             rows = [pool[(step * per_step + i) % len(pool)] for i in range(per_step)]
             micro = [rows[i:i + ops.config.batch_size] for i in range(0, per_step, ops.config.batch_size)]
             ops.step(micro, lr * lr_factor(step, steps, min(PROBE_WARMUP, steps), ops.config.schedule))
         losses[lr] = held_out_loss(ops, held) if ops.finite() else math.nan
-    _reset(ops, start)
+    ops.restart(start)
     if ops.world[1] > 1:  # every rank takes the first rank's losses, so all train with one lr
         first = ops.stepper.all_gather(np.array([list(losses.values())], np.float64))[0]
         losses = dict(zip(losses, map(float, first)))
@@ -90,9 +90,3 @@ def held_out_loss(ops, rows: list[int]) -> float:
             total += ops.stepper.loss_value([loss]) * len(part)
     return total / len(rows)
 
-
-def _reset(ops, params: dict[str, np.ndarray]) -> None:
-    """The prompt back to ``params``, a fresh optimizer, step 0."""
-    ops.prompt.load_params(params)
-    ops.stepper.load_moments({}, 0)
-    ops.t = 0

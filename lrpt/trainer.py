@@ -35,6 +35,8 @@ from .data import epoch_batches, lr_factor
 from .errors import TrainingError
 from .fileio import atomic_dir, atomic_write, atomic_write_json, encode_safetensors, read_safetensors
 from .flags import knob
+from .retry import LR_FACTOR, MIN_STEPS, split_initial
+from .retry import SUFFIX as INITIAL_SUFFIX
 
 SCHEDULES = ("cosine", "linear", "constant")
 COMPILE_SCOPES = ("blocks", "step", "graphs")
@@ -99,6 +101,9 @@ class TrainConfig:
                                        " the steps (tail averaging, sampled at up to 50 steps; lrpt.average); 0:"
                                        " the last step's; unset: auto, the method's default"
                                        " (lrpt.spec.METHOD_DEFAULTS)")
+    retry_collapsed: bool = knob(True, f"a classification run of at least {MIN_STEPS} steps that ends no better than"
+                                       " the majority label on its training rows trains once more from its start"
+                                       f" at the lr × {LR_FACTOR:.3g} (lrpt.retry)")
     log_every: int = knob(10, "steps between loss records in metrics.jsonl")
     seed: int = knob(0, "seed of the prompt's initialisation, data order and dropout")
     bucket: bool = knob(True, "batch rows of similar length together (less padding)")
@@ -178,6 +183,7 @@ class TrainResult:
     compile_choice: str = ""  # how the step ran (eager or compiled) and why
     lr_probe: Any = None  # lrpt.probe.ProbeResult of a run that chose its lr (--lr-probe)
     averaged: str = ""  # what the tail average made of the final prompt (--average); "" for none
+    retried: str = ""  # why the run trained a second time at a lower lr (--retry-collapsed); "" for not
     baseline: tuple[float, str] | None = None  # the metric and label word of always answering the evaluation rows'
     # most frequent label (classification with evaluation rows; lrpt.data.majority_baseline)
 
@@ -210,6 +216,12 @@ class TrainOps(Protocol):
 
     def load_params(self, params: dict[str, np.ndarray]) -> None:
         """Set the prompt's tensors (canonical names, as ``adapter().params``), e.g. to a tail average."""
+
+    def collapsed(self) -> str | None:
+        """Why the prompt as it is now is no better than the majority label on training rows, or None."""
+
+    def restart(self, params: dict[str, np.ndarray]) -> None:
+        """The prompt set to ``params`` (as ``adapter().params``), a fresh optimizer, step 0."""
 
 
 def plan(config: TrainConfig, n_examples: int) -> tuple[int, int]:
@@ -277,6 +289,8 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
          start: Callable[[TrainConfig], tuple[TrainConfig, str]] | None) -> TrainResult:
     """The loop of :func:`run_training`, inside the run directory's lock."""
     step, micro = 0, 0
+    retry: dict[str, Any] | None = None  # the second attempt (lrpt.retry): where it began, its lr, why
+    initial: dict[str, np.ndarray] | None = None  # the starting prompt, while a retry can still come
     best, best_step, bad_evals = None, None, 0
     average, averaged = None, False  # the tail average (--average), once the run's settings are known
     stopped_early = False
@@ -287,8 +301,8 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
             if ckpt is None:
                 raise TrainingError(f"--resume: no checkpoint in {run.root / 'checkpoints'}")
             config = check_resume_config(run.root / "train_config.json", config)
-            meta, sums = run.load_checkpoint(ckpt, ops)
-            step, micro = meta["step"], meta["micro"]
+            meta, sums, initial = run.load_checkpoint(ckpt, ops)
+            step, micro, retry = meta["step"], meta["micro"], meta.get("retry")
             average = TailAverage(config.average, total) if config.average else None
             if average is not None and not average.load_state(sums, meta.get("average")):
                 note += f"; the tail average restarts at step {step} (the run's length or --average changed)"
@@ -303,6 +317,9 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
     if start is not None and not resume:
         config, more = start(config)
         note += more
+    if not resume:
+        initial = {k: np.array(v, copy=True) for k, v in ops.adapter().params.items()}
+    may_retry = config.retry_collapsed and total >= MIN_STEPS
     if average is None and config.average:
         average = TailAverage(config.average, total)
     if average is not None:  # said here, where the settings are final (a resumed run's are its own)
@@ -316,20 +333,26 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
     def next_micro_batches(start: int) -> list[list[int]]:
         return [_batches_for(m, epoch_cache, ops.lengths, config) for m in range(start, start + config.grad_accum)]
 
-    bar = _progress(total, step, config.progress)
+    def attempt() -> tuple[int, int, float]:
+        """(first step, first micro-batch, peak lr) of the attempt running: a retry starts over."""
+        return (retry["step"], retry["micro"], retry["lr"]) if retry else (0, 0, config.lr)
+
+    first, first_micro, peak = attempt()
+    end = first + total
+    bar = _progress(end, step, config.progress)
     guard = DivergenceGuard(ops)
     pending: list[Any] = []
     last_loss = float("nan")
     started = time.perf_counter()
     try:
-        while step < total and not stopped_early:
-            lr = config.lr * lr_factor(step, total, warmup, config.schedule)
-            pending.append(ops.step(next_micro_batches(micro), lr))
+        while step < end and not stopped_early:
+            lr = peak * lr_factor(step - first, total, warmup, config.schedule)
+            pending.append(ops.step(next_micro_batches(micro - first_micro), lr))
             micro += config.grad_accum
             step += 1
             if bar is not None:
                 bar.update(1)
-            is_last = step == total
+            is_last = step == end
             do_eval = is_last or (config.eval_every and step % config.eval_every == 0)
             do_save = run is not None and (
                 is_last or (do_eval and not config.save_every) or (config.save_every and step % config.save_every == 0)
@@ -359,9 +382,9 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.4f}")
             last_iterate = None  # the trajectory's own parameters, for the checkpoint, once the mean replaces them
-            if average is not None and average.due(step):
+            if average is not None and average.due(step - first):
                 now = ops.adapter()
-                average.add({k: now.params[k] for k in now.spec.trainable_names()}, step)  # lopt2's X0: not
+                average.add({k: now.params[k] for k in now.spec.trainable_names()}, step - first)  # lopt2's X0: not
                 if is_last:  # the run ends with the mean: evaluated and saved as its adapter
                     ops.load_params(average.applied(now.params))
                     last_iterate, averaged = now.params, True
@@ -384,13 +407,34 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
                         bar.set_postfix(loss=f"{last_loss:.4f}", eval=f"{value:.4f}")
                     if config.early_stopping and bad_evals >= config.early_stopping:
                         stopped_early = True
+            why = ops.collapsed() if is_last and may_retry and retry is None and initial is not None else None
+            if why:  # lrpt.retry: the same run again from its start, at a lower lr
+                retry = {"step": step, "micro": micro, "lr": peak * LR_FACTOR, "reason": why}
+                first, first_micro, peak = attempt()
+                ops.restart(initial)
+                end, initial, last_iterate, averaged, bad_evals = first + total, None, None, False, 0
+                if average is not None:
+                    average.reset()
+                guard = DivergenceGuard(ops)
+                rec = {"step": step, "retry": why, "lr": peak}
+                history.append(rec)
+                if run:
+                    run.log(rec)
+                if log is not None:
+                    log(f"{why}: training once more from the start at lr {peak:.3g} (--no-retry-collapsed: keep"
+                        " the run as it is)")
+                if bar is not None:
+                    bar.total = end
+                    bar.refresh()
             if do_save or (stopped_early and run):
                 sums, tail = average.state() if average is not None else ({}, None)
+                if initial is not None and may_retry and retry is None:
+                    sums = {**sums, **{k + INITIAL_SUFFIX: v for k, v in initial.items()}}
                 run.save_checkpoint(
                     step,
                     ops,
                     {"step": step, "micro": micro, "best": best, "best_step": best_step, "bad_evals": bad_evals,
-                     "average": tail},
+                     "average": tail, "retry": retry},
                     config.keep_checkpoints,
                     sums,
                     last_iterate,
@@ -402,7 +446,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
             bar.close()
     if pending:
         last_loss = ops.loss_value(pending)
-    ends_averaged = average is not None and average.count and step == total
+    ends_averaged = average is not None and average.count and step == end
     if ends_averaged and not averaged:  # a finished run resumed: its checkpoint held the last iterate
         ops.load_params(average.applied(ops.adapter().params))
     kept = run is not None and config.keep_best and best_step is not None  # adapter/: the best evaluation's
@@ -414,8 +458,10 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
     result = TrainResult(step, last_loss, best, best_step, stopped_early, adapter_dir, history)
     if ends_averaged:
         result.averaged = average.describe() + (
-            f"; evaluated at step {total}, adapter/ holds step {best_step}'s, the best evaluation (keep-best)"
-            if kept and best_step != total else "")
+            f"; evaluated at step {end}, adapter/ holds step {best_step}'s, the best evaluation (keep-best)"
+            if kept and best_step != end else "")
+    if retry:
+        result.retried = f"{retry['reason']}: trained again from step {retry['step']} at lr {retry['lr']:.3g}"
     return result
 
 
@@ -424,7 +470,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
 RESUMABLE_CHANGES = frozenset({"steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "log_every",
                                "eval_batch_size", "progress", "compile", "compile_mode", "grad_checkpoint",
                                "fsdp", "shared_prefix", "compile_scope", "lr_probe",
-                               "deterministic"})
+                               "deterministic", "retry_collapsed"})
 
 
 def check_resume_config(path: Path, config: TrainConfig) -> TrainConfig:
@@ -600,8 +646,10 @@ class RunDir:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def load_checkpoint(self, path: Path, ops: TrainOps) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Restore ``ops`` from the checkpoint at ``path``; its trainer state and tail-average sums."""
+    def load_checkpoint(self, path: Path, ops: TrainOps
+                        ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+        """Restore ``ops`` from the checkpoint at ``path``; its trainer state, tail-average sums and
+        the run's starting prompt (None where the checkpoint holds none: lrpt.retry)."""
         try:
             meta = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
@@ -610,6 +658,7 @@ class RunDir:
             ) from None
         adapter = Adapter.load(path / "adapter")
         tensors, _, _ = read_safetensors(path / "optimizer.safetensors")
+        tensors, initial = split_initial(tensors)
         tensors, sums = split_state(tensors)
         ops.load_state(adapter, tensors, meta["backend_state"])
-        return meta, sums
+        return meta, sums, initial

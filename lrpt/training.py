@@ -26,6 +26,7 @@ from .errors import SpecError, TrainingError
 from .layout import completion_arrays, scoring_arrays, to_arrays
 from .prefix import uses_prefix
 from .probe import MIN_ROWS, probe_lr
+from .retry import collapse_reason
 from .scoring import classification_metrics, completion_metrics, evaluate, task_loss
 from .shapes import Shape, ShapePlan, choose_compile
 from .tasks import Task
@@ -152,28 +153,40 @@ class Training:
         """The run is over: the backend undoes what it changed on the model for it."""
         self.stepper.close()
 
-    def evaluate(self) -> dict[str, float]:
-        """Metrics on the evaluation rows; data parallel: each rank scores its share, all gather."""
-        if not self.eval_data:
+    def evaluate(self, data: list[Encoded] | None = None) -> dict[str, float]:
+        """Metrics on the evaluation rows (or ``data``); data parallel: each rank scores its share, all gather."""
+        data = self.eval_data if data is None else data
+        if not data:
             return {}
         rank, size = self.world
         if size == 1:
-            return evaluate(self.model, self.tokenizer, self.prompt, self.task, self.eval_data,
+            return evaluate(self.model, self.tokenizer, self.prompt, self.task, data,
                             self.config.eval_batch_size, self.config.shared_prefix)[0]
-        mine = shard(self.eval_data, rank, size)
+        mine = shard(data, rank, size)
         run = mine
         if self.stepper.lockstep:  # FSDP: the same number of batches on every rank
-            width = len(shard(self.eval_data, 0, size))
-            run = mine + [self.eval_data[0]] * (width - len(mine))
+            width = len(shard(data, 0, size))
+            run = mine + [data[0]] * (width - len(mine))
         _, scores = evaluate(self.model, self.tokenizer, self.prompt, self.task, run,
                              self.config.eval_batch_size, self.config.shared_prefix) if run else ({}, None)
         part = scores[: len(mine)] if scores is not None else None
         if self.task.kind == "classification":
             k = len(self.task.label_words)
-            every = self._gather(part if part is not None else np.zeros((0, k), np.float32), len(self.eval_data))
-            return classification_metrics(self.task, [r.target for r in self.eval_data], every)
-        every = self._gather(part if part is not None else np.zeros((0, 2)), len(self.eval_data))
+            every = self._gather(part if part is not None else np.zeros((0, k), np.float32), len(data))
+            return classification_metrics(self.task, [r.target for r in data], every)
+        every = self._gather(part if part is not None else np.zeros((0, 2)), len(data))
         return completion_metrics(every)
+
+    def collapsed(self) -> str | None:
+        """Why the prompt as it is now answers no better than the majority label on training rows
+        (:mod:`lrpt.retry`), or None."""
+        return collapse_reason(self, self.config.seed)
+
+    def restart(self, params: dict[str, np.ndarray]) -> None:
+        """The prompt back to ``params``, a fresh optimizer, step 0 (the lr probe's candidates and a retry)."""
+        self.prompt.load_params(params)
+        self.stepper.load_moments({}, 0)
+        self.t = 0
 
     def _gather(self, part: np.ndarray, total: int) -> np.ndarray:
         """Every rank's ``shard`` of ``total`` rows, in order (padded to one size for the collective)."""

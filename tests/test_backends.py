@@ -35,6 +35,7 @@ from tiny import (  # noqa: E402
 from lrpt import Adapter, PromptSpec, Task, TrainingError  # noqa: E402
 from lrpt.backends import BACKENDS, Backend, get_backend  # noqa: E402
 from lrpt.data import chance_warning  # noqa: E402
+from lrpt.fileio import read_safetensors  # noqa: E402
 from lrpt.reference import materialize  # noqa: E402
 from lrpt.tokens import label_token_ids  # noqa: E402
 from lrpt.trainer import TrainConfig  # noqa: E402
@@ -819,6 +820,66 @@ def test_a_run_no_better_than_the_majority_label_says_so(kit, llama):
     assert [m for m in notes if m.startswith("warning:")] == [chance_warning(TASK, (1.0, " good"), res.best_metric)]
     res = kit.be.train(model, tok, prompt, TASK, data[:80], None, cfg(steps=2, lr=1e-3))
     assert res.baseline is None  # no evaluation rows, nothing to compare
+
+
+def test_a_collapsed_run_trains_once_more_from_its_start_at_a_lower_lr(kit, llama, tmp_path, monkeypatch):
+    """Training rows of one label: always answering it scores 1.0 on them, which no prompt beats, so
+    the run counts as collapsed (lrpt.retry) and trains once more from its starting prompt at the lr
+    × 1/3, steps numbered on. Its second attempt is exactly a run given that lr from the start; a run
+    killed in either attempt and resumed ends as the unbroken one; the second attempt never retries;
+    a run shorter than MIN_STEPS, or with --no-retry-collapsed, never does."""
+    import lrpt.trainer as T
+    from lrpt.retry import LR_FACTOR
+    from lrpt.training import Training
+
+    monkeypatch.setattr(T, "MIN_STEPS", 6)
+    model, tok = llama
+    one = [dict(r, label=1) for r in toy_data(40)]
+    base = dict(steps=6, lr=0.05, eval_every=0, save_every=3, average=0.5)
+
+    def run(out=None, resume=False, notes=None, **kw):
+        prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+        res = kit.be.train(model, tok, prompt, TASK, one, None, cfg(**{**base, **kw}), out, resume=resume,
+                           log=notes.append if notes is not None else None)
+        return res, prompt.to_params()
+
+    notes: list[str] = []
+    res, ends = run(tmp_path / "straight", notes=notes)
+    assert res.step == 12 and res.retried.startswith("the final prompt's accuracy on 40 training rows")
+    assert res.retried.endswith(f"trained again from step 6 at lr {0.05 * LR_FACTOR:.3g}")
+    assert any(n.endswith("(--no-retry-collapsed: keep the run as it is)") for n in notes)
+    lines = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["lr"]) for x in lines if "retry" in x] == [(6, pytest.approx(0.05 * LR_FACTOR))]
+    assert lines[-1]["step"] == 12 and [x["step"] for x in lines] == sorted(x["step"] for x in lines)
+    lower, direct = run(lr=0.05 * LR_FACTOR, retry_collapsed=False)
+    assert lower.step == 6 and not lower.retried
+    for k in ends:
+        np.testing.assert_allclose(ends[k], direct[k], rtol=1e-6, atol=1e-7)
+    # killed after 5 steps (attempt 1, last checkpoint step 3) or 10 (attempt 2, step 9), then resumed
+    real = Training.step
+    for kill in (5, 10):
+        calls = {"n": 0}
+
+        def dying(self, micro_batches, lr, kill=kill, calls=calls):
+            calls["n"] += 1
+            if calls["n"] > kill:
+                raise KeyboardInterrupt
+            return real(self, micro_batches, lr)
+
+        monkeypatch.setattr(Training, "step", dying)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / f"kill{kill}")
+        monkeypatch.setattr(Training, "step", real)
+        kept = {p.name: read_safetensors(p / "optimizer.safetensors")[0]
+                for p in (tmp_path / f"kill{kill}" / "checkpoints").iterdir()}
+        # attempt 1's checkpoints hold the starting prompt (a retry may come); attempt 2's do not
+        assert {n: any(k.endswith(".initial") for k in t) for n, t in kept.items()} == (
+            {"step-000003": True} if kill == 5 else {"step-000006": False, "step-000009": False})
+        resumed, params = run(tmp_path / f"kill{kill}", resume=True)
+        assert resumed.step == 12 and resumed.retried == res.retried
+        for k in ends:
+            np.testing.assert_allclose(params[k], ends[k], rtol=1e-6, atol=1e-7)
+    assert run(steps=5)[0].step == 5 and run(retry_collapsed=False)[0].step == 6
 
 
 def test_completion_task_trains_on_targets(kit, llama, tmp_path):

@@ -174,3 +174,24 @@ def test_run_training_refuses_an_unset_lr():
 
     with pytest.raises(TrainingError, match="lr is unset"):
         run_training(Ops(), TrainConfig(), None)
+
+
+def test_train_says_when_a_collapsed_run_trained_again(tiny_dirs, tmp_path, capsys, monkeypatch):
+    """Training rows of one label (a prompt can only tie the majority label there): the run retries
+    once (lrpt.retry), says why on stderr and in its summary, and --no-retry-collapsed keeps it as it is."""
+    import lrpt.trainer as T
+
+    monkeypatch.setattr(T, "MIN_STEPS", 4)
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "train.jsonl").write_text("\n".join(json.dumps({"text": f"row {i}", "label": 1}) for i in range(16)))
+    base = ["train", "--backend", "torch", "--model", str(tiny_dirs["llama"]), "--data", str(d), "--labels",
+            "bad,good", "--eval-limit", "0", "--steps", "4", "--batch-size", "4", "--no-progress"]
+    for extra, steps in (([], 8), (["--no-retry-collapsed"], 4)):
+        assert main([*base, *extra, "--out", str(tmp_path / f"r{steps}")]) == 0
+        out, err = capsys.readouterr()
+        rows = dict(line.split(None, 1) for line in out.splitlines() if line.startswith(("steps", "retried")))
+        assert rows["steps"].strip() == str(steps)
+        assert ("retried" in rows) == (steps == 8) and ("training once more from the start" in err) == (steps == 8)
+        if steps == 8:
+            assert rows["retried"].strip().endswith(f"trained again from step 4 at lr {0.1 / 3:.3g}")

@@ -92,6 +92,41 @@ def test_majority_baseline_and_the_warning_at_or_under_it():
         assert line.startswith("warning:") and "always answering ' b' (0.6000)" in line and "--lr" in line
 
 
+def test_a_collapse_is_a_final_prompt_no_better_than_the_majority_label_on_training_rows(monkeypatch):
+    """lrpt.retry.collapse_reason scores a fixed, seeded sample of at most SAMPLE training rows and
+    names a collapse at or under the majority label's metric there, never above it; completion
+    tasks never collapse."""
+    import lrpt.retry as R
+    from lrpt.data import Encoded, majority_baseline
+
+    monkeypatch.setattr(R, "SAMPLE", 4)
+    task = Task("t", template="{text}", label_words=[" a", " b"])
+    scored: list[list[int]] = []
+
+    def ops_scoring(value, kind="classification"):
+        def evaluate(data):
+            scored.append([e.ids[0] for e in data])
+            return {"metric": value}
+        t = task if kind == "classification" else Task("c", template="{text}", kind="completion")
+        rows = [Encoded([i], 1 if i % 4 else 0) for i in range(10)]
+        return types.SimpleNamespace(task=t, train_data=rows, evaluate=evaluate)
+
+    R.collapse_reason(ops_scoring(0.0), seed=3)
+    sample = scored[0]
+    assert len(sample) == 4 and sample == sorted(sample) and len(set(sample)) == 4
+    labels = [1 if i % 4 else 0 for i in sample]
+    floor, word = majority_baseline(task, labels)
+    assert R.collapse_reason(ops_scoring(floor + 1e-6), seed=3) is None  # above the majority label: fine
+    for value in (floor, floor - 0.25):
+        reason = R.collapse_reason(ops_scoring(value), seed=3)
+        assert reason.startswith(f"the final prompt's accuracy on 4 training rows, {value:.4f}, is no better")
+        assert f"always answering {word!r} ({floor:.4f})" in reason
+    assert all(rows == sample for rows in scored)  # the same rows every time for one seed
+    R.collapse_reason(ops_scoring(0.0), seed=4)
+    assert scored[-1] != sample  # another seed, another sample
+    assert R.collapse_reason(ops_scoring(0.0, "completion"), seed=3) is None
+
+
 def test_model_resolution_order(tmp_path, monkeypatch):
     import lrpt.fetch as models
     from lrpt import LrptError
