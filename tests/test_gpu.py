@@ -417,6 +417,31 @@ def test_long_rows_train_to_the_same_bits_twice_and_resume_exactly_on_cuda(tmp_p
             assert np.array_equal(ends[0][k], ends[2][k]), (graphs, k, "resumed")
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_collapsed_run_retries_and_ends_as_a_run_at_the_lower_lr_on_cuda(tiny_dirs, tb, monkeypatch, graphs):
+    """lrpt.retry on CUDA, eager and as CUDA graphs: training rows of one label (no prompt beats the
+    majority label there) make the run train once more from its start at lr/3, resetting the
+    optimizer state the graphs replay in place; it ends bitwise where a run given lr/3 ends."""
+    import lrpt.trainer as T
+    from lrpt.retry import LR_FACTOR
+    from lrpt.trainer import TrainConfig
+
+    monkeypatch.setattr(T, "MIN_STEPS", 6)
+    model, tok = tb.load_model(tiny_dirs["llama"], dtype="float32", device="cuda", quiet=True)
+    rows = [dict(r, label=1) for r in toy_data(40, seed=5)]
+    ends = {}
+    for lr, retry in ((0.05, True), (0.05 * LR_FACTOR, False)):
+        prompt = tb.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+        res = tb.train(model, tok, prompt, toy_task(), rows, None, TrainConfig(
+            steps=6, batch_size=8, lr=lr, compile=graphs, compile_scope="graphs", progress=False,
+            retry_collapsed=retry))
+        assert ("CUDA graphs" in res.compile_choice) == graphs and bool(res.retried) == retry
+        assert res.step == (12 if retry else 6)
+        ends[retry] = prompt.to_params()
+    for k in ends[True]:
+        assert np.array_equal(ends[True][k], ends[False][k]), k
+
+
 # -- the real model ------------------------------------------------------------------------------------
 
 SMOL = os.environ.get("LRPT_SMOLLM2")
