@@ -180,6 +180,7 @@ def test_train_says_when_a_collapsed_run_trained_again(tiny_dirs, tmp_path, caps
     """Training rows of one label (a prompt can only tie the majority label there): the run retries
     once (lrpt.retry), says why on stderr and in its summary, and --no-retry-collapsed keeps it as it is."""
     import lrpt.trainer as T
+    from lrpt.spec import METHOD_DEFAULTS
 
     monkeypatch.setattr(T, "MIN_STEPS", 4)
     d = tmp_path / "data"
@@ -194,4 +195,5 @@ def test_train_says_when_a_collapsed_run_trained_again(tiny_dirs, tmp_path, caps
         assert rows["steps"].strip() == str(steps)
         assert ("retried" in rows) == (steps == 8) and ("training once more from the start" in err) == (steps == 8)
         if steps == 8:
-            assert rows["retried"].strip().endswith(f"trained again from step 4 at lr {0.1 / 3:.3g}")
+            lr = METHOD_DEFAULTS["lopt1"]["lr"] / 3
+            assert rows["retried"].strip().endswith(f"trained again from step 4 at lr {lr:.3g}")
