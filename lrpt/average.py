@@ -55,10 +55,11 @@ class TailAverage:
             self.sums[k] += np.asarray(v, np.float32)
         self.count += 1
 
-    def describe(self) -> str:
-        """What the run ended with, for its summary."""
+    def describe(self, offset: int = 0) -> str:
+        """What the run ended with, for its summary; ``offset``: the run's step where these steps count
+        from (a retried run's second attempt, lrpt.retry)."""
         what = f"{self.count} iterates" if self.count != 1 else "1 iterate"
-        return f"mean of {what} (steps {self.since}-{self.total} every {self.stride}; --average)"
+        return f"mean of {what} (steps {self.since + offset}-{self.total + offset} every {self.stride}; --average)"
 
     def mean(self) -> dict[str, np.ndarray]:
         """The mean of each averaged tensor."""

@@ -16,7 +16,11 @@ the lr × :data:`LR_FACTOR`. It is one run: the same directory, steps numbered o
 that retries ends at step 2,000), one ``metrics.jsonl`` with a ``retry`` record between the two
 attempts, keep-best choosing over both, and ``--resume`` exact in either attempt (a checkpoint of
 the first attempt holds the starting prompt, ``{param}.initial``; one of the second holds where it
-began). It happens at most once. The check costs one scoring pass over the sample.
+began). It happens at most once. The check costs one scoring pass over the sample. A run stopped
+early does not retry (it ended on its own evaluations); a retry's early stopping counts only its own
+evaluations, while keep-best compares both attempts'. Each attempt is the run's planned length
+(``--resume --steps N`` sets it for both). On imbalanced data a weak prompt that has not collapsed can
+also tie the majority label on the sample; it retries too, and the run ends with the second attempt.
 
 Short runs are left alone: one that ends at chance may not have trained long enough, and a lower
 lr would not help it.

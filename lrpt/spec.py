@@ -47,9 +47,9 @@ STATIC_METHODS = ("prompt", "lopt1", "lopt2")
 # r=8 (q, v)'s parameters (313,000 against 460,800 on SmolLM2). The lrs come from the 4-task ×
 # 3-seed grids (benchmarks/accuracy.py; RESULTS.md "Accuracy on four tasks"): lopa at 1e-3 had higher
 # means than its earlier 3e-3; lopt1 at 1e-1 had higher means than 3e-2, but under deterministic kernels
-# one SST-2 seed fell to chance at it (and on an H100 fell, then came back as the lr decayed) and its
-# RTE and CB seeds spread over 11-12 points; at 5e-2 every task's seeds lie within 1.2 points of
-# their mean, RTE and CB means rose (+2.6, +0.6) and SST-2 and TREC fell (-0.4, -0.6) (RESULTS.md "lopt1
+# one SST-2 seed fell to chance at it (on an H200 and again on an H100, where lrpt.retry retrained
+# it) and its RTE and CB seeds spread over 11-12 points; at 5e-2 no seed of any task is more than 1.2
+# points under its mean, RTE and CB means rose (+2.6, +0.6) and SST-2 and TREC fell (-0.4, -0.6) (RESULTS.md "lopt1
 # at lr 5e-2"). Vocabulary or text init and lopt1 at 3e-1 did not hold on every task. They still
 # do not beat PEFT's best on every task. ``average`` (the tail average of
 # lrpt.average, a TrainConfig field like ``lr``): for lopt1, averaging the last half of the steps

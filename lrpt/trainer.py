@@ -292,6 +292,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
     retry: dict[str, Any] | None = None  # the second attempt (lrpt.retry): where it began, its lr, why
     initial: dict[str, np.ndarray] | None = None  # the starting prompt, while a retry can still come
     best, best_step, bad_evals = None, None, 0
+    attempt_best = None  # the best evaluation of the attempt running: early stopping's reference
     average, averaged = None, False  # the tail average (--average), once the run's settings are known
     stopped_early = False
     history: list[dict[str, Any]] = []
@@ -307,6 +308,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
             if average is not None and not average.load_state(sums, meta.get("average")):
                 note += f"; the tail average restarts at step {step} (the run's length or --average changed)"
             best, best_step, bad_evals = meta["best"], meta["best_step"], meta["bad_evals"]
+            attempt_best = meta.get("attempt_best", best)
             history = run.truncate_metrics(step)
             if config.early_stopping and bad_evals >= config.early_stopping:  # it ended there: it stays ended
                 stopped_early = True
@@ -371,7 +373,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
                     raise TrainingError(f"{problem}: lower --lr{keep}")
                 rec = {
                     "step": step,
-                    "epoch": round(micro * config.batch_size / n, 4),
+                    "epoch": round((micro - first_micro) * config.batch_size / n, 4),  # of the attempt
                     "loss": last_loss,
                     "lr": lr,
                     "elapsed_s": round(time.perf_counter() - started, 3),
@@ -392,11 +394,12 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
                 metrics = ops.evaluate()
                 if metrics:
                     value = metrics["metric"]
-                    improved = best is None or (value > best if higher_is_better else value < best)
-                    if improved:
-                        best, best_step, bad_evals = value, step, 0
+                    if _beats(value, best, higher_is_better):  # keep-best: over the run (a retry's both attempts)
+                        best, best_step = value, step
                         if run and run.writer and config.keep_best:
                             ops.adapter().save(run.root / "adapter")
+                    if _beats(value, attempt_best, higher_is_better):  # early stopping: within the attempt
+                        attempt_best, bad_evals = value, 0
                     else:
                         bad_evals += 1
                     rec = {"step": step, **{f"eval_{k}": v for k, v in metrics.items()}}
@@ -407,12 +410,14 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
                         bar.set_postfix(loss=f"{last_loss:.4f}", eval=f"{value:.4f}")
                     if config.early_stopping and bad_evals >= config.early_stopping:
                         stopped_early = True
-            why = ops.collapsed() if is_last and may_retry and retry is None and initial is not None else None
+            retry_due = is_last and not stopped_early and may_retry and retry is None and initial is not None
+            why = ops.collapsed() if retry_due else None
             if why:  # lrpt.retry: the same run again from its start, at a lower lr
                 retry = {"step": step, "micro": micro, "lr": peak * LR_FACTOR, "reason": why}
                 first, first_micro, peak = attempt()
                 ops.restart(initial)
-                end, initial, last_iterate, averaged, bad_evals = first + total, None, None, False, 0
+                end, initial, last_iterate, averaged = first + total, None, None, False
+                attempt_best, bad_evals = None, 0
                 if average is not None:
                     average.reset()
                 guard = DivergenceGuard(ops)
@@ -434,7 +439,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
                     step,
                     ops,
                     {"step": step, "micro": micro, "best": best, "best_step": best_step, "bad_evals": bad_evals,
-                     "average": tail, "retry": retry},
+                     "attempt_best": attempt_best, "average": tail, "retry": retry},
                     config.keep_checkpoints,
                     sums,
                     last_iterate,
@@ -457,7 +462,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
             ops.adapter().save(run.root / "adapter")
     result = TrainResult(step, last_loss, best, best_step, stopped_early, adapter_dir, history)
     if ends_averaged:
-        result.averaged = average.describe() + (
+        result.averaged = average.describe(offset=first) + (
             f"; evaluated at step {end}, adapter/ holds step {best_step}'s, the best evaluation (keep-best)"
             if kept and best_step != end else "")
     if retry:
@@ -517,6 +522,11 @@ class DivergenceGuard:
                 return (f"training diverged by step {step}: {name} reached {scale:.3g} in absolute value"
                         f" (it started below {self.start[name]:.3g})")
         return None
+
+
+def _beats(value: float, ref: float | None, higher_is_better: bool) -> bool:
+    """Whether an evaluation improves on ``ref`` (None: nothing to beat yet)."""
+    return ref is None or (value > ref if higher_is_better else value < ref)
 
 
 def _batches_for(m: int, cache: dict[int, list[list[int]]], lengths: list[int], config: TrainConfig) -> list[int]:

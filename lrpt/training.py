@@ -205,7 +205,8 @@ class Training:
         self.prompt.load_params(params)
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        return self.stepper.moments(), {"schema": CHECKPOINT_SCHEMA, "adam_step": self.t}
+        # at step 0 (a retry's first checkpoint) there are no moments, whatever zeros a stepper holds
+        return self.stepper.moments() if self.t else {}, {"schema": CHECKPOINT_SCHEMA, "adam_step": self.t}
 
     def load_state(self, adapter: Adapter, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         if meta.get("schema") != CHECKPOINT_SCHEMA:

@@ -855,9 +855,10 @@ def test_a_collapsed_run_trains_once_more_from_its_start_at_a_lower_lr(kit, llam
     assert lower.step == 6 and not lower.retried
     for k in ends:
         np.testing.assert_allclose(ends[k], direct[k], rtol=1e-6, atol=1e-7)
-    # killed after 5 steps (attempt 1, last checkpoint step 3) or 10 (attempt 2, step 9), then resumed
+    # killed after 5 steps (attempt 1, last checkpoint step 3), 6 (the retry's own checkpoint, at its
+    # step 0: no moments) or 10 (attempt 2, step 9), then resumed
     real = Training.step
-    for kill in (5, 10):
+    for kill in (5, 6, 10):
         calls = {"n": 0}
 
         def dying(self, micro_batches, lr, kill=kill, calls=calls):
@@ -873,13 +874,47 @@ def test_a_collapsed_run_trains_once_more_from_its_start_at_a_lower_lr(kit, llam
         kept = {p.name: read_safetensors(p / "optimizer.safetensors")[0]
                 for p in (tmp_path / f"kill{kill}" / "checkpoints").iterdir()}
         # attempt 1's checkpoints hold the starting prompt (a retry may come); attempt 2's do not
-        assert {n: any(k.endswith(".initial") for k in t) for n, t in kept.items()} == (
-            {"step-000003": True} if kill == 5 else {"step-000006": False, "step-000009": False})
+        assert {n: any(k.endswith(".initial") for k in t) for n, t in kept.items()} == {
+            5: {"step-000003": True}, 6: {"step-000003": True, "step-000006": False},
+            10: {"step-000006": False, "step-000009": False}}[kill]
+        assert not kept.get("step-000006", {})  # the retry starts with a fresh optimizer: nothing to hold
         resumed, params = run(tmp_path / f"kill{kill}", resume=True)
         assert resumed.step == 12 and resumed.retried == res.retried
         for k in ends:
             np.testing.assert_allclose(params[k], ends[k], rtol=1e-6, atol=1e-7)
     assert run(steps=5)[0].step == 5 and run(retry_collapsed=False)[0].step == 6
+
+
+def test_a_retry_has_its_own_early_stopping_and_an_early_stopped_run_never_retries(kit, llama, monkeypatch):
+    """Evaluations scripted (the collapse check still scores the one-label training rows): a run that
+    stops early at its last step stays stopped, without a retry; a retry's patience counts from its own
+    evaluations (attempt 1's best, 0.95, is not what it must beat to go on), while keep-best keeps
+    the best of both attempts."""
+    import lrpt.trainer as T
+    from lrpt.training import Training
+
+    monkeypatch.setattr(T, "MIN_STEPS", 6)
+    model, tok = llama
+    data = toy_data(40)
+    one = [dict(r, label=1) for r in data]
+    real = Training.evaluate
+    script: list[float] = []
+
+    def scripted(self, rows=None):
+        if rows is not None:
+            return real(self, rows)
+        value = script.pop(0)
+        return {"metric": value, "accuracy": value}
+
+    monkeypatch.setattr(Training, "evaluate", scripted)
+    prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+    script[:] = [0.9, 0.8]
+    res = kit.be.train(model, tok, prompt, TASK, one, data[:8], cfg(steps=6, eval_every=3, early_stopping=1))
+    assert (res.step, res.stopped_early, res.retried) == (6, True, "") and not script
+    script[:] = [0.9, 0.95, 0.94, 0.6, 0.7, 0.65]
+    res = kit.be.train(model, tok, prompt, TASK, one, data[:8], cfg(steps=6, eval_every=2, early_stopping=2))
+    assert res.retried and (res.step, res.stopped_early) == (12, False) and not script
+    assert (res.best_metric, res.best_step) == (0.95, 4)
 
 
 def test_completion_task_trains_on_targets(kit, llama, tmp_path):

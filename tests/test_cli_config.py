@@ -194,6 +194,7 @@ def test_train_says_when_a_collapsed_run_trained_again(tiny_dirs, tmp_path, caps
         rows = dict(line.split(None, 1) for line in out.splitlines() if line.startswith(("steps", "retried")))
         assert rows["steps"].strip() == str(steps)
         assert ("retried" in rows) == (steps == 8) and ("training once more from the start" in err) == (steps == 8)
-        if steps == 8:
+        if steps == 8:  # the tail average's steps are the run's, in its second attempt
+            assert "mean of 2 iterates (steps 7-8 every 1; --average)" in out
             lr = METHOD_DEFAULTS["lopt1"]["lr"] / 3
             assert rows["retried"].strip().endswith(f"trained again from step 4 at lr {lr:.3g}")
