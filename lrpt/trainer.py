@@ -290,7 +290,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
     """The loop of :func:`run_training`, inside the run directory's lock."""
     step, micro = 0, 0
     retry: dict[str, Any] | None = None  # the second attempt (lrpt.retry): where it began, its lr, why
-    initial: dict[str, np.ndarray] | None = None  # the starting prompt, while a retry can still come
+    initial: dict[str, np.ndarray] | None = None  # the starting prompt; None: no retry can come (any more)
     best, best_step, bad_evals = None, None, 0
     attempt_best = None  # the best evaluation of the attempt running: early stopping's reference
     average, averaged = None, False  # the tail average (--average), once the run's settings are known
@@ -319,9 +319,10 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
     if start is not None and not resume:
         config, more = start(config)
         note += more
-    if not resume:
+    if not (config.retry_collapsed and total >= MIN_STEPS):
+        initial = None
+    elif not resume:
         initial = {k: np.array(v, copy=True) for k, v in ops.adapter().params.items()}
-    may_retry = config.retry_collapsed and total >= MIN_STEPS
     if average is None and config.average:
         average = TailAverage(config.average, total)
     if average is not None:  # said here, where the settings are final (a resumed run's are its own)
@@ -410,8 +411,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
                         bar.set_postfix(loss=f"{last_loss:.4f}", eval=f"{value:.4f}")
                     if config.early_stopping and bad_evals >= config.early_stopping:
                         stopped_early = True
-            retry_due = is_last and not stopped_early and may_retry and retry is None and initial is not None
-            why = ops.collapsed() if retry_due else None
+            why = ops.collapsed() if is_last and not stopped_early and initial is not None else None
             if why:  # lrpt.retry: the same run again from its start, at a lower lr
                 retry = {"step": step, "micro": micro, "lr": peak * LR_FACTOR, "reason": why}
                 first, first_micro, peak = attempt()
@@ -433,7 +433,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
                     bar.refresh()
             if do_save or (stopped_early and run):
                 sums, tail = average.state() if average is not None else ({}, None)
-                if initial is not None and may_retry and retry is None:
+                if initial is not None:
                     sums = {**sums, **{k + INITIAL_SUFFIX: v for k, v in initial.items()}}
                 run.save_checkpoint(
                     step,
