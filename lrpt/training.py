@@ -265,22 +265,22 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
         cut = fit_to_context(train_data, room, reserve, truncate)
         fit_to_context(eval_data or [], room, reserve, truncate)
     ops = Training(be, model, tokenizer, prompt, task, train_data, eval_data, config)
-    choice = ops.compile_choice.line() + ops.prefix_note() + length_note(config, len(train_data))
-    probe, probe_note = None, ""
+    try:  # from here on the run undoes what it switched on (torch's deterministic mode), also on error
+        choice = ops.compile_choice.line() + ops.prefix_note() + length_note(config, len(train_data))
+        probe, probe_note = None, ""
 
-    def start(config: TrainConfig) -> tuple[TrainConfig, str]:
-        """A new run (checked, its directory locked): with --lr-probe, choose the lr first."""
-        nonlocal probe, probe_note
-        if config.lr_probe:
-            probe = probe_lr(ops, config.lr, config.seed)
-            if probe is None:
-                probe_note = f"; lr probe skipped (fewer than {MIN_ROWS} training rows)"
-            else:
-                config = ops.config = replace(config, lr=probe.lr)
-                probe_note = probe.note()
-        return config, probe_note
+        def start(config: TrainConfig) -> tuple[TrainConfig, str]:
+            """A new run (checked, its directory locked): with --lr-probe, choose the lr first."""
+            nonlocal probe, probe_note
+            if config.lr_probe:
+                probe = probe_lr(ops, config.lr, config.seed)
+                if probe is None:
+                    probe_note = f"; lr probe skipped (fewer than {MIN_ROWS} training rows)"
+                else:
+                    config = ops.config = replace(config, lr=probe.lr)
+                    probe_note = probe.note()
+            return config, probe_note
 
-    try:
         result = run_training(ops, config, out_dir, resume, higher_is_better=task.kind == "classification",
                               backend=be.NAME, writer=ops.world[0] == 0,
                               log=log if ops.world[0] == 0 else None, note=choice, start=start)

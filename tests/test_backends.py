@@ -1058,6 +1058,46 @@ def test_torch_deterministic_kernels_switch_on_cuda_only_and_back(monkeypatch):
         torch.use_deterministic_algorithms(False)
 
 
+def test_torch_a_refused_step_leaves_no_process_wide_switch_on(tiny_dirs, monkeypatch):
+    """A configuration the torch step refuses (here CUDA graphs on the CPU) raises before the run
+    turns on anything process-wide, so a refused ``train`` leaves torch's deterministic mode as it
+    found it; a run that starts and then fails turns it off again on its way out."""
+    import contextlib
+
+    from lrpt.backends.torch import step as torch_step
+
+    on = []
+
+    @contextlib.contextmanager
+    def switch(device, enabled=True):  # stands in for the CUDA-only switch, here on the CPU
+        on.append(True)
+        try:
+            yield
+        finally:
+            on.pop()
+
+    monkeypatch.setattr(torch_step, "deterministic_kernels", switch)
+    be = get_backend("torch")
+    model, tok = be.load_model(str(tiny_dirs["llama"]), dtype="float32", device="cpu", quiet=True)
+    prompt = be.init_prompt(PromptSpec("lopt1", n_tokens=4, rank=2), model, tok, seed=0)
+    rows = toy_data(16, seed=0)
+    with pytest.raises(TrainingError, match="graphs") as err:
+        be.train(model, tok, prompt, toy_task(), rows, None,
+                 TrainConfig(steps=2, batch_size=8, progress=False, compile=True, compile_scope="graphs"))
+    # while the error (and so its traceback's half-built step) lives, as in a notebook that shows it;
+    # without an owner the switch would go off only when the garbage collector happens to run
+    assert on == [] and err.value
+
+    def fail(*a, **k):
+        assert on == [True]  # the run is under the switch here
+        raise TrainingError("stopped")
+
+    monkeypatch.setattr("lrpt.training.run_training", fail)
+    with pytest.raises(TrainingError, match="stopped"):
+        be.train(model, tok, prompt, toy_task(), rows, None, TrainConfig(steps=2, batch_size=8, progress=False))
+    assert on == []
+
+
 def test_torch_an_op_without_a_deterministic_kernel_is_one_clear_error(tiny_dirs, monkeypatch):
     """torch's refusal of an op that has no deterministic CUDA kernel becomes one TrainingError line
     naming the op and --no-deterministic; any other RuntimeError goes through unchanged."""

@@ -348,6 +348,7 @@ def test_cuda_graphs_are_auto_on_cuda_and_refuse_lopa_dropout(tiny_dirs, tb):
     with pytest.raises(TrainingError, match="dropout"):
         tb.train(model, tok, lopa, toy_task(), rows, None,
                  TrainConfig(steps=3, batch_size=8, progress=False, compile=True, compile_scope="graphs"))
+    assert not torch.are_deterministic_algorithms_enabled()  # the refused run left no switch on
 
 
 MEMORY_SCRIPT = """

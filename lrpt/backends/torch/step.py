@@ -36,7 +36,6 @@ class Stepper:
                                 " drop --grad-checkpoint with --backend torch")
         self.model, self.prompt, self.config = model, prompt, config
         self.scope = contextlib.ExitStack()  # process-wide switches of this run, undone by close()
-        self.scope.enter_context(deterministic_kernels(model.device, config.deterministic))
         self.auto = auto  # graphs were lrpt's choice: a step that cannot be recorded runs eagerly
         self.fell_back: str | None = None  # why, when it did
         self.named = [(n, p) for n, p in prompt.named_parameters() if p.requires_grad]
@@ -61,6 +60,9 @@ class Stepper:
             shard_model(model)
         self.graphs = CapturedSteps(model, self.params, self.opt, loss, config.max_grad_norm,
                                     self._all_reduce if self.world[1] > 1 else None) if capture else None
+        # Last: a refused configuration above raises before any process-wide switch is thrown, since
+        # a Stepper that fails to construct is never closed (its caller has no object to close).
+        self.scope.enter_context(deterministic_kernels(model.device, config.deterministic))
 
     def step(self, batches: list[dict[str, torch.Tensor]], weights: list[float], lr: float, seed: int) -> torch.Tensor:
         """Accumulate ``weights[i] * loss(batches[i])``; data parallel, sum the gradients of all ranks."""
