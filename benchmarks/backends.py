@@ -109,8 +109,7 @@ def trainer(be, model, tok, data: list[Encoded], args, compiled: bool = False, m
     prompt = be.init_prompt(PromptSpec("lopt1", n_tokens=args.tokens, rank=args.rank), model, tok, seed=0)
     be.place(prompt, model)
     scope = "step" if compiled and be.NAME == "torch" else None  # one fixed shape: compile it whole
-    # torch's default kernels, as the anchors run: these steps are never closed, so --deterministic's
-    # process-wide mode would stay on for every variant timed after them (epoch.py times that mode).
+    # torch's default kernels, as the anchors run (epoch.py times --deterministic's mode on whole runs).
     cfg = TrainConfig(compile=compiled, compile_mode=mode, pad_to_multiple=1, batch_size=len(data), progress=False,
                       shared_prefix=shared, compile_scope=scope, deterministic=False)
     return Training(be, model, tok, prompt, TASK, data, None, cfg)

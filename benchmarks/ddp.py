@@ -113,8 +113,7 @@ def run(args, rank: int, size: int, device: torch.device) -> int:
     rows = args.per_gpu * size
     data = [Encoded(rng.integers(100, min(1000, model.config.vocab_size), args.length).tolist(), int(rng.integers(0, 2))) for _ in range(rows)]
     task = Task("bench", template="{text}", label_words=[" 0", " 1"])
-    # torch's default kernels, as the anchors run: these steps are never closed, so --deterministic's
-    # process-wide mode would stay on for every variant timed after them (epoch.py times that mode).
+    # torch's default kernels, as the anchors run (epoch.py times --deterministic's mode on whole runs).
     cfg = TrainConfig(compile=args.compile_mode is not None, compile_mode=args.compile_mode, pad_to_multiple=1,
                       fsdp=args.fsdp, deterministic=False)
     ops = Training(get_backend("torch"), model, LabelTokenizer(), prompt, task, data, None, cfg)

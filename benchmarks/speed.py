@@ -123,8 +123,7 @@ def lrpt_step(model, method: str, rows: list[list[int]], labels: list[int], n: i
     prompt = PromptModule(spec, init_params(spec, dim, 0)).to(model.device)
     task = Task("bench", template="{text}", label_words=[" 0", " 1"])
     data = [Encoded(r, y) for r, y in zip(rows, labels)]
-    # torch's default kernels, as the anchors run: these steps are never closed, so --deterministic's
-    # process-wide mode would stay on for every variant timed after them (epoch.py times that mode).
+    # torch's default kernels, as the anchors run (epoch.py times --deterministic's mode on whole runs).
     cfg = TrainConfig(compile=graphs or compile_mode is not None, compile_mode=None if graphs else compile_mode,
                       pad_to_multiple=1, batch_size=len(rows), progress=False, shared_prefix=shared_prefix,
                       compile_scope=scope, deterministic=False)

@@ -83,7 +83,7 @@ def held_out_loss(ops, rows: list[int]) -> float:
     """The training loss of the prompt as it is now on ``rows``, without gradients or dropout."""
     size = ops.config.eval_batch_size
     total = 0.0
-    with eval_mode(ops.prompt), ops.be.inference(ops.model):
+    with eval_mode(ops.prompt), ops.be.inference(ops.model), ops.stepper.kernels():
         for i in range(0, len(rows), size):
             part = rows[i:i + size]
             loss = ops.loss(ops.prepare([ops.train_data[j] for j in part]))

@@ -158,6 +158,10 @@ class Training:
         data = self.eval_data if data is None else data
         if not data:
             return {}
+        with self.stepper.kernels():  # the run's kernels, as its steps: a seed fixes what it picks too
+            return self._evaluate(data)
+
+    def _evaluate(self, data: list[Encoded]) -> dict[str, float]:
         rank, size = self.world
         if size == 1:
             return evaluate(self.model, self.tokenizer, self.prompt, self.task, data,

@@ -1058,15 +1058,19 @@ def test_torch_deterministic_kernels_switch_on_cuda_only_and_back(monkeypatch):
         torch.use_deterministic_algorithms(False)
 
 
-def test_torch_a_refused_step_leaves_no_process_wide_switch_on(tiny_dirs, monkeypatch):
-    """A configuration the torch step refuses (here CUDA graphs on the CPU) raises before the run
-    turns on anything process-wide, so a refused ``train`` leaves torch's deterministic mode as it
-    found it; a run that starts and then fails turns it off again on its way out."""
+def test_torch_the_deterministic_switch_is_on_only_inside_a_runs_steps_and_evaluations(tiny_dirs, monkeypatch):
+    """torch's deterministic mode is process-wide, so a run holds it only while it steps, evaluates or
+    probes: a Training built and never closed (a notebook's, a test's, a benchmark's), a refused
+    configuration and a run that fails all leave it as they found it, and every step and evaluation
+    of a whole run (lr probe included) runs under it."""
     import contextlib
 
     from lrpt.backends.torch import step as torch_step
+    from lrpt.data import encode_examples
+    from lrpt.tokens import tokenize_fn
+    from lrpt.training import Training
 
-    on = []
+    on, seen = [], []
 
     @contextlib.contextmanager
     def switch(device, enabled=True):  # stands in for the CUDA-only switch, here on the CPU
@@ -1081,18 +1085,38 @@ def test_torch_a_refused_step_leaves_no_process_wide_switch_on(tiny_dirs, monkey
     model, tok = be.load_model(str(tiny_dirs["llama"]), dtype="float32", device="cpu", quiet=True)
     prompt = be.init_prompt(PromptSpec("lopt1", n_tokens=4, rank=2), model, tok, seed=0)
     rows = toy_data(16, seed=0)
-    with pytest.raises(TrainingError, match="graphs") as err:
+    with pytest.raises(TrainingError, match="graphs"):
         be.train(model, tok, prompt, toy_task(), rows, None,
                  TrainConfig(steps=2, batch_size=8, progress=False, compile=True, compile_scope="graphs"))
-    # while the error (and so its traceback's half-built step) lives, as in a notebook that shows it;
-    # without an owner the switch would go off only when the garbage collector happens to run
-    assert on == [] and err.value
+    assert on == []
+
+    enc = encode_examples(toy_task(), tokenize_fn(be.hf_tokenizer(tok)), rows)
+    ops = Training(be, model, tok, prompt, toy_task(), enc, enc[:4], TrainConfig(steps=2, batch_size=8, lr=0.05))
+    assert on == []  # built, never closed: nothing switched
+    ops.step([[0, 1, 2, 3]], 0.05)
+    ops.evaluate()
+    assert on == []
+
+    real_step, real_eval = torch_step.Stepper._step, Training._evaluate
+
+    def step(self, *a, **k):
+        seen.append(("step", list(on)))
+        return real_step(self, *a, **k)
+
+    def evaluate(self, *a, **k):
+        seen.append(("evaluate", list(on)))
+        return real_eval(self, *a, **k)
+
+    monkeypatch.setattr(torch_step.Stepper, "_step", step)
+    monkeypatch.setattr(Training, "_evaluate", evaluate)
+    be.train(model, tok, prompt, toy_task(), rows, rows[:4],
+             TrainConfig(steps=3, batch_size=8, progress=False, lr_probe=True))
+    assert on == [] and {k for k, _ in seen} == {"step", "evaluate"} and all(v == [True] for _, v in seen), seen
 
     def fail(*a, **k):
-        assert on == [True]  # the run is under the switch here
         raise TrainingError("stopped")
 
-    monkeypatch.setattr("lrpt.training.run_training", fail)
+    monkeypatch.setattr(torch_step.Stepper, "_step", fail)
     with pytest.raises(TrainingError, match="stopped"):
         be.train(model, tok, prompt, toy_task(), rows, None, TrainConfig(steps=2, batch_size=8, progress=False))
     assert on == []

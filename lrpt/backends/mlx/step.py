@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -88,6 +89,10 @@ class Stepper:
         dtype = mx.float32 if rows.dtype == np.float64 else None  # no float64 collectives on every device
         out = mx.distributed.all_gather(mx.array(rows, dtype=dtype) if dtype else mx.array(rows))
         return np.array(out).astype(rows.dtype)
+
+    def kernels(self) -> contextlib.AbstractContextManager:
+        """The block a run's steps and evaluations run in (torch's deterministic mode); MLX has no such switch."""
+        return contextlib.nullcontext()
 
     def close(self) -> None:
         """The run is over: checkpointed layers get their own class back (the model is the user's)."""

@@ -35,7 +35,6 @@ class Stepper:
             raise TrainingError("grad_checkpoint is the MLX backend's (recomputing layers in the backward pass):"
                                 " drop --grad-checkpoint with --backend torch")
         self.model, self.prompt, self.config = model, prompt, config
-        self.scope = contextlib.ExitStack()  # process-wide switches of this run, undone by close()
         self.auto = auto  # graphs were lrpt's choice: a step that cannot be recorded runs eagerly
         self.fell_back: str | None = None  # why, when it did
         self.named = [(n, p) for n, p in prompt.named_parameters() if p.requires_grad]
@@ -60,14 +59,21 @@ class Stepper:
             shard_model(model)
         self.graphs = CapturedSteps(model, self.params, self.opt, loss, config.max_grad_norm,
                                     self._all_reduce if self.world[1] > 1 else None) if capture else None
-        # Last: a refused configuration above raises before any process-wide switch is thrown, since
-        # a Stepper that fails to construct is never closed (its caller has no object to close).
-        self.scope.enter_context(deterministic_kernels(model.device, config.deterministic))
+
+    def kernels(self) -> contextlib.AbstractContextManager:
+        """The block in which this run's CUDA work happens (its steps, evaluations and probes):
+        torch's deterministic mode is on inside it with ``--deterministic`` and back as it was after.
+
+        Why a block and not the Stepper's lifetime: the mode is process-wide, and a run's objects
+        outlive it (a notebook keeps them, a test or benchmark builds a Training and never closes it);
+        held for the run, one such object left every later torch call in the process in the mode."""
+        return deterministic_kernels(self.model.device, self.config.deterministic)
 
     def step(self, batches: list[dict[str, torch.Tensor]], weights: list[float], lr: float, seed: int) -> torch.Tensor:
         """Accumulate ``weights[i] * loss(batches[i])``; data parallel, sum the gradients of all ranks."""
         try:
-            return self._step(batches, weights, lr, seed)
+            with self.kernels():
+                return self._step(batches, weights, lr, seed)
         except RuntimeError as exc:
             if "use_deterministic_algorithms" not in str(exc):
                 raise
@@ -135,8 +141,7 @@ class Stepper:
         return torch.cat(out).cpu().numpy()
 
     def close(self) -> None:
-        """The run is over: torch's deterministic mode goes back to what it was before the run."""
-        self.scope.close()
+        """The run is over. Nothing to undo on torch: the deterministic mode is held per call (kernels)."""
 
     def loss_value(self, handles: list[torch.Tensor]) -> float:
         return float(torch.stack(handles).mean().item())
