@@ -1,8 +1,9 @@
 """Accuracy on four public tasks: lrpt's methods at their defaults against HF PEFT, 3 seeds each.
 
 One job is (task, run, seed). Every job of a task trains on the same rows, in the same order for
-a given seed (lrpt's length-bucketed order, :func:`lrpt.trainer.run_micro_batches`), for the same
-number of optimizer steps (lrpt's default length: one pass, at least 1,000 steps; ``--steps`` sets it), at lrpt's
+a given seed (lrpt's length-bucketed order, :func:`lrpt.trainer.run_micro_batches`), for the
+number of optimizer steps ``--steps`` gives them all (without it, each run's auto length: one pass,
+at least 2,000 steps for lrpt's lopt1 and 1,000 for every other run, PEFT's too), at lrpt's
 default batch size (16), with the same loss (cross-entropy over the label words'
 log-probabilities at the answer position: every label word of these tasks is one SmolLM2 token),
 AdamW with 6% warm-up and cosine decay, gradient clipping at 1.0, and is scored on the whole

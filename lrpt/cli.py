@@ -23,7 +23,7 @@ from .fetch import DEFAULT_MODEL
 from .fileio import atomic_write
 from .spec import METHOD_DEFAULTS, TRAIN_DEFAULTS, PromptSpec
 from .tasks import REGISTRY, Task, get_task
-from .trainer import TrainConfig, check_number
+from .trainer import AUTO_MIN_STEPS, TrainConfig, check_number
 
 EXIT_USAGE = 2
 
@@ -250,6 +250,7 @@ def _run_settings(out: Path, backend: str) -> tuple[dict[str, Any], Adapter | No
     stored = _read_json(out / "train_config.json")
     if stored:
         stored.setdefault("average", 0.0)  # a run started before --average existed ends with its last step
+        stored.setdefault("min_steps", AUTO_MIN_STEPS)  # before per-method floors, every auto run had this one
     was = stored.pop("backend", None)
     if was != backend:
         for key in BACKEND_ONLY.get(was, ()):

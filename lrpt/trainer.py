@@ -79,7 +79,9 @@ class TrainConfig:
 
     steps: int | None = knob(None, "optimizer steps (overrides --epochs)")
     epochs: float | None = knob(None, "passes over the training data; unset: auto, one pass, or more on small data"
-                                      f" to make {AUTO_MIN_STEPS} optimizer steps")
+                                      " to make --min-steps optimizer steps")
+    min_steps: int | None = knob(None, "the fewest optimizer steps of an auto-length run (no --steps or --epochs);"
+                                       f" unset: the method's (lrpt.spec.METHOD_DEFAULTS), else {AUTO_MIN_STEPS}")
     lr: float | None = knob(None, "peak learning rate of AdamW; unset: auto, the method's default"
                                   " (lrpt.spec.METHOD_DEFAULTS)")
     lr_probe: bool = knob(False, "before training, try the lr × 1/3, × 1 and × 3 for a few steps each and train"
@@ -145,8 +147,9 @@ class TrainConfig:
             check_number(name, getattr(self, name), low=1, integer=True)
         for name in ("eval_every", "save_every", "early_stopping"):
             check_number(name, getattr(self, name), low=0, integer=True)
-        if self.steps is not None:
-            check_number("steps", self.steps, low=1, integer=True)
+        for name in ("steps", "min_steps"):
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name), low=1, integer=True)
         check_number("seed", self.seed, low=0, high=2**32 - 1, integer=True)
         if self.lr is not None:
             check_number("lr", self.lr, low=0, low_open=True)
@@ -161,13 +164,14 @@ class TrainConfig:
         return self
 
     def for_method(self, method: str) -> TrainConfig:
-        """This config with an unset ``lr`` and ``average`` filled by ``method``'s defaults
-        (lrpt.spec.METHOD_DEFAULTS; ``average`` 0 where it names none)."""
+        """This config with an unset ``lr``, ``average`` and ``min_steps`` filled by ``method``'s defaults
+        (lrpt.spec.METHOD_DEFAULTS; ``average`` 0 and ``min_steps`` AUTO_MIN_STEPS where it names none)."""
         from .spec import METHOD_DEFAULTS
 
         mine = METHOD_DEFAULTS[method]
         return replace(self, lr=mine["lr"] if self.lr is None else self.lr,
-                       average=mine.get("average", 0.0) if self.average is None else self.average)
+                       average=mine.get("average", 0.0) if self.average is None else self.average,
+                       min_steps=mine.get("min_steps", AUTO_MIN_STEPS) if self.min_steps is None else self.min_steps)
 
 
 @dataclass
@@ -229,8 +233,8 @@ def plan(config: TrainConfig, n_examples: int) -> tuple[int, int]:
     per_epoch = math.ceil(n_examples / config.batch_size)
     if config.steps:
         total = config.steps
-    elif config.epochs is None:  # auto: one pass, at least AUTO_MIN_STEPS
-        total = max(math.ceil(per_epoch / config.grad_accum), AUTO_MIN_STEPS)
+    elif config.epochs is None:  # auto: one pass, at least min_steps (the method's, else AUTO_MIN_STEPS)
+        total = max(math.ceil(per_epoch / config.grad_accum), config.min_steps or AUTO_MIN_STEPS)
     else:
         total = max(1, math.ceil(config.epochs * per_epoch / config.grad_accum))
     warmup = int(config.warmup * total) if config.warmup < 1 else int(config.warmup)
@@ -472,7 +476,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
 
 # What a resumed run may change: how long it runs, how often it reports, and how fast it computes.
 # Anything else (lr, batch, seed, schedule...) would silently make it another run.
-RESUMABLE_CHANGES = frozenset({"steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "log_every",
+RESUMABLE_CHANGES = frozenset({"steps", "epochs", "min_steps", "eval_every", "save_every", "keep_checkpoints", "log_every",
                                "eval_batch_size", "progress", "compile", "compile_mode", "grad_checkpoint",
                                "fsdp", "shared_prefix", "compile_scope", "lr_probe",
                                "deterministic", "retry_collapsed"})

@@ -309,7 +309,8 @@ def length_note(config: TrainConfig, n: int) -> str:
     one_pass, _ = plan(replace(config, epochs=1.0), n)
     if config.steps or config.epochs is not None or total <= one_pass:
         return ""
-    return f"; {total} optimizer steps (auto: {total / one_pass:.1f} passes over {n} rows, at least {AUTO_MIN_STEPS})"
+    return (f"; {total} optimizer steps (auto: {total / one_pass:.1f} passes over {n} rows,"
+            f" at least {config.min_steps or AUTO_MIN_STEPS})")
 
 
 def context_room(context: int, n_tokens: int) -> int:

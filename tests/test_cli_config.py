@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("mlx_lm")
 
-from lrpt import Adapter  # noqa: E402
+from lrpt import Adapter, LrptError  # noqa: E402
 from lrpt.cli import build_parser, main  # noqa: E402
 from lrpt.spec import PromptSpec  # noqa: E402
 from lrpt.trainer import TrainConfig  # noqa: E402
@@ -139,6 +139,31 @@ def test_auto_length_is_one_pass_or_enough_passes_for_the_minimum_steps():
     assert plan(TrainConfig(batch_size=16, steps=7), 250)[0] == 7
     assert f"{AUTO_MIN_STEPS} optimizer steps (auto: {AUTO_MIN_STEPS / 16:.1f} passes over 250 rows" in length_note(auto, 250)
     assert length_note(auto, 67_349) == "" and length_note(TrainConfig(epochs=1), 250) == ""
+
+
+def test_auto_length_floor_is_the_methods_and_a_run_keeps_the_one_it_started_with(tmp_path):
+    """lopt1's auto-length floor is its own (METHOD_DEFAULTS), the others' AUTO_MIN_STEPS; --min-steps
+    wins; and a run stored before the floor was a setting resumes with the floor it was started with."""
+    from lrpt.cli import _run_settings
+    from lrpt.spec import METHOD_DEFAULTS
+    from lrpt.trainer import AUTO_MIN_STEPS, plan
+    from lrpt.training import length_note
+
+    auto = TrainConfig(batch_size=16)
+    mine = METHOD_DEFAULTS["lopt1"]["min_steps"]
+    assert mine != AUTO_MIN_STEPS  # so the test tells them apart
+    assert plan(auto.for_method("lopt1"), 250)[0] == mine
+    assert f"at least {mine})" in length_note(auto.for_method("lopt1"), 250)
+    for method in ("prompt", "lopt2", "lopa"):
+        assert plan(auto.for_method(method), 250)[0] == AUTO_MIN_STEPS
+    typed = TrainConfig(batch_size=16, min_steps=300).for_method("lopt1")
+    assert plan(typed, 250)[0] == 300 and plan(typed, 67_349)[0] == 4210  # a floor, never a cut
+    with pytest.raises(LrptError, match="--min-steps"):
+        TrainConfig(min_steps=0).validate()
+    (tmp_path / "train_config.json").write_text(json.dumps({"lr": 0.05, "average": 0.5}))
+    assert _run_settings(tmp_path, "torch")[0]["min_steps"] == AUTO_MIN_STEPS
+    (tmp_path / "train_config.json").write_text(json.dumps({"lr": 0.05, "average": 0.5, "min_steps": 2000}))
+    assert _run_settings(tmp_path, "torch")[0]["min_steps"] == 2000
 
 
 def test_auto_is_a_word_only_where_unset_means_auto(tmp_path, capsys):
