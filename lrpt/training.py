@@ -31,7 +31,7 @@ from .scoring import classification_metrics, completion_metrics, evaluate, task_
 from .shapes import Shape, ShapePlan, choose_compile
 from .tasks import Task
 from .tokens import label_token_ids, target_tokenize_fn, tokenize_fn
-from .trainer import AUTO_MIN_STEPS, TrainConfig, TrainResult, plan, run_micro_batches, run_training
+from .trainer import TrainConfig, TrainResult, plan, run_micro_batches, run_training
 
 CHECKPOINT_SCHEMA = 1
 
@@ -309,8 +309,8 @@ def length_note(config: TrainConfig, n: int) -> str:
     one_pass, _ = plan(replace(config, epochs=1.0), n)
     if config.steps or config.epochs is not None or total <= one_pass:
         return ""
-    return (f"; {total} optimizer steps (auto: {total / one_pass:.1f} passes over {n} rows,"
-            f" at least {config.min_steps or AUTO_MIN_STEPS})")
+    # Longer than one pass, so the run's length is its floor (min_steps): the note names it as such.
+    return f"; {total} optimizer steps (auto: {total / one_pass:.1f} passes over {n} rows, at least {total})"
 
 
 def context_room(context: int, n_tokens: int) -> int:
