@@ -482,6 +482,20 @@ RESUMABLE_CHANGES = frozenset({"steps", "epochs", "min_steps", "eval_every", "sa
                                "deterministic", "retry_collapsed"})
 
 
+def resumed_floor(path: Path, config: TrainConfig) -> TrainConfig:
+    """``config`` with an unset ``min_steps`` taken from the run stored at ``path`` (its
+    train_config.json): a resumed auto-length run keeps the floor it started with, even where the
+    method's default has changed since. A run stored before the field existed had AUTO_MIN_STEPS.
+    No stored run, or a floor typed: ``config`` as it is."""
+    if config.min_steps is not None or not path.is_file():
+        return config
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TrainingError(f"--resume: {path} is unreadable ({exc})") from None
+    return replace(config, min_steps=stored.get("min_steps", AUTO_MIN_STEPS))
+
+
 def check_resume_config(path: Path, config: TrainConfig) -> TrainConfig:
     """Refuse to resume with settings that differ from the run's own, naming each difference; the
     config to resume with (a probing run's lr is the one its probe chose, stored with the run)."""

@@ -737,6 +737,33 @@ def test_tail_average_checkpoints_hold_the_trajectory_and_extensions_stay_exact(
     assert "--average" not in notes[0] and res.averaged == ""
 
 
+def test_a_resumed_auto_length_run_keeps_the_floor_it_started_with(kit, llama, tmp_path, monkeypatch):
+    """Resumed through the Python API with no floor typed, an auto-length run plans the length it
+    started with, not the method's default of today: a run stored with its floor keeps that floor,
+    and one stored before the field existed keeps AUTO_MIN_STEPS (as the CLI's --resume does)."""
+    import lrpt.trainer
+    from lrpt.spec import METHOD_DEFAULTS
+
+    monkeypatch.setattr(lrpt.trainer, "AUTO_MIN_STEPS", 4)
+    monkeypatch.setitem(METHOD_DEFAULTS, "lopt1", {**METHOD_DEFAULTS["lopt1"], "min_steps": 10})
+    model, tok = llama
+    data = toy_data(8)  # one batch of 8: the floor alone sets the length
+    auto = dict(steps=None, eval_every=0, save_every=2, average=0.0)
+    for name, floor in (("stored", 6), ("old", 4)):
+        prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+        assert kit.be.train(model, tok, prompt, TASK, data, None, cfg(min_steps=floor, **auto), tmp_path / name).step == floor
+        if name == "old":  # a run stored before min_steps was a setting
+            stored = tmp_path / name / "train_config.json"
+            stored.write_text(json.dumps({k: v for k, v in json.loads(stored.read_text()).items() if k != "min_steps"}))
+        res = kit.be.train(model, tok, prompt, TASK, data, None, cfg(**auto), tmp_path / name, resume=True)
+        assert res.step == floor, name
+    # a floor typed on resume still extends the run; a new run takes the method's floor
+    res = kit.be.train(model, tok, prompt, TASK, data, None, cfg(min_steps=8, **auto), tmp_path / "old", resume=True)
+    assert res.step == 8
+    prompt = kit.be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
+    assert kit.be.train(model, tok, prompt, TASK, data, None, cfg(**auto), tmp_path / "new").step == 10
+
+
 def test_tail_average_competes_with_earlier_evaluations_under_keep_best(kit, llama, tmp_path):
     """With evaluation rows and keep-best, the mean is the last evaluation: adapter/ is the mean only
     if it scores best, and the summary says which step adapter/ holds when it is not."""
