@@ -482,29 +482,32 @@ RESUMABLE_CHANGES = frozenset({"steps", "epochs", "min_steps", "eval_every", "sa
                                "deterministic", "retry_collapsed"})
 
 
+def stored_config(path: Path) -> dict[str, Any] | None:
+    """The TrainConfig a run stored (its train_config.json) as a dict; None for a run from before
+    the file existed. Unreadable: one clear error."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TrainingError(f"--resume: {path} is unreadable ({exc})") from None
+
+
 def resumed_floor(path: Path, config: TrainConfig) -> TrainConfig:
     """``config`` with an unset ``min_steps`` taken from the run stored at ``path`` (its
     train_config.json): a resumed auto-length run keeps the floor it started with, even where the
     method's default has changed since. A run stored before the field existed had AUTO_MIN_STEPS.
     No stored run, or a floor typed: ``config`` as it is."""
-    if config.min_steps is not None or not path.is_file():
-        return config
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TrainingError(f"--resume: {path} is unreadable ({exc})") from None
-    return replace(config, min_steps=stored.get("min_steps", AUTO_MIN_STEPS))
+    stored = stored_config(path) if config.min_steps is None else None
+    return config if stored is None else replace(config, min_steps=stored.get("min_steps", AUTO_MIN_STEPS))
 
 
 def check_resume_config(path: Path, config: TrainConfig) -> TrainConfig:
     """Refuse to resume with settings that differ from the run's own, naming each difference; the
     config to resume with (a probing run's lr is the one its probe chose, stored with the run)."""
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    stored = stored_config(path)
+    if stored is None:
         return config  # a run from before train_config.json existed: nothing to compare
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TrainingError(f"--resume: {path} is unreadable ({exc})") from None
     stored.setdefault("average", 0.0)  # a run started before --average existed ends with its last step
     if config.lr_probe and stored.get("lr_probe") and isinstance(stored.get("lr"), (int, float)):
         config = replace(config, lr=float(stored["lr"]))

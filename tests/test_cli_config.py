@@ -166,6 +166,23 @@ def test_auto_length_floor_is_the_methods_and_a_run_keeps_the_one_it_started_wit
     assert _run_settings(tmp_path, "torch")[0]["min_steps"] == 2000
 
 
+def test_resume_reads_the_runs_stored_settings_or_says_they_are_unreadable(tmp_path):
+    """A resumed run's floor and checks come from its train_config.json: absent (a run from before
+    the file), it is left alone; damaged, both say which file in one line instead of a traceback."""
+    from lrpt.errors import TrainingError
+    from lrpt.trainer import check_resume_config, resumed_floor
+
+    path, config = tmp_path / "train_config.json", TrainConfig(lr=0.05)
+    assert resumed_floor(path, config) is config and check_resume_config(path, config) is config
+    path.write_text('{"lr": 0.05, "min_steps": 300')  # cut short, as a disk-full write would leave it
+    for read in (resumed_floor, check_resume_config):
+        with pytest.raises(TrainingError, match="train_config.json is unreadable"):
+            read(path, config)
+    path.write_text(json.dumps({"lr": 0.05, "min_steps": 300}))
+    assert resumed_floor(path, config).min_steps == 300
+    assert resumed_floor(path, dataclasses.replace(config, min_steps=50)).min_steps == 50  # typed: kept
+
+
 def test_auto_is_a_word_only_where_unset_means_auto(tmp_path, capsys):
     """`--epochs auto` / `--lr auto` unset them (auto); `--max-grad-norm auto` is refused, not read as none."""
     import argparse
