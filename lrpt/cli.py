@@ -211,13 +211,9 @@ DATA_ARGS_FILE = "data_args.json"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LrptError(f"--resume: {path} is unreadable ({exc})") from None
-    if not isinstance(data, dict):
-        raise LrptError(f"--resume: {path} is not a JSON object")
-    return data
+    from .trainer import stored_config
+
+    return stored_config(path) or {}
 
 
 def _check_data_args(args: argparse.Namespace, out: Path) -> None:

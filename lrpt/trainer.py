@@ -483,14 +483,17 @@ RESUMABLE_CHANGES = frozenset({"steps", "epochs", "min_steps", "eval_every", "sa
 
 
 def stored_config(path: Path) -> dict[str, Any] | None:
-    """The TrainConfig a run stored (its train_config.json) as a dict; None for a run from before
-    the file existed. Unreadable: one clear error."""
+    """What a run stored in a JSON file of its directory (its train_config.json: the TrainConfig)
+    as a dict; None for a run from before the file existed. Damaged: one clear error."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
         raise TrainingError(f"--resume: {path} is unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise TrainingError(f"--resume: {path} is not a JSON object")
+    return data
 
 
 def resumed_floor(path: Path, config: TrainConfig) -> TrainConfig:

@@ -174,10 +174,12 @@ def test_resume_reads_the_runs_stored_settings_or_says_they_are_unreadable(tmp_p
 
     path, config = tmp_path / "train_config.json", TrainConfig(lr=0.05)
     assert resumed_floor(path, config) is config and check_resume_config(path, config) is config
-    path.write_text('{"lr": 0.05, "min_steps": 300')  # cut short, as a disk-full write would leave it
-    for read in (resumed_floor, check_resume_config):
-        with pytest.raises(TrainingError, match="train_config.json is unreadable"):
-            read(path, config)
+    for damage, said in ((b'{"lr": 0.05, "min_steps": 300', "is unreadable"),  # cut short
+                         (b'{"lr": "\xff"}', "is unreadable"), (b"[0.05]", "is not a JSON object")):
+        path.write_bytes(damage)
+        for read in (resumed_floor, check_resume_config):
+            with pytest.raises(TrainingError, match=f"train_config.json {said}"):
+                read(path, config)
     path.write_text(json.dumps({"lr": 0.05, "min_steps": 300}))
     assert resumed_floor(path, config).min_steps == 300
     assert resumed_floor(path, dataclasses.replace(config, min_steps=50)).min_steps == 50  # typed: kept
