@@ -23,7 +23,7 @@ from .fetch import DEFAULT_MODEL
 from .fileio import atomic_write
 from .spec import METHOD_DEFAULTS, TRAIN_DEFAULTS, PromptSpec
 from .tasks import REGISTRY, Task, get_task
-from .trainer import AUTO_MIN_STEPS, TrainConfig, check_number
+from .trainer import TrainConfig, check_number, stored_config, stored_train_config
 
 EXIT_USAGE = 2
 
@@ -211,8 +211,6 @@ DATA_ARGS_FILE = "data_args.json"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    from .trainer import stored_config
-
     return stored_config(path) or {}
 
 
@@ -243,10 +241,7 @@ def _run_settings(out: Path, backend: str) -> tuple[dict[str, Any], Adapter | No
     resumed on another ``backend``, without the speed settings only the run's backend takes."""
     from .trainer import RunDir
 
-    stored = _read_json(out / "train_config.json")
-    if stored:
-        stored.setdefault("average", 0.0)  # a run started before --average existed ends with its last step
-        stored.setdefault("min_steps", AUTO_MIN_STEPS)  # before per-method floors, every auto run had this one
+    stored = stored_train_config(out / "train_config.json") or {}
     was = stored.pop("backend", None)
     if was != backend:
         for key in BACKEND_ONLY.get(was, ()):

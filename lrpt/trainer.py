@@ -496,22 +496,30 @@ def stored_config(path: Path) -> dict[str, Any] | None:
     return data
 
 
+def stored_train_config(path: Path) -> dict[str, Any] | None:
+    """A run's stored TrainConfig (its train_config.json, :func:`stored_config`), with the values a run
+    stored before a field existed ran with: no tail average, the AUTO_MIN_STEPS floor."""
+    stored = stored_config(path)
+    if stored is not None:
+        stored.setdefault("average", 0.0)
+        stored.setdefault("min_steps", AUTO_MIN_STEPS)
+    return stored
+
+
 def resumed_floor(path: Path, config: TrainConfig) -> TrainConfig:
     """``config`` with an unset ``min_steps`` taken from the run stored at ``path`` (its
     train_config.json): a resumed auto-length run keeps the floor it started with, even where the
-    method's default has changed since. A run stored before the field existed had AUTO_MIN_STEPS.
-    No stored run, or a floor typed: ``config`` as it is."""
-    stored = stored_config(path) if config.min_steps is None else None
-    return config if stored is None else replace(config, min_steps=stored.get("min_steps", AUTO_MIN_STEPS))
+    method's default has changed since. No stored run, or a floor typed: ``config`` as it is."""
+    stored = stored_train_config(path) if config.min_steps is None else None
+    return config if stored is None else replace(config, min_steps=stored["min_steps"])
 
 
 def check_resume_config(path: Path, config: TrainConfig) -> TrainConfig:
     """Refuse to resume with settings that differ from the run's own, naming each difference; the
     config to resume with (a probing run's lr is the one its probe chose, stored with the run)."""
-    stored = stored_config(path)
+    stored = stored_train_config(path)
     if stored is None:
         return config  # a run from before train_config.json existed: nothing to compare
-    stored.setdefault("average", 0.0)  # a run started before --average existed ends with its last step
     if config.lr_probe and stored.get("lr_probe") and isinstance(stored.get("lr"), (int, float)):
         config = replace(config, lr=float(stored["lr"]))
     new = asdict(config)
