@@ -23,7 +23,7 @@ from .fetch import DEFAULT_MODEL
 from .fileio import atomic_write
 from .spec import METHOD_DEFAULTS, TRAIN_DEFAULTS, PromptSpec
 from .tasks import REGISTRY, Task, get_task
-from .trainer import TrainConfig, check_number, stored_config, stored_train_config
+from .trainer import TRAIN_CONFIG_FILE, TrainConfig, check_number, stored_config, stored_train_config
 
 EXIT_USAGE = 2
 
@@ -241,7 +241,7 @@ def _run_settings(out: Path, backend: str) -> tuple[dict[str, Any], Adapter | No
     resumed on another ``backend``, without the speed settings only the run's backend takes."""
     from .trainer import RunDir
 
-    stored = stored_train_config(out / "train_config.json") or {}
+    stored = stored_train_config(out / TRAIN_CONFIG_FILE) or {}
     was = stored.pop("backend", None)
     if was != backend:
         for key in BACKEND_ONLY.get(was, ()):

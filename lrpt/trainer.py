@@ -52,6 +52,7 @@ DIVERGED_LOSS_FACTOR = 1e3
 # lopt1's RTE by 6, lowering only lopt1's CB (-3.0, within its seed spread) and SST-2 (-0.1)
 # (RESULTS.md, "1,000 steps").
 AUTO_MIN_STEPS = 1000
+TRAIN_CONFIG_FILE = "train_config.json"  # the TrainConfig a run stores in its directory, for --resume
 
 
 def check_number(name: str, value: Any, low: float | None = None, high: float | None = None,
@@ -305,7 +306,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
             ckpt = run.latest_checkpoint()
             if ckpt is None:
                 raise TrainingError(f"--resume: no checkpoint in {run.root / 'checkpoints'}")
-            config = check_resume_config(run.root / "train_config.json", config)
+            config = check_resume_config(run.root / TRAIN_CONFIG_FILE, config)
             meta, sums, initial = run.load_checkpoint(ckpt, ops)
             step, micro, retry = meta["step"], meta["micro"], meta.get("retry")
             average = TailAverage(config.average, total) if config.average else None
@@ -332,7 +333,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
     if average is not None:  # said here, where the settings are final (a resumed run's are its own)
         note += f"; ends with the mean of its last {config.average:.0%} of steps (--average)"
     if run and run.writer:
-        atomic_write_json(run.root / "train_config.json", {"backend": backend, **asdict(config)})
+        atomic_write_json(run.root / TRAIN_CONFIG_FILE, {"backend": backend, **asdict(config)})
     if log is not None and note:
         log(note)
     epoch_cache: dict[int, list[list[int]]] = {}

@@ -31,7 +31,7 @@ from .scoring import classification_metrics, completion_metrics, evaluate, task_
 from .shapes import Shape, ShapePlan, choose_compile
 from .tasks import Task
 from .tokens import label_token_ids, target_tokenize_fn, tokenize_fn
-from .trainer import TrainConfig, TrainResult, plan, resumed_floor, run_micro_batches, run_training
+from .trainer import TRAIN_CONFIG_FILE, TrainConfig, TrainResult, plan, resumed_floor, run_micro_batches, run_training
 
 CHECKPOINT_SCHEMA = 1
 
@@ -258,7 +258,7 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
     be = backend_for(model)
     config = config or TrainConfig()
     if resume and out_dir is not None:  # before for_method: the run's own floor, not today's default
-        config = resumed_floor(Path(out_dir) / "train_config.json", config)
+        config = resumed_floor(Path(out_dir) / TRAIN_CONFIG_FILE, config)
     config = config.for_method(prompt.spec.method).validate()
     be.place(prompt, model)
     hf = be.hf_tokenizer(tokenizer)
