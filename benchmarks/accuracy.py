@@ -14,7 +14,9 @@ validation split. Runs:
   (``lrpt.spec.METHOD_DEFAULTS``), ``--no-compile``; ``key=value`` overrides a PromptSpec field or
   ``lr`` (e.g. ``lrpt:lopa:lr=1e-3``, ``lrpt:lopt1:n_tokens=50``; ``init=text`` starts from ``INIT_TEXT``, as PEFT's TEXT init
   does; ``init=labels`` starts from the task's label words, repeated to n, Lester et al.'s class-label
-  init, as text init; ``probe=1`` adds ``--lr-probe``, and the result's ``lr`` is the one it chose). Any run takes
+  init, as text init; ``probe=1`` adds ``--lr-probe``, and the result's ``lr`` is the one it chose;
+  ``uscale=C``, for ``lopt1`` only, starts from the same X = U V with U × C and V / C, which under Adam
+  moves U's relative step size by 1/C and V's by C: the U/V balance of the start). Any run takes
   ``steps=N``, its own length (``peft-lora:lr=1e-3:steps=500``), ``average=F`` (``--average F``: the
   mean of the trainable parameters over the final F of the steps, :mod:`lrpt.average`; PEFT's runs
   average theirs the same way), ``schedule=NAME`` (``--schedule``) and ``deterministic=0``
@@ -192,16 +194,22 @@ def _lrpt(task, train_rows, val, settings: dict, job: dict) -> dict:
     method = settings.pop("method")
     lr = settings.pop("lr", None)
     probe = bool(settings.pop("probe", 0))  # lrpt train --lr-probe
+    uscale = float(settings.pop("uscale", 1.0))
+    if uscale != 1.0 and method != "lopt1":
+        raise ValueError("uscale applies to lopt1 only")
     fields = {k: v for k, v in METHOD_DEFAULTS[method].items() if k not in TRAIN_DEFAULTS}
     if settings.get("init") in ("text", "labels"):  # the same texts PEFT's TEXT init gets
         settings["init"], settings["init_text"] = "text", init_text(task, settings["init"])
     spec = PromptSpec(method, **{"n_tokens": 4 if job["smoke"] else TOKENS, **fields, **settings})
     prompt = M.init_prompt(spec, model, tok, seed=job["seed"])
+    if uscale != 1.0:  # the same prompt matrix, its factors rebalanced
+        params = prompt.to_params()
+        prompt.load_params({**params, "lopt.U": params["lopt.U"] * uscale, "lopt.V": params["lopt.V"] / uscale})
     # --lrpt-step auto: the step lrpt train takes with no flag (CUDA graphs on a GPU); else eager
     config = _config(job, lr=lr, lr_probe=probe, compile=None if job.get("lrpt_step") == "auto" else False)
     res = train(model, tok, prompt, task, train_rows, None, config)
     chosen = res.lr_probe.lr if res.lr_probe else config.for_method(method).lr
-    out = {**_score(task, val, prompt), "params": spec.param_count(prompt.dim), "lr": chosen,
+    out = {**_score(task, val, prompt), "params": spec.param_count(prompt.dim), "lr": chosen, "uscale": uscale,
            "average": config.for_method(method).average,
            "step_path": res.compile_choice.split(":")[0], "retried": res.retried,
            # the logged training loss (mean since the previous record, every --log-every steps): what a

@@ -87,7 +87,7 @@ def test_generate_mlx_smoke(tmp_path, script):
 def test_accuracy_smoke(tmp_path):
     """Every kind of run, two seeds, two worker processes; the summary reads the results back."""
     runs = ["zero-shot", "lrpt:lopt1", "lrpt:lopt1:init=text:lr=1e-1", "lrpt:lopt1:probe=1", "lrpt:lopa:lr=1e-3",
-            "lrpt:lopt1:n_tokens=7:average=0.5", "peft-prompt:init=text:lr=1e-2",
+            "lrpt:lopt1:n_tokens=7:average=0.5", "lrpt:lopt1:uscale=0.5", "peft-prompt:init=text:lr=1e-2",
             "peft-prompt:init=vocab:lr=1e-2:average=0.5:schedule=constant",
             "peft-lora:lr=1e-3:steps=3"]
     run("benchmarks/accuracy.py", "--smoke", "--seeds", "0", "1", "--workers", "2", "--out", tmp_path,
@@ -103,6 +103,7 @@ def test_accuracy_smoke(tmp_path):
     assert all(any(r["lr"] == pytest.approx(c) for c in candidates) for r in rows if r["run"] == "lrpt:lopt1:probe=1")
     assert all(len(r["probe_losses"]) == 3 for r in rows if r["run"] == "lrpt:lopt1:probe=1")
     assert {r["steps"] for r in rows if r["run"].endswith("steps=3")} == {3}  # a run's own length
+    assert {r["uscale"] for r in rows if r["run"].startswith("lrpt:lopt1")} == {1.0, 0.5}
     params = {r["run"]: r["params"] for r in rows if r["run"] != "zero-shot"}  # a longer prompt, same rank: n × r more
     assert params["lrpt:lopt1:n_tokens=7:average=0.5"] - params["lrpt:lopt1"] == 3 * METHOD_DEFAULTS["lopt1"]["rank"]
     trained = {r["run"]: r["train"] for r in rows if r["run"] != "zero-shot"}  # the training settings a run names
