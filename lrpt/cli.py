@@ -214,21 +214,17 @@ def _read_json(path: Path) -> dict[str, Any]:
     return stored_config(path) or {}
 
 
-def _check_data_args(args: argparse.Namespace, out: Path) -> None:
-    """A new run records its data flags; a resumed one must use the same."""
+def _check_data_args(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The run's data flags, for a new run to record (the trainer writes them under its lock); a
+    resumed run must use the ones it recorded."""
     mine = {k: getattr(args, k) for k in DATA_ARGS}
-    from .trainer import RunDir
-
     if not args.resume:
-        if RunDir(out).latest_checkpoint() is not None:
-            return  # the trainer refuses this run: leave the existing run's record alone
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / DATA_ARGS_FILE, json.dumps(mine, indent=1).encode())
-        return
+        return mine
     stored = _read_json(out / DATA_ARGS_FILE)
     changed = [f"{k} {stored[k]!r} → {mine[k]!r}" for k in DATA_ARGS if k in stored and stored[k] != mine[k]]
     if changed:
         raise LrptError(f"--resume with other data than the run's ({'; '.join(changed)}): drop those flags")
+    return mine
 
 
 # Speed settings only one backend takes; resuming on the other backend drops them (they change no result).
@@ -292,7 +288,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     eval_rows = _examples(args, task, "validation", args.eval_limit) if args.eval_limit != 0 else None
     backend, model, tokenizer, name = _backend_and_model(args)
     _check_prompt_fits(args, (spec or start_from.spec).n_tokens)
-    _check_data_args(args, out)
+    data_args = _check_data_args(args, out)
     if start_from is not None:
         _check_base(start_from, backend, model, args.force)
         prompt = backend.prompt_from_adapter(start_from, model)
@@ -301,7 +297,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     result = backend.train(model, tokenizer, prompt, task, train_rows, eval_rows, train_config, out,
                            resume=args.resume, context=args.context, truncate=not args.no_truncate,
-                           log=lambda m: print(f"lrpt: {m}", file=sys.stderr, flush=True))
+                           log=lambda m: print(f"lrpt: {m}", file=sys.stderr, flush=True),
+                           run_files={DATA_ARGS_FILE: data_args})
     seconds = time.perf_counter() - began
     spec = prompt.spec
     rows = [("backend", name), ("method", spec.method), ("prompt tokens", spec.n_tokens),

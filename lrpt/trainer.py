@@ -7,8 +7,10 @@ resumes. A run directory holds::
 
     adapter/                 the adapter to use (best evaluation if keep_best, else last)
     checkpoints/step-NNNNNN/ adapter files + optimizer.safetensors + trainer_state.json
+                             (+ best-adapter/: adapter/ as it was, under keep_best)
     metrics.jsonl            one JSON object per log or evaluation
     train_config.json        the TrainConfig of the run
+    data_args.json           the CLI's data flags (lrpt train), checked on --resume
 
 Checkpoints are complete directories built aside and renamed into place, so a crash
 never leaves a half-written one; resuming from one continues bit for bit (on CPU).
@@ -262,6 +264,7 @@ def run_training(
     log: Callable[[str], None] | None = None,
     note: str | None = None,
     start: Callable[[TrainConfig], tuple[TrainConfig, str]] | None = None,
+    run_files: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Drive a run to its end (or early stop); write checkpoints, metrics and the final adapter.
 
@@ -269,7 +272,9 @@ def run_training(
     (to resume) and never write it. ``note`` goes to ``log`` once the run is checked and starts
     (a refused run says only why it was refused). ``start`` runs once a new run (not a resumed
     one) is checked and its directory locked, before its settings are stored: it returns the
-    settings to train with and a note to add (the lr probe, :mod:`lrpt.probe`)."""
+    settings to train with and a note to add (the lr probe, :mod:`lrpt.probe`). ``run_files``: more
+    JSON files a new run stores in its directory (name → object; the CLI's data flags), written under
+    the lock like its TrainConfig, so a refused second run cannot overwrite the first's."""
     config.validate()
     if config.lr is None:  # lrpt.train and Training fill it from the method; a direct caller must
         raise TrainingError("TrainConfig.lr is unset: pass lr=..., or config.for_method(prompt.spec.method)")
@@ -283,7 +288,8 @@ def run_training(
         run.lock()
         run.clean_temp()
     try:
-        return _run(ops, config, run, resume, higher_is_better, backend, n, total, warmup, log, note or "", start)
+        return _run(ops, config, run, resume, higher_is_better, backend, n, total, warmup, log, note or "", start,
+                    run_files or {})
     finally:
         if run:
             run.unlock()
@@ -291,7 +297,7 @@ def run_training(
 
 def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, higher_is_better: bool, backend: str,
          n: int, total: int, warmup: int, log: Callable[[str], None] | None, note: str,
-         start: Callable[[TrainConfig], tuple[TrainConfig, str]] | None) -> TrainResult:
+         start: Callable[[TrainConfig], tuple[TrainConfig, str]] | None, run_files: dict[str, Any]) -> TrainResult:
     """The loop of :func:`run_training`, inside the run directory's lock."""
     step, micro = 0, 0
     retry: dict[str, Any] | None = None  # the second attempt (lrpt.retry): where it began, its lr, why
@@ -301,6 +307,7 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
     average, averaged = None, False  # the tail average (--average), once the run's settings are known
     stopped_early = False
     history: list[dict[str, Any]] = []
+    guard_state = None  # a resumed run's divergence guard: its reference as at step 0 of the attempt
     if run:
         if resume:
             ckpt = run.latest_checkpoint()
@@ -309,10 +316,13 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
             config = check_resume_config(run.root / TRAIN_CONFIG_FILE, config)
             meta, sums, initial = run.load_checkpoint(ckpt, ops)
             step, micro, retry = meta["step"], meta["micro"], meta.get("retry")
+            guard_state = meta.get("guard")
             average = TailAverage(config.average, total) if config.average else None
             if average is not None and not average.load_state(sums, meta.get("average")):
                 note += f"; the tail average restarts at step {step} (the run's length or --average changed)"
             best, best_step, bad_evals = meta["best"], meta["best_step"], meta["bad_evals"]
+            if config.keep_best and best_step is not None:
+                run.restore_best(ckpt)
             attempt_best = meta.get("attempt_best", best)
             history = run.truncate_metrics(step)
             if config.early_stopping and bad_evals >= config.early_stopping:  # it ended there: it stays ended
@@ -334,6 +344,8 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
         note += f"; ends with the mean of its last {config.average:.0%} of steps (--average)"
     if run and run.writer:
         atomic_write_json(run.root / TRAIN_CONFIG_FILE, {"backend": backend, **asdict(config)})
+        for name, data in run_files.items() if not resume else ():
+            atomic_write_json(run.root / name, data)
     if log is not None and note:
         log(note)
     epoch_cache: dict[int, list[list[int]]] = {}
@@ -347,8 +359,11 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
 
     first, first_micro, peak = attempt()
     end = first + total
+    if step > end:  # fewer steps than it has done: nothing would train, and adapter/ would be rewritten
+        raise TrainingError(f"--resume: the run is already at step {step}, past the {end} steps these flags give:"
+                            f" resume with --steps {step - first} or more")
     bar = _progress(end, step, config.progress)
-    guard = DivergenceGuard(ops)
+    guard = DivergenceGuard(ops, guard_state)
     pending: list[Any] = []
     last_loss = float("nan")
     started = time.perf_counter()
@@ -444,10 +459,11 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
                     step,
                     ops,
                     {"step": step, "micro": micro, "best": best, "best_step": best_step, "bad_evals": bad_evals,
-                     "attempt_best": attempt_best, "average": tail, "retry": retry},
+                     "attempt_best": attempt_best, "average": tail, "retry": retry, "guard": guard.state()},
                     config.keep_checkpoints,
                     sums,
                     last_iterate,
+                    with_best=config.keep_best and best_step is not None,
                 )
             if stopped_early:
                 break
@@ -536,10 +552,21 @@ def check_resume_config(path: Path, config: TrainConfig) -> TrainConfig:
 class DivergenceGuard:
     """Stops a run whose loss or parameters explode while staying finite (the NaN check misses those)."""
 
-    def __init__(self, ops: TrainOps):
+    def __init__(self, ops: TrainOps, state: dict[str, Any] | None = None):
+        """``state`` (:meth:`state`, from a checkpoint): a resumed run keeps the references its start
+        set, so it stops where the unbroken run would (a guard rebuilt then would measure from the
+        resumed prompt and loss)."""
         self.ops = ops
-        self.start = {k: max(1.0, s) for k, s in self._scales().items()}
-        self.first_loss: float | None = None
+        if isinstance(state, dict) and isinstance(state.get("start"), dict):
+            self.start = {k: float(v) for k, v in state["start"].items()}
+            self.first_loss = state.get("first_loss")
+        else:
+            self.start = {k: max(1.0, s) for k, s in self._scales().items()}
+            self.first_loss: float | None = None
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the guard: its parameter scales at the start and its first loss."""
+        return {"start": self.start, "first_loss": self.first_loss}
 
     def _scales(self) -> dict[str, float]:
         return {k: float(np.max(np.abs(v))) if np.size(v) else 0.0 for k, v in self.ops.adapter().params.items()}
@@ -582,6 +609,10 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
+# What every checkpoint's trainer_state.json holds (others came later: a checkpoint without them is older).
+CHECKPOINT_KEYS = ("step", "micro", "best", "best_step", "bad_evals", "backend_state")
+BEST_COPY = "best-adapter"  # a checkpoint's copy of adapter/ under keep-best
+_CHECKPOINT_NAME = re.compile(r"step-\d+")
 # ".NAME.XXXXXXXX" (tempfile.mkdtemp) and ".NAME.XXXXXXXX.tmp" (tempfile.mkstemp), as fileio names them.
 _TEMP_NAME = re.compile(r"\.(adapter|step-\d+|[\w.-]+\.(json|jsonl|safetensors|png))\.[a-z0-9_]{8}(\.tmp)?")
 
@@ -664,8 +695,12 @@ class RunDir:
         return kept
 
     def checkpoints(self) -> list[Path]:
+        """The run's checkpoints, oldest first: by step number, not by name (step-1000000 follows step-999999)."""
         d = self.root / "checkpoints"
-        return sorted(p for p in d.glob("step-*") if p.is_dir()) if d.is_dir() else []
+        if not d.is_dir():
+            return []
+        found = [p for p in d.iterdir() if _CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()]
+        return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
     def latest_checkpoint(self) -> Path | None:
         found = self.checkpoints()
@@ -673,9 +708,11 @@ class RunDir:
 
     def save_checkpoint(self, step: int, ops: TrainOps, meta: dict[str, Any], keep: int,
                         extra: dict[str, np.ndarray] | None = None,
-                        params: dict[str, np.ndarray] | None = None) -> Path:
+                        params: dict[str, np.ndarray] | None = None, with_best: bool = False) -> Path:
         """``extra``: more float32 tensors for optimizer.safetensors (the tail average's sums);
-        ``params``: the adapter's tensors, where the prompt now holds others (the tail average)."""
+        ``params``: the adapter's tensors, where the prompt now holds others (the tail average);
+        ``with_best``: keep a copy of adapter/ (keep-best: the best evaluation's prompt) as
+        ``best-adapter/``, which a resume puts back (:meth:`restore_best`)."""
         final = self.root / "checkpoints" / f"step-{step:06d}"
         if not self.writer:
             return final  # the optimizer state is the same on every rank: rank 0 writes it
@@ -685,9 +722,19 @@ class RunDir:
             tensors, state = ops.state()
             atomic_write(tmp / "optimizer.safetensors", encode_safetensors({**tensors, **(extra or {})}))
             atomic_write_json(tmp / "trainer_state.json", {**meta, "backend_state": state})
+            if with_best and (self.root / "adapter").is_dir():
+                Adapter.load(self.root / "adapter").save(tmp / BEST_COPY)
         for old in self.checkpoints()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def restore_best(self, path: Path) -> None:
+        """adapter/ back to the best prompt the checkpoint at ``path`` knew: a run killed after
+        writing a new best to adapter/ and before its next checkpoint may, resumed, not meet that
+        evaluation again (another --eval-every, nondeterministic kernels), and adapter/ must hold
+        the prompt of the best_step the run reports."""
+        if self.writer and (path / BEST_COPY).is_dir():
+            Adapter.load(path / BEST_COPY).save(self.root / "adapter")
 
     def load_checkpoint(self, path: Path, ops: TrainOps
                         ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray] | None]:
@@ -695,10 +742,14 @@ class RunDir:
         the run's starting prompt (None where the checkpoint holds none: lrpt.retry)."""
         try:
             meta = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise TrainingError(
-                f"checkpoint {path} is unreadable ({exc}): delete it to resume from an earlier one"
-            ) from None
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+            meta, why = None, str(exc)
+        else:
+            missing = [k for k in CHECKPOINT_KEYS if k not in meta] if isinstance(meta, dict) else None
+            why = ("its trainer_state.json is not a JSON object" if missing is None
+                   else f"no {', '.join(missing)} in its trainer_state.json" if missing else "")
+        if why:
+            raise TrainingError(f"checkpoint {path} is unreadable ({why}): delete it to resume from an earlier one")
         adapter = Adapter.load(path / "adapter")
         tensors, _, _ = read_safetensors(path / "optimizer.safetensors")
         tensors, initial = split_initial(tensors)

@@ -244,7 +244,7 @@ def shard(rows: list, rank: int, size: int) -> list:
 def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval_examples: list[dict] | None = None,
           config: TrainConfig | None = None, out_dir: str | Path | None = None, resume: bool = False,
           context: int | None = None, truncate: bool = True,
-          log: Callable[[str], None] | None = None) -> TrainResult:
+          log: Callable[[str], None] | None = None, run_files: dict[str, Any] | None = None) -> TrainResult:
     """Train ``prompt`` on ``task`` with a frozen ``model`` on the model's backend; see
     :func:`lrpt.trainer.run_training`. ``prompt`` may be new (``init_prompt``) or any saved adapter
     (``prompt_from_adapter``): training continues from its tensors.
@@ -252,7 +252,8 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
     ``context`` (the model's maximum sequence length, :func:`lrpt.basemodel.context_length`)
     bounds every sequence: longer inputs are cut (counted in ``TrainResult.truncated``), or
     refused when ``truncate`` is False. ``log`` receives one line saying whether the step runs
-    compiled or eager, and why (``TrainResult.compile_choice`` keeps it too)."""
+    compiled or eager, and why (``TrainResult.compile_choice`` keeps it too). ``run_files``: more JSON
+    files a new run stores in ``out_dir`` (:func:`lrpt.trainer.run_training`)."""
     from .backends import backend_for
 
     be = backend_for(model)
@@ -290,7 +291,8 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
 
         result = run_training(ops, config, out_dir, resume, higher_is_better=task.kind == "classification",
                               backend=be.NAME, writer=ops.world[0] == 0,
-                              log=log if ops.world[0] == 0 else None, note=choice, start=start)
+                              log=log if ops.world[0] == 0 else None, note=choice, start=start,
+                              run_files=run_files)
     finally:
         ops.close()
     result.truncated = cut
