@@ -231,7 +231,11 @@ class Adapter:
 
 
 def peft_fields(spec: PromptSpec, dim: int, base: BaseModelInfo | None) -> dict[str, Any]:
-    """The HF PEFT ``PromptTuningConfig`` fields, so PEFT loads a ``prompt`` adapter as is."""
+    """The HF PEFT ``PromptTuningConfig`` fields, so PEFT loads a ``prompt`` adapter as is.
+
+    PEFT refuses a TEXT init without a tokenizer path, so a text-initialised prompt says TEXT only
+    where the base model's name is known; RANDOM otherwise (PEFT loads the saved rows either way)."""
+    text = spec.init == "text" and base is not None and bool(base.name_or_path)
     return {
         "peft_type": "PROMPT_TUNING",
         "task_type": "CAUSAL_LM",
@@ -240,9 +244,9 @@ def peft_fields(spec: PromptSpec, dim: int, base: BaseModelInfo | None) -> dict[
         "num_transformer_submodules": 1,
         "num_attention_heads": None,
         "num_layers": None,
-        "prompt_tuning_init": "TEXT" if spec.init == "text" else "RANDOM",
-        "prompt_tuning_init_text": spec.init_text if spec.init == "text" else None,
-        "tokenizer_name_or_path": base.name_or_path if base and spec.init == "text" else None,
+        "prompt_tuning_init": "TEXT" if text else "RANDOM",
+        "prompt_tuning_init_text": spec.init_text if text else None,
+        "tokenizer_name_or_path": base.name_or_path if text else None,
         "tokenizer_kwargs": None,
         "base_model_name_or_path": base.name_or_path if base else None,
         "inference_mode": True,

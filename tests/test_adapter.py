@@ -1,5 +1,6 @@
 """Adapter format v1: round trip, PEFT fields, atomic saves, and every defect on load."""
 
+import dataclasses
 import json
 import pickle
 
@@ -68,6 +69,19 @@ def test_prompt_method_carries_peft_fields(tmp_path):
     assert "prompt_embeddings" in safetensors.numpy.load_file(tmp_path / "p" / WEIGHTS_NAME)
     make("lopt1").save(tmp_path / "l")
     assert "peft_type" not in json.loads((tmp_path / "l" / CONFIG_NAME).read_text())
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_a_text_initialised_prompt_loads_in_peft_with_or_without_a_base_name(tmp_path, with_base):
+    """PEFT refuses TEXT init without a tokenizer path: without a base model's name the config says RANDOM."""
+    peft = pytest.importorskip("peft")
+    plain = make("prompt")
+    a = dataclasses.replace(plain, spec=dataclasses.replace(plain.spec, init="text", init_text="hello"),
+                            base_model=plain.base_model if with_base else None)
+    a.save(tmp_path / "p")
+    cfg = peft.PeftConfig.from_pretrained(str(tmp_path / "p"))
+    assert cfg.num_virtual_tokens == 4
+    assert str(cfg.prompt_tuning_init).endswith("TEXT" if with_base else "RANDOM")
 
 
 @pytest.mark.parametrize("dtype, code, tol", [("bf16", "BF16", 1e-2), ("float16", "F16", 1e-3)])

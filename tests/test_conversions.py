@@ -78,6 +78,19 @@ def test_bad_peft_inputs(tmp_path, capsys):
     safetensors.numpy.save_file({"prompt_embeddings": np.zeros((2, 4), np.float32)}, d / "adapter_model.safetensors")
     assert main(["convert", str(d), str(tmp_path / "o")]) == 2
     assert "token_dim 3 disagrees" in capsys.readouterr().err
+    cases = [  # (config, tensors, the error's words): what an import would otherwise drop or misread
+        ({"peft_type": "PROMPT_TUNING", "task_type": "SEQ_CLS"}, {}, "PEFT SEQ_CLS adapter"),
+        ({"peft_type": "PROMPT_TUNING"}, {"score.weight": np.zeros((2, 4), np.float32)}, "tensors a prompt does not use"),
+        ({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 20}, {}, "num_virtual_tokens 20 disagrees with the 2 rows"),
+        ({"peft_type": "MULTITASK_PROMPT_TUNING"}, {"prefix_task_cols": np.zeros((2, 2), np.float32),
+                                                    "prefix_task_rows": np.zeros((2, 1, 4), np.float32)}, "must be 3-D"),
+    ]
+    for config, extra, words in cases:
+        (d / "adapter_config.json").write_text(json.dumps(config))
+        safetensors.numpy.save_file({"prompt_embeddings": np.zeros((2, 4), np.float32), **extra},
+                                    d / "adapter_model.safetensors")
+        assert main(["convert", str(d), str(tmp_path / "o")]) == 2
+        assert words in capsys.readouterr().err
     (d / "adapter_model.safetensors").unlink()
     (d / "adapter_model.bin").write_bytes(b"\x80\x02}q\x00.")
     assert main(["convert", str(d), str(tmp_path / "o")]) == 2

@@ -28,6 +28,7 @@ from ..fileio import atomic_write, atomic_write_json, encode_safetensors, read_s
 from ..spec import PromptSpec
 
 IMPORTABLE = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
+MULTITASK_TENSORS = {"prefix_task_cols", "prefix_task_rows"}
 
 
 def is_peft_dir(path: str | Path) -> bool:
@@ -88,15 +89,28 @@ def from_peft(path: str | Path, task_index: int = 0) -> Adapter:
     kind = config["peft_type"]
     if kind not in IMPORTABLE:
         raise ConversionError(f"PEFT type {kind} cannot become a soft prompt: lrpt imports {', '.join(IMPORTABLE)}")
+    if config.get("task_type") not in (None, "CAUSAL_LM"):  # e.g. SEQ_CLS: a trained head lrpt would drop
+        raise ConversionError(f"{path} is a PEFT {config['task_type']} adapter: lrpt imports CAUSAL_LM prompts,"
+                              " whose answers come from the model's own head")
     if "prompt_embeddings" not in tensors:
         raise ConversionError(f"{path} has no 'prompt_embeddings' tensor (found {', '.join(sorted(tensors))})")
+    expected = {"prompt_embeddings"} | (MULTITASK_TENSORS if kind == "MULTITASK_PROMPT_TUNING" else set())
+    if set(tensors) - expected:
+        raise ConversionError(f"{path} holds tensors a prompt does not use ({', '.join(sorted(set(tensors) - expected))}):"
+                              " lrpt imports the prompt alone and would drop them")
     prompt = tensors["prompt_embeddings"]
     if prompt.ndim != 2:
         raise ConversionError(f"'prompt_embeddings' has shape {prompt.shape}, expected (n, d)")
+    if config.get("num_virtual_tokens") not in (None, prompt.shape[0]):
+        raise ConversionError(f"{path}: num_virtual_tokens {config['num_virtual_tokens']} disagrees with the"
+                              f" {prompt.shape[0]} rows of 'prompt_embeddings'")
     if kind == "MULTITASK_PROMPT_TUNING":
         cols, rows = tensors.get("prefix_task_cols"), tensors.get("prefix_task_rows")
         if cols is None or rows is None:
             raise ConversionError(f"{path}: a multitask adapter needs prefix_task_cols and prefix_task_rows")
+        if cols.ndim != 3 or rows.ndim != 3:
+            raise ConversionError(f"{path}: prefix_task_cols {cols.shape} and prefix_task_rows {rows.shape} must be"
+                                  " 3-D (tasks, n, r) and (tasks, r, d)")
         if not 0 <= task_index < cols.shape[0]:
             raise ConversionError(f"task {task_index} does not exist: this adapter has {cols.shape[0]} tasks")
         if cols.shape[1] != prompt.shape[0] or rows.shape[2] != prompt.shape[1] or cols.shape[2] != rows.shape[1]:
