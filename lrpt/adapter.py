@@ -27,7 +27,7 @@ import numpy as np
 
 from . import __version__
 from .basemodel import BaseModelInfo
-from .errors import AdapterFormatError, LrptError, SpecError
+from .errors import AdapterFormatError, BaseModelMismatchError, LrptError, SpecError
 from .fileio import atomic_dir, atomic_write, atomic_write_json, encode_safetensors, read_safetensors, regular_file
 from .reference import init_params, materialize
 from .spec import PromptSpec
@@ -92,6 +92,17 @@ class Adapter:
     @property
     def param_count(self) -> int:
         return self.spec.param_count(self.dim)
+
+    def check_model(self, info: BaseModelInfo, force: bool = False) -> None:
+        """Refuse (:class:`BaseModelMismatchError`) a model, described by ``info``, this adapter cannot
+        run on: the width of its rows always (a file may name no base model), and where it names one,
+        that model's sizes and fingerprint (:meth:`BaseModelInfo.check_compatible`; ``force`` skips
+        the fingerprint)."""
+        if self.base_model is not None:
+            self.base_model.check_compatible(info, force=force)
+        if info.hidden_size is not None and self.dim != info.hidden_size:
+            raise BaseModelMismatchError(f"the adapter's prompt rows are {self.dim} wide, but this model's width is"
+                                         f" {info.hidden_size}: use an adapter made for this model")
 
     def materialize(self, encoding: np.ndarray | None = None) -> np.ndarray:
         """The prompt matrix by the NumPy reference (see :func:`lrpt.reference.materialize`)."""

@@ -197,8 +197,7 @@ def _examples(args: argparse.Namespace, task: Task, split: str, limit: int | Non
 
 
 def _check_base(adapter: Adapter, backend, model, force: bool) -> None:
-    if adapter.base_model is not None:
-        adapter.base_model.check_compatible(backend.base_model_info(model), force=force)
+    adapter.check_model(backend.base_model_info(model), force=force)
 
 
 # -- train / eval / generate ----------------------------------------------------------------------

@@ -308,6 +308,8 @@ def test_bad_requests_get_clear_openai_errors(torch_server):
         ({"model": "a0", "prompt": "x", "temperature": 3}, "temperature"),
         ({"model": "a0", "prompt": "x", "top_p": 0}, "top_p"),
         ({"model": "a0", "prompt": "x", "n": 0}, "n"),
+        ({"model": "a0", "prompt": "x", "seed": -1, "temperature": 1}, "seed"),  # MLX's PRNG refused it: a 500
+        ({"model": "a0", "prompt": "x", "seed": 2**64, "temperature": 1}, "seed"),
         ({"model": "a0", "prompt": ""}, "prompt"),
         ({"model": "a0", "prompt": "x", "max_tokens": 201}, "max_tokens"),  # over --max-tokens-limit
         ({"model": "a0", "prompt": "x " * 150, "max_tokens": 100}, "prompt"),  # past the context length
@@ -427,6 +429,27 @@ def test_reload_picks_up_new_adapters(torch_server, adapters_dir, tiny_dirs):
     finally:
         shutil.rmtree(adapters_dir / "late")
         assert httpx.post(s.url + "/v1/adapters/reload", timeout=30).json()["removed"] == ["late"]
+
+
+def test_registry_checks_width_and_keeps_a_good_version_over_a_broken_change(adapters_dir, tiny_dirs, tmp_path):
+    from lrpt.adapter import WEIGHTS_NAME
+    from lrpt.serve.registry import Registry
+
+    backend = get_backend("torch")
+    model, _ = backend.load_model(tiny_dirs["llama"], quiet=True)
+    root = tmp_path / "ads"
+    shutil.copytree(adapters_dir / "a0", root / "good")
+    width = backend.base_model_info(model).hidden_size
+    Adapter.create(spec_for("lopt1", n=3), width + 8, seed=0, task=toy_task()).save(root / "narrow")  # no base named
+    registry = Registry(backend, model, root, base_name="tiny")
+    report = registry.reload()
+    assert report.loaded == ["good"] and f"{width + 8} wide" in report.refused["narrow"]
+    served = registry.get("good")
+    (root / "good" / ".adapter_model.safetensors.x1y2z3w4.tmp").write_bytes(b"half")  # a save in progress
+    assert registry.reload().kept == ["good"]
+    (root / "good" / WEIGHTS_NAME).write_bytes(b"not safetensors")
+    report = registry.reload()
+    assert "still served" in report.refused["good"] and registry.get("good") is served
 
 
 # -- the command ----------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ class _Sampling(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=16)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)  # both backends take it; choice j uses seed + j
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None

@@ -2,7 +2,8 @@
 
 A folder is served under its name. An adapter made for another base model (or unreadable) is
 refused with one line and the others are served. :meth:`Registry.reload` rescans: new folders
-are loaded, changed ones (a newer file) reloaded, vanished ones dropped. Requests already
+are loaded, changed ones (a newer file) reloaded, vanished ones dropped; a changed one that no
+longer loads is refused and its earlier version stays served. Requests already
 running keep the prompt they started with, so a reload never disturbs them.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..adapter import Adapter
+from ..adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter
 from ..errors import LrptError
 
 
@@ -61,17 +62,19 @@ class Registry:
         adapters = {}
         report.removed = sorted(set(self.adapters) - set(found))
         for name, path in found.items():
-            stamp = tuple(f.stat().st_mtime_ns for f in sorted(path.iterdir()) if f.is_file())
             held = self.adapters.get(name)
-            if held is not None and held.stamp == stamp:
-                adapters[name] = held
-                report.kept.append(name)
-                continue
             try:
+                stamp = _stamp(path)
+                if held is not None and held.stamp == stamp:
+                    adapters[name] = held
+                    report.kept.append(name)
+                    continue
                 adapters[name] = self._load(name, path, stamp)
                 report.loaded.append(name)
-            except (LrptError, OSError) as exc:
-                report.refused[name] = str(exc)
+            except (LrptError, OSError) as exc:  # a half-written save, a file gone mid-scan, a bad adapter
+                report.refused[name] = str(exc) + ("; the version loaded before is still served" if held else "")
+                if held is not None:
+                    adapters[name] = held
         self.adapters = adapters
         return report
 
@@ -79,10 +82,15 @@ class Registry:
         if name == self.base_name:
             raise LrptError(f"its name is the base model's name {self.base_name!r}: rename the folder")
         adapter = Adapter.load(path)
-        if adapter.base_model is not None:
-            if self._info is None:
-                self._info = self.backend.base_model_info(self.model)
-            adapter.base_model.check_compatible(self._info)
+        if self._info is None:
+            self._info = self.backend.base_model_info(self.model)
+        adapter.check_model(self._info)
         prompt = self.backend.prompt_from_adapter(adapter, self.model)
         prompt.eval()  # no dropout when serving (LoPA heads)
         return Served(name, adapter, prompt, stamp)
+
+
+def _stamp(path: Path) -> tuple:
+    """What says an adapter folder changed: its two files' times and sizes (not the temp files a
+    save in progress leaves beside them, which may vanish between listing and reading)."""
+    return tuple((f.stat().st_mtime_ns, f.stat().st_size) for f in (path / CONFIG_NAME, path / WEIGHTS_NAME))
