@@ -338,6 +338,8 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
         initial = None
     elif not resume:
         initial = {k: np.array(v, copy=True) for k, v in ops.adapter().params.items()}
+    elif initial is None and retry is None:  # started without it (or shorter): its start was not kept
+        note += "; --retry-collapsed has no effect on this resumed run: its checkpoints hold no starting prompt"
     if average is None and config.average:
         average = TailAverage(config.average, total)
     if average is not None:  # said here, where the settings are final (a resumed run's are its own)

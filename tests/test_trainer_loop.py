@@ -127,3 +127,12 @@ def test_run_files_are_written_by_a_new_run_only(tmp_path):
     run_training(FakeOps(), replace(CONFIG, steps=25), tmp_path, resume=True,
                  run_files={"data_args.json": {"train_limit": 9}})
     assert json.loads((tmp_path / "data_args.json").read_text()) == {"train_limit": 5}
+
+
+def test_retry_collapsed_switched_on_at_resume_says_it_cannot_act(tmp_path):
+    config = replace(CONFIG, steps=200, save_every=100)  # retry_collapsed off: no starting prompt kept
+    with pytest.raises(Crash):
+        run_training(FakeOps(crash_at=150), config, tmp_path)
+    notes: list[str] = []
+    run_training(FakeOps(), replace(config, retry_collapsed=True), tmp_path, resume=True, log=notes.append)
+    assert any("--retry-collapsed has no effect on this resumed run" in n for n in notes)
