@@ -170,8 +170,8 @@ def _task_from_args(args: argparse.Namespace, fallback: Task | None = None) -> T
     text_field = getattr(args, "text_field", None)
     if getattr(args, "task", None):
         task = get_task(args.task)
-    elif fallback is not None and not (labels is not None or template or text_field):
-        task = fallback
+    elif fallback is not None:  # the adapter's task, with what the flags say changed
+        task = Task.from_dict(fallback.to_dict())
     elif labels is not None:
         task = Task("custom", template="{" + (text_field or "text") + "}", label_words=[" x", " y"])
     elif getattr(args, "data", None) or template or text_field:
@@ -185,6 +185,12 @@ def _task_from_args(args: argparse.Namespace, fallback: Task | None = None) -> T
         task.label_words = [" " + w for w in words]
     if template:
         task.template = template
+    elif text_field and task.template_fields() != [text_field]:  # a task's own template, its one field renamed
+        fields = task.template_fields()
+        if len(fields) != 1:
+            raise DataError(f"--text-field names one input field, but the {task.name} template has"
+                            f" {len(fields) or 'no'} fields ({task.template!r}): pass --template with yours")
+        task.template = task.template.replace("{" + fields[0] + "}", "{" + text_field + "}")
     if getattr(args, "label_field", None):
         task.label_field = args.label_field
     return task.validate()
@@ -460,8 +466,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _check_base(adapter, backend, model, args.force)
         prompt = backend.prompt_from_adapter(adapter, model)
         task = adapter.task
-        if task is not None and not args.raw and len(task.template_fields()) == 1:
-            texts = [task.template.format(**{task.template_fields()[0]: t}) for t in texts]
+        if task is not None and not args.raw:
+            fields = task.template_fields()
+            if len(fields) == 1:
+                texts = [task.template.format(**{fields[0]: t}) for t in texts]
+            elif fields:  # one text cannot fill two fields: say so, rather than drop the template unseen
+                print(f"lrpt: the adapter's template has {len(fields)} fields ({', '.join(fields)}): each text goes"
+                      " in as it is, as with --raw (write the template's text yourself)", file=sys.stderr)
+    if room is not None:  # an input past the context would index past the position table (a crash on CUDA)
+        from .tokens import encode_texts
+
+        for i, ids in enumerate(encode_texts(backend.hf_tokenizer(tokenizer), texts)):
+            if len(ids) + args.max_tokens > room:
+                raise DataError(f"input {i + 1} has {len(ids)} tokens: with --max-tokens {args.max_tokens} it does not"
+                                f" fit the model's context ({room} tokens after the prompt): shorten it or lower"
+                                " --max-tokens")
     outs = backend.generate(model, tokenizer, prompt, texts, max_tokens=args.max_tokens,
                             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                             stop=args.stop or None, compile=args.compile)

@@ -39,6 +39,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start + 1} of the line)") from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark, as some editors on Windows write
             if not line.strip():
                 continue
             try:
@@ -63,6 +65,7 @@ class Encoded:
     ids: list[int]
     target: int | list[int]
     idx: Any = None
+    head: int = 0  # leading special tokens (BOS) of ``ids``, which a cut keeps: see :func:`keep_end`
 
 
 def encode_examples(
@@ -79,8 +82,9 @@ def encode_examples(
         ids = tokenize(task.format(ex))
         if not ids:
             raise DataError(f"example {i} tokenizes to nothing")
+        head = getattr(tokenize, "head", 0)
         if max_length and len(ids) > max_length:
-            ids = ids[-max_length:]  # keep the end: the answer position follows it
+            ids = keep_end(ids, max_length, head)
         if task.kind == "classification":
             if task.label_field not in ex:
                 raise DataError(
@@ -96,7 +100,7 @@ def encode_examples(
             target = (tokenize_target or tokenize)(str(ex[task.completion_field]))
             if not target:
                 raise DataError(f"example {i}: the completion tokenizes to nothing")
-        out.append(Encoded(ids, target, ex.get("idx", i)))
+        out.append(Encoded(ids, target, ex.get("idx", i), head))
     return out
 
 
@@ -121,9 +125,16 @@ def fit_to_context(data: list[Encoded], room: int | None, reserve: int = 0, trun
             if not truncate:
                 raise DataError(f"example {i} has {len(e.ids)} input tokens, but the model's context leaves {limit}"
                                 " after the prompt and target: shorten it, or drop --no-truncate to cut it")
-            e.ids = e.ids[-limit:]
+            e.ids = keep_end(e.ids, limit, e.head)
             cut += 1
     return cut
+
+
+def keep_end(ids: list[int], limit: int, head: int = 0) -> list[int]:
+    """``ids`` cut to ``limit`` tokens: the end, where the answer follows, behind the ``head`` leading
+    special tokens (a model trained with BOS first degrades without it)."""
+    head = head if limit > head else 0
+    return ids[:head] + ids[len(ids) - (limit - head):]
 
 
 def epoch_batches(
@@ -163,8 +174,8 @@ def metric(name: str, labels: Sequence[int], preds: Sequence[int], num_labels: i
 
     if name == "f1":
         return f1(1)
-    if name == "macro_f1":
-        return float(np.mean([f1(c) for c in range(num_labels)]))
+    if name == "macro_f1":  # over the classes present (labels or predictions), as sklearn and SuperGLUE:
+        return float(np.mean([f1(int(c)) for c in np.union1d(y, p)]))  # a subset without a class is not 0 there
     raise DataError(f"unknown metric {name!r}")
 
 

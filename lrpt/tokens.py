@@ -32,8 +32,15 @@ def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
 
 
 def tokenize_fn(tokenizer):
-    """Text → ids with the model's special tokens (BOS)."""
-    return lambda text: list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    """Text → ids with the model's special tokens (BOS). Its ``head`` attribute counts the special
+    tokens put before the text, which a cut to the context keeps (:func:`lrpt.data.keep_end`)."""
+
+    def run(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    plain, full = tokenizer("a b", add_special_tokens=False)["input_ids"], run("a b")
+    run.head = len(full) - len(plain) if plain and list(full[len(full) - len(plain):]) == list(plain) else 0
+    return run
 
 
 def target_tokenize_fn(tokenizer):

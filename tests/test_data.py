@@ -6,9 +6,10 @@ import types
 import pytest
 
 from lrpt import DataError
-from lrpt.data import epoch_batches, load_examples, metric
+from lrpt.data import encode_examples, epoch_batches, fit_to_context, keep_end, load_examples, metric
 from lrpt.demo_data import demo_rows, topic_rows
 from lrpt.tasks import REGISTRY, Task, get_task
+from lrpt.tokens import tokenize_fn
 
 
 def test_hub_datasets_are_addressed_as_the_registry_says(monkeypatch):
@@ -151,3 +152,43 @@ def test_model_resolution_order(tmp_path, monkeypatch):
     target = models.resolve_model(models.DEFAULT_MODEL)
     assert calls == [(models.DEFAULT_MODEL, tmp_path / "cache" / "models" / "HuggingFaceTB--SmolLM2-135M-Instruct")]
     assert target == calls[0][1]
+
+
+def test_macro_f1_averages_the_classes_present():
+    """A subset without a class (CB's rare 'neither' under --eval-limit) is not scored 0 for it."""
+    assert metric("macro_f1", [0, 0, 1, 1], [0, 0, 1, 1], 3) == 1.0
+    assert metric("macro_f1", [0, 0, 1], [0, 2, 1], 3) == pytest.approx((2 / 3 + 1 + 0) / 3)  # 2 predicted: counted
+
+
+def test_a_cut_keeps_the_end_behind_the_leading_special_tokens():
+    assert keep_end([1, 5, 6, 7, 8], 3, head=1) == [1, 7, 8]
+    assert keep_end([1, 5, 6, 7, 8], 3) == [6, 7, 8]
+    assert keep_end([1, 5, 6, 7, 8], 1, head=1) == [8]  # no room for both: the answer's side wins
+
+
+class _Tok:
+    """An HF-like tokenizer: one id per word, BOS (1) first when asked for special tokens."""
+
+    def __init__(self, bos: bool):
+        self.bos = bos
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [10 + len(w) for w in text.split()]
+        return {"input_ids": ([1] if self.bos and add_special_tokens else []) + ids}
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_encoding_cuts_long_inputs_and_keeps_bos(bos):
+    task = Task("t", template="{text}", label_words=[" a", " b"])
+    tok = tokenize_fn(_Tok(bos))
+    assert tok.head == int(bos)
+    enc = encode_examples(task, tok, [{"text": "a bb ccc dddd", "label": 1}], max_length=3)[0]
+    assert enc.ids == ([1, 13, 14] if bos else [12, 13, 14])
+    enc = encode_examples(task, tok, [{"text": "a bb ccc dddd", "label": 1}])[0]
+    assert fit_to_context([enc], room=4, reserve=1) == 1 and enc.ids == ([1, 13, 14] if bos else [12, 13, 14])
+
+
+def test_a_jsonl_file_may_start_with_a_byte_order_mark(tmp_path):
+    (tmp_path / "train.jsonl").write_bytes('\ufeff{"sentence": "fine", "label": 1}\n'.encode())
+    rows = load_examples(get_task("demo"), "train", tmp_path)
+    assert rows == [{"sentence": "fine", "label": 1}]

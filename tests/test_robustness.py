@@ -414,3 +414,25 @@ def test_task_validation_unit():
             Task("t", template=template, label_words=["a", "b"]).validate()
     assert Task("t", template="Q: {question}\nA: {text}", label_words=["a", "b"]).validate().template_fields() == [
         "question", "text"]
+
+
+def test_generate_refuses_an_input_past_the_context(tiny_dirs, capsys):
+    """The position table ends at the context: past it a CUDA model asserts on the device."""
+    one_error_line(capsys, main(["generate", "--model", str(tiny_dirs["llama"]), "--max-tokens", "4",
+                                 " ".join(["word"] * 400)]), "input 1 has")
+
+
+def test_task_flags_change_only_their_part_of_the_adapters_task():
+    from argparse import Namespace
+
+    from lrpt.cli import _task_from_args
+
+    demo = get_task("demo")  # classification, "Review: {sentence}\nSentiment:"
+    args = Namespace(task=None, labels=None, template=None, text_field="review", label_field=None, data="d")
+    task = _task_from_args(args, demo)
+    assert task.kind == "classification" and task.label_words == demo.label_words
+    assert task.template == "Review: {review}\nSentiment:" and demo.template == "Review: {sentence}\nSentiment:"
+    task = _task_from_args(Namespace(**{**vars(args), "text_field": None, "labels": "bad,good"}), demo)
+    assert task.template == demo.template and task.label_words == [" bad", " good"]
+    with pytest.raises(DataError, match="the cb template has 2 fields"):
+        _task_from_args(Namespace(**{**vars(args), "task": "cb"}))

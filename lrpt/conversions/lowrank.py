@@ -41,8 +41,8 @@ def compress(adapter: Adapter, rank: int | str = "auto", tol: float = 0.01) -> C
     tail = np.sqrt(np.maximum(np.cumsum((s**2)[::-1])[::-1], 0.0))
     errors = np.append(tail[1:], 0.0) / total  # errors[r-1] = error with r kept
     if rank == "auto":
-        if tol < 0:
-            raise ConversionError("--tol must be >= 0")
+        if not tol >= 0:  # also NaN, which fails every comparison and would keep full rank unsaid
+            raise ConversionError(f"--tol must be a number >= 0, got {tol}")
         rank = int(np.argmax(errors <= tol) + 1) if np.any(errors <= tol) else len(s)
     if not isinstance(rank, int) or not 1 <= rank <= min(n, d):
         raise ConversionError(f"rank must be between 1 and {min(n, d)} for a {n}×{d} prompt, or 'auto'")
