@@ -572,7 +572,7 @@ def test_training_lowers_loss_and_writes_run_dir(kit, llama, tmp_path, method):
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["step-000012", "step-000016"]  # keep_checkpoints=2
     assert {p.name for p in (tmp_path / "run" / "checkpoints" / "step-000016").iterdir()} == {
-        "adapter", "optimizer.safetensors", "trainer_state.json"}
+        "adapter", "optimizer.safetensors", "trainer_state.json", "best-adapter"}  # keep-best's copy of adapter/
 
 
 def test_existing_run_needs_resume_and_resume_needs_checkpoint(kit, llama, tmp_path):
