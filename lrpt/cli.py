@@ -380,6 +380,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_number("batch_size", args.batch_size, low=1, integer=True, error=DataError)
     adapter = Adapter.load(args.adapter)
     task = _task_from_args(args, adapter.task)
+    if args.predictions and task.kind == "completion":
+        raise DataError("--predictions writes label predictions, and this is a completion task (its eval reports"
+                        " the completions' NLL and perplexity): drop --predictions")
     rows = _examples(args, task, args.split, args.limit)
     backend, model, tokenizer, _ = _backend_and_model(args)
     _check_base(adapter, backend, model, args.force)

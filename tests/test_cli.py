@@ -120,6 +120,9 @@ def test_completion_data(tiny_dirs, tmp_path, capsys):
         results.append(json.loads(capsys.readouterr().out))
     a, b = results
     assert a["examples"] == 6 and abs(a["loss"] - b["loss"]) < 1e-4 and a["perplexity"] > 1
+    assert main(["eval", "--model", str(tiny_dirs["llama"]), "--adapter", str(tmp_path / "r" / "adapter"),
+                 "--data", str(d), "--predictions", str(tmp_path / "p.jsonl")]) == 2
+    assert "this is a completion task" in capsys.readouterr().err and not (tmp_path / "p.jsonl").exists()
 
 
 # -- errors: one line, exit code 2 ----------------------------------------------------------------
