@@ -19,6 +19,7 @@ that does not fit prints ``"oom": true``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -90,6 +91,10 @@ def main(argv=None) -> int:
     try:
         code = run(args, rank, size, device)
         if size > 1 or args.fsdp:
+            # FSDP's collective handles may sit in reference cycles: free them while the group lives (a
+            # gloo group destroyed under a live handle aborts the process, "terminate called without an
+            # active exception", seen once on CI after the barrier below).
+            gc.collect()
             # Every rank leaves together (on success only: a failed peer would never arrive): a rank
             # that tears gloo's sockets down while a peer still reads from them makes the peer abort.
             torch.distributed.barrier()
