@@ -264,6 +264,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = getattr(args, "out", None) or config.get("out")
     if not out:
         raise LrptError("say where the run goes: --out DIR")
+    for key in ("resume", "backend"):  # needed before the other keys resolve: a resumed run reads its own
+        if not hasattr(args, key) and key in config:
+            setattr(args, key, flags.check_value(args.train_actions[key], config[key], f"{args.config}: {key}"))
     if getattr(args, "resume", False):
         from .backends import resolve
 

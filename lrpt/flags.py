@@ -30,8 +30,10 @@ def _base_type(hint: Any) -> tuple[type, bool]:
 
 
 def _number(kind: type, optional: bool, auto: bool = False):
-    """A flag's parser: ``none`` unsets an optional number; ``auto`` too where unset means auto."""
-    words = ("none", "null", "off") + (("auto",) if auto else ())
+    """A flag's parser: where unset means auto, ``auto`` unsets it (and only that word: ``off`` there
+    would quietly mean the method's default, e.g. tail averaging on); other optional numbers take
+    ``none``."""
+    words = ("auto",) if auto else ("none", "null", "off")
 
     def parse(text: str):
         if optional and text.lower() in words:
@@ -43,6 +45,7 @@ def _number(kind: type, optional: bool, auto: bool = False):
         return value  # ranges and finiteness: the dataclass's validate(), with its own message
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
+    parse.optional = optional  # a config's null is allowed only where the flag can be unset
     return parse
 
 
@@ -97,6 +100,10 @@ def resolve(args: argparse.Namespace, defaults: dict[str, Any], config: dict[str
 
     Config values pass the same checks as typed flags (``actions``: the parser's, by dest).
     """
+    # a key may be the flag's name where it differs from the field's (tokens: n_tokens)
+    aliases = {o.lstrip("-").replace("-", "_"): dest for dest, a in (actions or {}).items() for o in a.option_strings
+               if o.startswith("--") and not o.startswith("--no-")}  # --no-X is X: false, not an alias
+    config = {aliases.get(k, k) if k not in defaults else k: v for k, v in config.items()}
     unknown = sorted(set(config) - set(defaults))
     if unknown:
         raise LrptError(f"{where}: unknown key {unknown[0]!r}; keys are the flag names of `lrpt train --help`")
@@ -104,15 +111,19 @@ def resolve(args: argparse.Namespace, defaults: dict[str, Any], config: dict[str
         if not hasattr(args, name):
             value = config.get(name, default)
             if name in config and actions and name in actions:
-                value = _check(actions[name], value, f"{where}: {name}")
+                value = check_value(actions[name], value, f"{where}: {name}")
             setattr(args, name, value)
 
 
-def _check(action: argparse.Action, value: Any, what: str) -> Any:
-    """A config value as the flag would have parsed it (types, choices, booleans)."""
+def check_value(action: argparse.Action, value: Any, what: str) -> Any:
+    """A config value as the flag would have parsed it (types, choices, booleans); null only where
+    the flag can be unset (an on/off flag with ``auto``, an optional number, a text flag)."""
+    switch = isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction))
     if value is None:
+        if (switch and not getattr(action, "auto", False)) or not getattr(action.type, "optional", True):
+            raise LrptError(f"{what} has no value: give it one, or drop the key")
         return None
-    if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction)):
+    if switch:
         if value == "auto" and getattr(action, "auto", False):
             return None
         if not isinstance(value, bool):

@@ -200,6 +200,41 @@ def test_auto_is_a_word_only_where_unset_means_auto(tmp_path, capsys):
     assert "'auto' is not a number" in capsys.readouterr().err
 
 
+def test_off_is_no_word_for_an_auto_number(capsys):
+    """`--average off` once meant auto, i.e. the method's tail average on: only `auto` (or 0) now."""
+    import argparse
+
+    from lrpt import flags
+
+    parser = argparse.ArgumentParser()
+    flags.add_flags(parser, TrainConfig)
+    assert parser.parse_args(["--average", "auto"]).average is None
+    assert parser.parse_args(["--average", "0"]).average == 0.0
+    for word in ("off", "none"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--average", word])
+        assert f"{word!r} is not a number" in capsys.readouterr().err
+
+
+def test_config_nulls_flag_names_and_resume_keys(tiny_dirs, tmp_path, capsys):
+    """A bare `keep_best:` is an error (it read as off); `tokens:` is --tokens; `resume: true` in the
+    config resumes as the flag does (it started half a resume)."""
+    model = ["--backend", "torch", "--model", str(tiny_dirs["llama"])]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("keep_best:\n")
+    assert main(["train", "-c", str(cfg), *model, *DATA, "--steps", "1", "--out", str(tmp_path / "a")]) == 2
+    assert "keep_best has no value" in capsys.readouterr().err
+    cfg.write_text("tokens: 3\n")
+    data = [x for x in DATA if x not in ("--tokens", "4")]
+    assert main(["train", "-c", str(cfg), *model, *data, "--steps", "1", "--out", str(tmp_path / "b")]) == 0
+    assert Adapter.load(tmp_path / "b" / "adapter").spec.n_tokens == 3
+    cfg.write_text("resume: true\nsteps: 2\n")
+    capsys.readouterr()
+    assert main(["train", "-c", str(cfg), "--backend", "torch", "--model", str(tiny_dirs["llama"]),
+                 "--out", str(tmp_path / "b")]) == 0  # no other flag: the run's own settings, as --resume
+    assert json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
 def test_length_note_is_silent_for_one_pass_with_accumulation():
     from lrpt.trainer import AUTO_MIN_STEPS
     from lrpt.training import length_note
