@@ -63,10 +63,17 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # a file replaced keeps its mode (a 0600 secret stays 0600); a new one gets open()'s
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        mode = None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        _normal_mode(tmp)
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # owns fd from here: a failing chmod below cannot leak it
+            if mode is None:
+                _normal_mode(tmp)
+            else:
+                os.chmod(tmp, mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

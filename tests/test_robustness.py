@@ -436,3 +436,19 @@ def test_task_flags_change_only_their_part_of_the_adapters_task():
     assert task.template == demo.template and task.label_words == [" bad", " good"]
     with pytest.raises(DataError, match="the cb template has 2 fields"):
         _task_from_args(Namespace(**{**vars(args), "task": "cb"}))
+
+
+def test_atomic_write_keeps_a_replaced_files_mode(tmp_path):
+    from lrpt.fileio import atomic_write
+
+    secret = tmp_path / "token.json"
+    secret.write_text("{}")
+    secret.chmod(0o600)
+    atomic_write(secret, b'{"a": 1}')
+    assert secret.read_bytes() == b'{"a": 1}' and stat.S_IMODE(secret.stat().st_mode) == 0o600
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "new.json", b"{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o644
