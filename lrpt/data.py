@@ -186,13 +186,15 @@ def classification_metrics(task: Task, labels: Sequence[int], scores: np.ndarray
 
 
 def majority_baseline(task: Task, labels: Sequence[int]) -> tuple[float, str]:
-    """The task's metric, and the label word, of always answering the most frequent of ``labels``
-    (ties: the first label): the score a prompt that ignores its input gets at best, so a tuned
-    prompt at or under it has learned nothing usable (lr 1e-1 ``lopt1`` once ended an SST-2 run at 48.6%
-    accuracy, under its 50.9%: benchmarks/RESULTS.md, "The SST-2 seed-1 collapse")."""
+    """The task's metric, and the label word, of the best constant answer on ``labels`` (ties: the
+    first label; for accuracy and macro F1 the most frequent label, for binary F1 the positive one):
+    the score a prompt that ignores its input gets at best, so a tuned prompt at or under it has
+    learned nothing usable (lr 1e-1 ``lopt1`` once ended an SST-2 run at 48.6% accuracy, under its
+    50.9%: benchmarks/RESULTS.md, "The SST-2 seed-1 collapse")."""
     k = len(task.label_words)
-    top = int(np.argmax(np.bincount(np.asarray(labels, np.int64), minlength=k)))
-    return metric(task.metric, labels, [top] * len(labels), k), task.label_words[top]
+    scores = [metric(task.metric, labels, [c] * len(labels), k) for c in range(k)]
+    best = int(np.argmax(scores))
+    return scores[best], task.label_words[best]
 
 
 def chance_warning(task: Task, baseline: tuple[float, str], best: float | None) -> str | None:

@@ -85,6 +85,8 @@ def test_majority_baseline_and_the_warning_at_or_under_it():
     macro = Task("t", template="{text}", label_words=[" a", " b", " c"], metric="macro_f1")
     value, word = majority_baseline(macro, labels)  # always b: F1 of b 0.75, of a and c 0
     assert word == " b" and value == pytest.approx(0.25)
+    binary = Task("t", template="{text}", label_words=[" no", " yes"], metric="f1")
+    assert majority_baseline(binary, [0, 0, 0, 1]) == (pytest.approx(0.4), " yes")  # always 0 scores F1 0
     baseline = majority_baseline(task, labels)
     assert chance_warning(task, baseline, 0.61) is None
     assert chance_warning(task, baseline, None) is None
@@ -126,6 +128,9 @@ def test_a_collapse_is_a_final_prompt_no_better_than_the_majority_label_on_train
     R.collapse_reason(ops_scoring(0.0), seed=4)
     assert scored[-1] != sample  # another seed, another sample
     assert R.collapse_reason(ops_scoring(0.0, "completion"), seed=3) is None
+    one_label = types.SimpleNamespace(task=task, train_data=[Encoded([i], 1) for i in range(10)],
+                                      evaluate=lambda data: {"metric": 1.0})
+    assert R.collapse_reason(one_label, seed=3) is None  # a perfect prompt where a constant is perfect too
 
 
 def test_model_resolution_order(tmp_path, monkeypatch):
