@@ -346,8 +346,9 @@ def _run(ops: TrainOps, config: TrainConfig, run: RunDir | None, resume: bool, h
         note += f"; ends with the mean of its last {config.average:.0%} of steps (--average)"
     if run and run.writer:
         atomic_write_json(run.root / TRAIN_CONFIG_FILE, {"backend": backend, **asdict(config)})
-        for name, data in run_files.items() if not resume else ():
-            atomic_write_json(run.root / name, data)
+        if not resume:  # a resumed run keeps the files it started with
+            for name, data in run_files.items():
+                atomic_write_json(run.root / name, data)
     if log is not None and note:
         log(note)
     epoch_cache: dict[int, list[list[int]]] = {}
@@ -742,16 +743,18 @@ class RunDir:
                         ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray] | None]:
         """Restore ``ops`` from the checkpoint at ``path``; its trainer state, tail-average sums and
         the run's starting prompt (None where the checkpoint holds none: lrpt.retry)."""
+        def unreadable(why: str) -> TrainingError:
+            return TrainingError(f"checkpoint {path} is unreadable ({why}): delete it to resume from an earlier one")
+
         try:
             meta = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
-            meta, why = None, str(exc)
-        else:
-            missing = [k for k in CHECKPOINT_KEYS if k not in meta] if isinstance(meta, dict) else None
-            why = ("its trainer_state.json is not a JSON object" if missing is None
-                   else f"no {', '.join(missing)} in its trainer_state.json" if missing else "")
-        if why:
-            raise TrainingError(f"checkpoint {path} is unreadable ({why}): delete it to resume from an earlier one")
+            raise unreadable(str(exc)) from None
+        if not isinstance(meta, dict):
+            raise unreadable("its trainer_state.json is not a JSON object")
+        missing = [k for k in CHECKPOINT_KEYS if k not in meta]
+        if missing:
+            raise unreadable(f"no {', '.join(missing)} in its trainer_state.json")
         adapter = Adapter.load(path / "adapter")
         tensors, _, _ = read_safetensors(path / "optimizer.safetensors")
         tensors, initial = split_initial(tensors)

@@ -93,4 +93,4 @@ class Registry:
 def _stamp(path: Path) -> tuple:
     """What says an adapter folder changed: its two files' times and sizes (not the temp files a
     save in progress leaves beside them, which may vanish between listing and reading)."""
-    return tuple((f.stat().st_mtime_ns, f.stat().st_size) for f in (path / CONFIG_NAME, path / WEIGHTS_NAME))
+    return tuple((st.st_mtime_ns, st.st_size) for st in ((path / name).stat() for name in (CONFIG_NAME, WEIGHTS_NAME)))
