@@ -213,6 +213,13 @@ def test_mirrored_files():
     assert files["torch"] == files["mlx"]
 
 
+def test_a_loaded_adapter_is_in_eval_mode(kit):
+    """forward_logits on a loaded LoPA adapter must not apply its head dropout (training switches it on)."""
+    spec = PromptSpec("lopa", n_tokens=3, rank=2, head_hidden=8, dropout=0.5)
+    prompt = kit.be.prompt_from_adapter(Adapter.create(spec, 32, seed=0, task=TASK))
+    assert prompt.training is False
+
+
 def test_get_backend(kit):
     assert get_backend(kit.name).NAME == kit.name
 
@@ -1387,3 +1394,25 @@ def test_mlx_trains_through_a_4bit_quantized_model(tiny_dirs, tmp_path):
     losses = [h["loss"] for h in res.history if "loss" in h]
     assert losses[-1] < losses[0]
     assert any(not np.array_equal(before[k], v) for k, v in prompt.to_params().items())
+
+
+@pytest.mark.parametrize("field, value", [("logit_scale", 0.25)])  # Cohere multiplies its logits
+def test_torch_head_applies_the_models_logit_multiplier(field, value):
+    """lrpt's own head (scoring, training) must give the model's logits: the prompt as the tokens it embeds."""
+    torch = pytest.importorskip("torch")
+    import transformers as tf
+
+    from lrpt.backends.torch import model as M
+
+    torch.manual_seed(0)
+    cfg = tf.CohereConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=0, **{field: value})
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    a, b = [1, 40, 77], [5, 120, 9]
+    prompt = get_backend("torch").PromptModule(PromptSpec("prompt", n_tokens=len(a)),
+                                               {"prompt_embeddings": M.embedding_rows(model, a)}).eval()
+    with torch.no_grad():
+        got = M.forward_logits(model, prompt, M.make_batch([b], len(a), "right"))[0]
+        ref = model(torch.tensor([a + b])).logits[0, len(a):].float()
+    close(got.numpy(), ref.numpy(), atol=1e-6)

@@ -83,8 +83,11 @@ class PromptModule(nn.Module):
 
 def prompt_from_adapter(adapter: Adapter, model=None) -> PromptModule:
     """A trainable module holding the adapter's tensors (float32; MLX memory is unified, so
-    ``model`` is only there to mirror the torch backend's placement)."""
-    return PromptModule(adapter.spec, adapter.params)
+    ``model`` is only there to mirror the torch backend's placement), in eval mode: a loaded
+    adapter is for use (no LoPA dropout); training switches it to train mode."""
+    module = PromptModule(adapter.spec, adapter.params)
+    module.eval()
+    return module
 
 
 def place(prompt, model) -> None:

@@ -346,9 +346,13 @@ def head(model, hidden: torch.Tensor) -> torch.Tensor:
     cap = getattr(cfg, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    scale = getattr(cfg, "logits_scaling", None)
+    scale = getattr(cfg, "logits_scaling", None)  # Granite divides
     if scale:
         logits = logits / scale
+    for name in ("logit_scale", "lm_head_multiplier"):  # Cohere, Falcon-H1 multiply
+        factor = getattr(cfg, name, None)
+        if isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor != 1:
+            logits = logits * factor
     return logits
 
 

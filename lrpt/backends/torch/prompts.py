@@ -73,8 +73,9 @@ class PromptModule(nn.Module):
 
 
 def prompt_from_adapter(adapter: Adapter, model=None) -> PromptModule:
-    """A trainable module holding the adapter's tensors (float32, on ``model``'s device)."""
-    module = PromptModule(adapter.spec, adapter.params)
+    """A trainable module holding the adapter's tensors (float32, on ``model``'s device), in eval
+    mode: a loaded adapter is for use (no LoPA dropout); training switches it to train mode."""
+    module = PromptModule(adapter.spec, adapter.params).eval()
     return module.to(model.device) if model is not None else module
 
 

@@ -31,7 +31,7 @@ import torch
 
 from ...basemodel import context_from
 from ...errors import LrptError
-from .model import embed, make_batch, prompt_rows
+from .model import autocast, embed, make_batch, prompt_rows
 
 
 @dataclass
@@ -106,7 +106,7 @@ def add(model, state: DecodeState, keys: Sequence[Hashable], prompts: Sequence, 
     dev = model.device
     n = [0 if p is None else p.spec.n_tokens for p in prompts]
     batch = make_batch(rows, n, "left", state.pad_id, device=dev)
-    with torch.no_grad(), _autocast(model):
+    with torch.no_grad(), autocast(model):  # the model's own dtype, as generate
         tok = embed(model, batch.token_ids)
         x = torch.zeros(len(rows), max(n), tok.shape[-1], device=dev, dtype=tok.dtype)
         prompted = [i for i, p in enumerate(prompts) if p is not None]
@@ -138,7 +138,7 @@ def step(model, state: DecodeState) -> list[tuple]:
     if not state.rows:
         return []
     b = len(state.rows)
-    with torch.no_grad(), _autocast(model):
+    with torch.no_grad(), autocast(model):  # the model's own dtype, as generate
         state.mask = torch.cat([state.mask, torch.ones(b, 1, dtype=state.mask.dtype, device=state.mask.device)], 1)
         out = model(input_ids=state.tokens[:, None], attention_mask=state.mask, position_ids=state.pos[:, None],
                     past_key_values=state.cache, use_cache=True)
@@ -256,12 +256,6 @@ def _sample_rows(logits: torch.Tensor, rows: list[_Row]) -> list:
         except RuntimeError as exc:  # e.g. non-finite probabilities: this row fails, the others go on
             out[i] = exc
     return out
-
-
-def _autocast(model):
-    if model.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
 
 
 __all__ = ["DecodeState", "add", "context_length", "eos_token_ids", "remove", "start", "step", "text_tokenizer"]
