@@ -82,3 +82,16 @@ def test_row_text_cuts_at_eos_then_stop():
     assert row_text(Tok(), [1, 2, 3, 9, 4], eos={9}, stop=None) == "abc"
     assert row_text(Tok(), [1, 2, 3, 4], eos={9}, stop=["c", "b"]) == "a"
     assert cut_at_stop("hello", ["", "zz"]) == "hello"
+
+
+def test_mlx_sampling_applies_the_temperature_before_the_nucleus():
+    """p = (0.5, 0.3, 0.2) at temperature 0.5 is (0.66, 0.24, 0.11): a 0.6 nucleus holds token 0 alone.
+    Cut before the temperature (mlx-lm's make_sampler) it would hold tokens 0 and 1."""
+    mx = pytest.importorskip("mlx.core")
+    from lrpt.backends.mlx.decode import sample_tokens
+
+    logprobs = mx.log(mx.array([[0.5, 0.3, 0.2]] * 400))
+    tokens = sample_tokens(logprobs, 0.5, 0.6, key=mx.random.key(0))
+    assert set(tokens.tolist()) == {0}
+    tokens = sample_tokens(logprobs, 1.0, 1.0, key=mx.random.key(0))
+    assert set(tokens.tolist()) == {0, 1, 2}

@@ -110,7 +110,8 @@ def generate(model, tokenizer, prompt, texts: Sequence[str], max_tokens: int = 6
             mx.random.seed(seed)
         eos = eos_ids(hf.eos_token_id, getattr(tokenizer, "eos_token_ids", None))
         gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in sorted(eos)],
-                             sampler=make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0))
+                             sampler=make_sampler(temp=0.0) if temperature <= 0
+                             else lambda logprobs: sample_tokens(logprobs, temperature, top_p))
         window = stop_window(stop)
         try:
             uids = gen.insert(requests, caches=caches)
@@ -129,3 +130,16 @@ def generate(model, tokenizer, prompt, texts: Sequence[str], max_tokens: int = 6
         finally:
             gen.close()
         return [row_text(hf, out[u], eos, stop) for u in uids]
+
+
+def sample_tokens(logprobs: mx.array, temperature: float, top_p: float, key: mx.array | None = None) -> mx.array:
+    """One token per row: the temperature first, then the nucleus of the tempered distribution, as
+    HF's ``generate`` and the torch backend do (mlx-lm's ``make_sampler`` cuts the nucleus before
+    the temperature, so the same flags would sample another set of tokens)."""
+    from mlx_lm.sample_utils import apply_top_p
+
+    scaled = logprobs * (1.0 / temperature)
+    scaled = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
+    if top_p < 1.0:
+        scaled = apply_top_p(scaled, top_p)
+    return mx.random.categorical(scaled, key=key)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from ...basemodel import context_from
-from .decode import fill_cache
+from .decode import fill_cache, sample_tokens
 from .model import make_batch, prompt_rows
 
 _NO_LIMIT = 1 << 30  # max_tokens given to the generator: the scheduler ends rows itself
@@ -115,16 +115,12 @@ def _sampler(temperature: float, top_p: float, seed: int | None):
     """None (greedy, the generator's batched default) or a sampler with its own PRNG key."""
     if temperature <= 0:
         return None
-    from mlx_lm.sample_utils import apply_top_p
-
     key = mx.random.key(int(seed) if seed is not None else random.getrandbits(32))
 
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key
         key, sub = mx.random.split(key)
-        if top_p < 1.0:
-            logprobs = apply_top_p(logprobs, top_p)
-        return mx.random.categorical(logprobs * (1.0 / temperature), key=sub)
+        return sample_tokens(logprobs, temperature, top_p, key=sub)
 
     return sample
 
