@@ -538,6 +538,15 @@ def test_prefix_cache_is_reused_invalidated_and_exact(kit, llama):
         kit.be.generate(model, tok, prompt, TEXTS, max_tokens=8, use_prefix_cache=False)
 
 
+@pytest.mark.parametrize("n", [4, 8])  # the tiny gemma3's window is 6: 8 prompt rows do not fit a sliding layer
+def test_prefix_cache_is_exact_on_sliding_window_layers(kit, tiny_dirs, n):
+    model, tok = _load(kit.name, str(tiny_dirs["gemma3"]))
+    prompt = kit.be.init_prompt(spec_for("lopt1", n=n), model, tok, seed=0)
+    one = TEXTS[:1]  # equal lengths: the cache's condition on sliding layers
+    assert kit.be.generate(model, tok, prompt, one, max_tokens=8, use_prefix_cache=True) == \
+        kit.be.generate(model, tok, prompt, one, max_tokens=8, use_prefix_cache=False)
+
+
 def test_sampling_seed_and_stop_strings(kit, llama):
     model, tok = llama
     prompt = kit.be.init_prompt(spec_for("prompt"), model, tok, seed=0)

@@ -95,8 +95,10 @@ def generate(
     spec = prompt.spec if isinstance(prompt, PromptModule) else None
     # Sliding-window attention measures distance in cache slots, so pads between the cached prompt
     # and the tokens would shift its window: there, only pad-free batches use the cache.
+    # A sliding layer keeps only its last window − 1 keys, so a prompt as long cannot be cached whole.
+    window = _sliding_window(model)
     cached = (wants_prefix_cache(spec, use_prefix_cache) and not compile
-              and (not _has_sliding_window(model) or len({len(r) for r in rows}) == 1))
+              and (window is None or (len({len(r) for r in rows}) == 1 and spec.n_tokens < window - 1)))
     eos = sorted(eos_ids(tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)))
     options = dict(max_new_tokens=max_tokens, pad_token_id=pad, eos_token_id=eos or None,
                    do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
@@ -151,8 +153,10 @@ def _cached_inputs(model, prompt: PromptModule, rows, pad_id) -> dict:
             "past_key_values": cache}
 
 
-def _has_sliding_window(model) -> bool:
+def _sliding_window(model) -> int | None:
+    """The model's sliding attention window (0: it slides, by an unknown window), None where no layer slides."""
     cfg = getattr(model.config, "get_text_config", lambda: model.config)()
-    if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
-        return True
-    return bool(getattr(cfg, "sliding_window", None)) and getattr(cfg, "use_sliding_window", True) is not False
+    window = getattr(cfg, "sliding_window", None)
+    slides = "sliding_attention" in (getattr(cfg, "layer_types", None) or ()) or (
+        bool(window) and getattr(cfg, "use_sliding_window", True) is not False)
+    return int(window or 0) if slides else None
