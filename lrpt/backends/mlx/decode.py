@@ -49,14 +49,14 @@ def prefix_cache(model, prompt: PromptModule) -> list:
 
     arrays = [a for _, a in tree_flatten(prompt.parameters())]
     held = _PREFIX_CACHES.get(id(prompt))
-    if held is not None and held[0] is model and len(held[1]) == len(arrays) and all(
+    if held is not None and held[0]() is model and len(held[1]) == len(arrays) and all(
             a is b for a, b in zip(held[1], arrays)):
         return held[2]
     cache = make_prompt_cache(model)
     fill_cache(model, cache, prompt()[None], [])
     if id(prompt) not in _PREFIX_CACHES:
         weakref.finalize(prompt, _PREFIX_CACHES.pop, id(prompt), None)
-    _PREFIX_CACHES[id(prompt)] = (model, arrays, cache)
+    _PREFIX_CACHES[id(prompt)] = (weakref.ref(model), arrays, cache)  # weak: the cache must not keep a model alive
     return cache
 
 
