@@ -26,6 +26,7 @@ from tiny import (  # noqa: E402
     Crash,
     crash_after_checkpoint,
     packed_vs_two_passes,
+    save_tiny,
     sentences,
     spec_for,
     toy_data,
@@ -1425,3 +1426,21 @@ def test_torch_head_applies_the_models_logit_multiplier(field, value):
         got = M.forward_logits(model, prompt, M.make_batch([b], len(a), "right"))[0]
         ref = model(torch.tensor([a + b])).logits[0, len(a):].float()
     close(got.numpy(), ref.numpy(), atol=1e-6)
+
+
+def test_granite_prompt_space_is_the_same_on_both_backends(tmp_path):
+    """HF multiplies Granite's embeddings outside get_input_embeddings(): MLX must not fold that
+    factor into prompt space, or the same adapter scores differently and fingerprints disagree."""
+    path = save_tiny("granite", tmp_path / "granite")
+    adapter, scores, prints = None, {}, {}
+    for name in ("torch", "mlx"):
+        be = get_backend(name)
+        model, tok = be.load_model(str(path))
+        if adapter is None:
+            adapter = be.prompt_to_adapter(be.init_prompt(spec_for("lopt1", n=3), model, tok, seed=0))
+        prompt = be.prompt_from_adapter(adapter, model)
+        prompt.eval()
+        scores[name] = np.array(be.score_labels(model, tok, prompt, TEXTS[:2], [" good", " bad"]))
+        prints[name] = be.base_model_info(model).embedding_fingerprint["values"]
+    close(scores["mlx"], scores["torch"], atol=1e-4)
+    close(np.array(prints["mlx"]), np.array(prints["torch"]), atol=1e-5)

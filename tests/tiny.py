@@ -75,6 +75,9 @@ def config(arch: str, **overrides):
         )
     if arch == "phi3":
         return tf.Phi3Config(**common, tie_word_embeddings=False)
+    if arch == "granite":  # scales embeddings in the model body, outside HF's embedding module (not in ARCHS)
+        return tf.GraniteConfig(**common, embedding_multiplier=12.0, logits_scaling=2.0, residual_multiplier=0.5,
+                                attention_multiplier=0.2, tie_word_embeddings=False)
     raise ValueError(arch)
 
 

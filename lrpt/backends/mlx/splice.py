@@ -12,7 +12,8 @@
 Some models scale embeddings inside the backbone (Gemma multiplies by √d, rounded to bf16).
 :func:`attach` measures that scale once, by probing what reaches the first layer for two tokens,
 and prompts are divided by it, so the file's prompt space (the output of HF's
-``get_input_embeddings()``) holds on MLX too. The per-call state lives in a registry keyed by the
+``get_input_embeddings()``) holds on MLX too; where HF itself scales outside that module (a config's
+``embedding_multiplier``, Granite), prompt space is the unscaled embedding and prompts are not divided. The per-call state lives in a registry keyed by the
 modules' ids, never on the user's objects, and each call scopes and restores it (reentrant).
 """
 
@@ -34,7 +35,7 @@ class _State:
     modules' ids (MLX modules are dicts: unhashable, so no WeakKeyDictionary), never on them."""
 
     def __init__(self, scale: float = 1.0, takes_embeddings: bool = False):
-        self.scale = scale
+        self.scale = scale  # prompt space → what the embedding module outputs: the backbone's factor, or 1
         self.takes_embeddings = takes_embeddings  # the backbone accepts input_embeddings= (no splice needed)
         self.splice: tuple[mx.array, mx.array, mx.array] | None = None  # rows, src, is_prompt
         self.gather: mx.array | None = None
@@ -93,6 +94,12 @@ def attach(model) -> _State:
         emb.__class__ = _spliced(type(emb))  # the fallback: splice the rows in as tokens are embedded
     core.__class__ = _gathering(type(core))
     state.scale = _probe_scale(model)
+    # HF applies a config's embedding_multiplier (Granite) to inputs_embeds in the model body, outside
+    # get_input_embeddings(): there prompt space is the unscaled embedding, and prompts get the factor
+    # as tokens do. Gemma's √d is inside HF's embedding module: prompt space includes it.
+    outside = getattr(getattr(model, "args", None), "embedding_multiplier", None)
+    if isinstance(outside, (int, float)) and outside and abs(state.scale / outside - 1.0) < 1e-2:
+        state.scale = 1.0
     return state
 
 
