@@ -38,6 +38,15 @@ def context_length(model_dir: str | Path) -> int | None:
     return context_from(config)
 
 
+def loaded_context(model: Any) -> int | None:
+    """The context length a loaded model states: its HF ``config`` (torch) or mlx-lm ``args``."""
+    for attr in ("config", "args"):
+        config = getattr(model, attr, None)
+        if config is not None:
+            return context_from(config)
+    return None
+
+
 def context_from(config: Any) -> int | None:
     """The context length a model config states: a ``config.json`` dict or a loaded model's config
     object (HF ``model.config``, mlx-lm ``model.args``), its ``text_config`` searched too."""

@@ -9,12 +9,14 @@ order), assembled from a subject, an event and an optional time or place. The ta
 is the bare sentence and a line break, with no instruction (see :mod:`lrpt.tasks`): the topic
 is easy once asked for, and a soft prompt has to learn to ask. ``make demo`` trains on it.
 
-No external data; the same seed always gives the same rows.
+No external data; the same seed always gives the same rows, and no sentence of the validation or
+test split is ever a training sentence (:func:`held_out`).
 """
 
 from __future__ import annotations
 
 import random
+import zlib
 
 SUBJECTS = ["the movie", "this film", "the acting", "the plot", "the soundtrack", "the ending", "the cast",
             "the script", "the director's work", "the dialogue", "the pacing", "the visuals"]
@@ -104,12 +106,21 @@ def topic_rows(split: str, n: int | None = None) -> list[dict]:
     return _rows(news_item, split, n)
 
 
+def held_out(sentence: str) -> bool:
+    """Whether a sentence belongs to the evaluation side (a fifth of all sentences, by CRC-32): the
+    splits draw from the same word lists, and without this a validation row could be a training row."""
+    return zlib.crc32(sentence.encode()) % 5 == 0
+
+
 def _rows(make, split: str, n: int | None) -> list[dict]:
     seed, default = SPLITS.get(split, (4, 400))
     rng = random.Random(seed)
+    evaluation = split != "train"
     out = []
     for i in range(n or default):
         sentence, label = make(rng)
+        while held_out(sentence) != evaluation:  # the other side's sentence: draw again
+            sentence, label = make(rng)
         out.append({"sentence": sentence, "label": label, "idx": i})
     return out
 

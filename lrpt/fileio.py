@@ -114,6 +114,23 @@ def atomic_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]
         raise
 
 
+MAX_JSON = 16 * 2**20  # a config is a few kB; more is not one (and is not read into memory)
+
+
+def read_json(path: Path, what: str, error: type[LrptError] = AdapterFormatError) -> Any:
+    """The JSON value of a small regular file; a missing, special, huge, undecodable or too deeply
+    nested file is one ``error`` naming ``what`` (json's own errors include ValueError for integers
+    of more than 4,300 digits and RecursionError for deep nesting)."""
+    if regular_file(path, what, error).st_size > MAX_JSON:
+        raise error(f"{path} is larger than {MAX_JSON // 2**20} MiB: not an {what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise error(f"{path} is not valid JSON ({str(exc)[:200]})") from None
+    except RecursionError:
+        raise error(f"{path} is nested too deeply to be an {what}") from None
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
@@ -141,11 +158,14 @@ def encode_safetensors(
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     chunks, offset = [], 0
     for name in sorted(tensors):
-        arr = np.asarray(tensors[name], dtype=np.float32)
-        if code == "BF16":
-            raw = to_bf16_bits(arr).tobytes()
-        else:
-            raw = np.ascontiguousarray(arr, dtype=_DTYPES[code]).tobytes()
+        src = np.asarray(tensors[name])
+        with np.errstate(over="ignore"):  # a value the dtype cannot hold is refused below, not warned about
+            arr = src.astype(np.float32)
+            stored = to_bf16_bits(arr) if code == "BF16" else np.ascontiguousarray(arr, dtype=_DTYPES[code])
+        if np.all(np.isfinite(src)) and not np.all(np.isfinite(from_bf16_bits(stored) if code == "BF16" else stored)):
+            raise AdapterFormatError(f"tensor {name!r} holds values too large for {dtype} (beyond its largest"
+                                     " finite number): save it as float32")
+        raw = stored.tobytes()
         header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + len(raw)]}
         chunks.append(raw)
         offset += len(raw)
@@ -166,6 +186,11 @@ class _DuplicateKey(Exception):
     pass
 
 
+def _pickled(first: bytes) -> bool:
+    """Whether a file's first bytes are a pickle's (protocol 2-5: PROTO opcode) or a zip's (torch.save)."""
+    return (first[:1] == b"\x80" and first[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or first[:4] == b"PK\x03\x04"
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
     """Read a safetensors file strictly, memory-mapped: only the tensors are copied, never the file.
 
@@ -182,17 +207,20 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     if size < 8:
         raise AdapterFormatError(f"{name} is truncated ({size} bytes): save the adapter again")
     with path.open("rb") as f:
-        first = f.read(8)
-        if first[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or first[:2] == b"PK":
+        first = f.read(9)
+        n = int.from_bytes(first[:8], "little")
+        # A safetensors header is JSON right after its length; only a file that is not one is looked at
+        # for pickle/zip magic (a real header's length can start with b"\x80\x02" or b"PK": 640, 19280 bytes)
+        if not (2 <= n <= MAX_HEADER and 8 + n <= size and first[8:9] == b"{") and _pickled(first):
             raise AdapterFormatError(
                 f"{name} is a pickle/zip (torch.save) file, not safetensors: lrpt never unpickles;"
                 " re-save it with safetensors"
             )
-        n = int.from_bytes(first, "little")
         if n > MAX_HEADER or n < 2:
             raise AdapterFormatError(f"{name} is not a safetensors file (header length {n} is implausible)")
         if 8 + n > size:
             raise AdapterFormatError(f"{name} is truncated (header runs past the end of the file): save it again")
+        f.seek(8)
         head = f.read(n)
     try:  # the package takes the last of duplicate names; lrpt refuses the file
         header = json.loads(head.decode("utf-8"), object_pairs_hook=_no_duplicates)

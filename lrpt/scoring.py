@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from .basemodel import loaded_context
 from .data import Encoded, classification_metrics
+from .errors import DataError
 from .layout import Batch, completion_arrays, scoring_arrays, to_arrays
 from .methods import prompt_list
 from .prefix import prompted_hidden
@@ -106,6 +108,20 @@ def eval_mode(prompt: Any):
             m.train(f)
 
 
+def check_context(model, rows: Sequence[Sequence[int]], prompt_lens: Sequence[int], extra: Sequence[int]) -> None:
+    """Refuse (:class:`DataError`) a row whose prompt, input and answer need more positions than the
+    model's context: past it a model with a position table indexes out of range (torch) or reads
+    garbage (MLX: NaN scores, answered as label 0). :func:`lrpt.data.fit_to_context` cuts inputs to fit."""
+    context = loaded_context(model)
+    if context is None:
+        return
+    for i, (row, n, x) in enumerate(zip(rows, prompt_lens, extra)):
+        if n + len(row) + x > context:
+            raise DataError(f"row {i} needs {n + len(row) + x} positions (prompt {n}, input {len(row)}, answer {x}),"
+                            f" more than the model's context of {context}: shorten it, or cut the inputs with"
+                            " lrpt.data.fit_to_context (the CLI does)")
+
+
 def _backend(model):
     from .backends import backend_for
 
@@ -117,6 +133,8 @@ def score_rows(be, model, prompt, rows: Sequence[Sequence[int]], label_ids: Sequ
                shared_prefix: bool | None = None) -> np.ndarray:
     """(N, K) float32 label log-probabilities of token rows, in batches, without gradients
     (``shared_prefix``: see :mod:`lrpt.prefix`)."""
+    longest = max(map(len, label_ids), default=1)
+    check_context(model, rows, prompt_lengths(prompt, len(rows), which), [0 if longest == 1 else longest] * len(rows))
     asarray = be.asarray_for(model)
     out = []
     with be.inference(model):
@@ -166,11 +184,13 @@ def evaluate(model, tokenizer, prompt, task: Task, data: list[Encoded],
             scores = score_rows(be, model, prompt, [r.ids for r in data], label_token_ids(hf, task.label_words),
                                 None, pad, batch_size, shared_prefix)
             return classification_metrics(task, [r.target for r in data], scores), scores
+        n = prompt_lengths(prompt, 1, None)[0]  # one prompt (or none: the plain model)
+        check_context(model, [r.ids for r in data], [n] * len(data), [len(r.target) for r in data])
         per_row, asarray = [], be.asarray_for(model)
         with be.inference(model):
             for i in range(0, len(data), batch_size):
                 rows = data[i : i + batch_size]
-                host = completion_arrays([r.ids for r in rows], [r.target for r in rows], prompt.spec.n_tokens, pad)
+                host = completion_arrays([r.ids for r in rows], [r.target for r in rows], n, pad)
                 a, b = completion_nll(be, model, prompt, to_arrays(host, asarray), axis=-1, shared=shared_prefix)
                 per_row.append(np.stack([be.ops.to_numpy(a), be.ops.to_numpy(b)], -1).astype(np.float64))
         nll = np.concatenate(per_row) if per_row else np.zeros((0, 2))

@@ -107,6 +107,9 @@ class PromptSpec:
             if self.rank is None:
                 raise SpecError(f"method {self.method!r} needs a rank: pass rank=R (R >= 1)")
             _check_int("rank", self.rank, low=1)
+            if self.method == "lopt1" and self.rank > self.n_tokens:  # known without the model
+                raise SpecError(f"rank {self.rank} is larger than n_tokens = {self.n_tokens} for lopt1:"
+                                f" choose a rank between 1 and {self.n_tokens}")
             if dim is not None:
                 limit = min(self.n_tokens, dim) if self.method == "lopt1" else dim
                 what = "min(n_tokens, dim)" if self.method == "lopt1" else "dim"
@@ -115,6 +118,8 @@ class PromptSpec:
                         f"rank {self.rank} is larger than {what} = {limit} for {self.method}:"
                         f" choose a rank between 1 and {limit}"
                     )
+        elif self.rank is not None:  # unused by prompt, but a file's value must still be a rank
+            _check_int("rank", self.rank, low=1)
         if self.activation not in ACTIVATIONS:
             raise SpecError(f"unknown activation {self.activation!r}: use one of {', '.join(ACTIVATIONS)}")
         if self.gate not in GATES:
@@ -130,6 +135,8 @@ class PromptSpec:
             raise SpecError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.init not in INITS:
             raise SpecError(f"unknown init {self.init!r}: use one of {', '.join(INITS)}")
+        if self.init_text is not None and not isinstance(self.init_text, str):
+            raise SpecError(f"init_text must be text, got {type(self.init_text).__name__}")
         if self.init == "text" and not self.init_text:
             raise SpecError('init="text" needs init_text: pass the text to start from')
         return self

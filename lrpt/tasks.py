@@ -98,7 +98,12 @@ class Task:
         return fields
 
     def format(self, example: dict[str, Any]) -> str:
-        """The model input for one example."""
+        """The model input for one example (its template fields must be text: ``None`` or ``3`` would
+        become the words "None" and "3")."""
+        for name in self.template_fields():
+            value = example.get(name)
+            if name in example and not isinstance(value, str):
+                raise DataError(f"task {self.name!r}: field {name!r} is {type(value).__name__}, not text")
         try:
             return self.template.format(**example)
         except KeyError as exc:

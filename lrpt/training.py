@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from .adapter import Adapter
-from .data import Encoded, chance_warning, encode_examples, fit_to_context, majority_baseline
+from .basemodel import loaded_context
+from .data import Encoded, chance_warning, check_rows, encode_examples, fit_to_context, majority_baseline
 from .errors import SpecError, TrainingError
 from .layout import completion_arrays, scoring_arrays, to_arrays
 from .prefix import uses_prefix
@@ -249,9 +250,9 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
     :func:`lrpt.trainer.run_training`. ``prompt`` may be new (``init_prompt``) or any saved adapter
     (``prompt_from_adapter``): training continues from its tensors.
 
-    ``context`` (the model's maximum sequence length, :func:`lrpt.basemodel.context_length`)
-    bounds every sequence: longer inputs are cut (counted in ``TrainResult.truncated``), or
-    refused when ``truncate`` is False. ``log`` receives one line saying whether the step runs
+    ``context`` (the model's maximum sequence length, :func:`lrpt.basemodel.context_length`; by
+    default the one the loaded model's config states) bounds every sequence: longer inputs are cut
+    (counted in ``TrainResult.truncated``), or refused when ``truncate`` is False. ``log`` receives one line saying whether the step runs
     compiled or eager, and why (``TrainResult.compile_choice`` keeps it too). ``run_files``: more JSON
     files a new run stores in ``out_dir`` (:func:`lrpt.trainer.run_training`)."""
     from .backends import backend_for
@@ -264,9 +265,13 @@ def train(model, tokenizer, prompt, task: Task, train_examples: list[dict], eval
     be.place(prompt, model)
     hf = be.hf_tokenizer(tokenizer)
     tok, tgt = tokenize_fn(hf), target_tokenize_fn(hf)
+    # the checks the CLI's loaders make (text fields are text, labels valid: names become indices)
+    train_examples = check_rows(task, train_examples, "training rows") if train_examples else train_examples
+    eval_examples = check_rows(task, eval_examples, "evaluation rows") if eval_examples else eval_examples
     train_data = encode_examples(task, tok, train_examples, tgt)
     eval_data = encode_examples(task, tok, eval_examples, tgt) if eval_examples else None
     cut = 0
+    context = context if context is not None else loaded_context(model)
     if context is not None:
         room = context_room(context, prompt.spec.n_tokens)
         reserve = max(map(len, label_token_ids(hf, task.label_words))) if task.kind == "classification" else 0

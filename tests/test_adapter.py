@@ -122,6 +122,62 @@ def test_failed_save_keeps_old_adapter(tmp_path, monkeypatch):
     assert sorted(p.name for p in path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
 
 
+def test_a_mix_of_two_saves_is_refused_and_a_hand_edited_config_is_not(tmp_path):
+    """Re-saving into a directory replaces its two files one after the other; a crash between them
+    left new weights beside the old config, which loaded (same spec) with the old task."""
+    path = tmp_path / "ad"
+    make().save(path)
+    old_config = (path / CONFIG_NAME).read_bytes()
+    b = make()
+    b.params["lopt.U"] = b.params["lopt.U"] + 1
+    b.task = Task("other", template="{text}", label_words=[" a", " b", " c"])
+    b.save(path)
+    edited = json.loads((path / CONFIG_NAME).read_text())
+    edited["task"]["name"] = "renamed by hand"
+    (path / CONFIG_NAME).write_text(json.dumps(edited))
+    assert Adapter.load(path).task.name == "renamed by hand"
+    (path / CONFIG_NAME).write_bytes(old_config)  # what the crash left: the old config, the new weights
+    with pytest.raises(AdapterFormatError, match="mixes two saves"):
+        Adapter.load(path)
+    legacy = json.loads(old_config)
+    del legacy["weights_sha256"]  # files written before the digest load as before
+    (path / CONFIG_NAME).write_text(json.dumps(legacy))
+    assert Adapter.load(path).spec == b.spec
+
+
+def test_a_header_whose_length_looks_like_pickle_magic_still_loads(tmp_path):
+    """The header length is the file's first 8 bytes: a 640-byte header starts with b"\\x80\\x02",
+    a pickle's magic; such a valid adapter was refused as a pickle."""
+    for k in range(1, 400):
+        a = Adapter(PromptSpec("prompt", n_tokens=2, init="text", init_text="x" * k), {"prompt_embeddings": np.ones((2, 8), np.float32)})
+        a.save(tmp_path / str(k))
+        if (tmp_path / str(k) / WEIGHTS_NAME).read_bytes()[:2] == b"\x80\x02":
+            break
+    else:
+        pytest.fail("no text length gave a 640-byte header")
+    assert Adapter.load(tmp_path / str(k)).spec.init_text == "x" * k
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_saving_a_value_the_dtype_cannot_hold_is_refused(tmp_path, dtype):
+    """A finite value past float16's (or bf16's) range became Inf in the file, which load refuses."""
+    a = make("prompt")
+    a.params["prompt_embeddings"][0, 0] = 1e5 if dtype == "float16" else 3.4e38
+    with pytest.raises(AdapterFormatError, match=f"too large for {dtype}"):
+        a.save(tmp_path / "a", dtype=dtype)
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(AdapterFormatError, match="too large for float32"):
+        encode_safetensors({"x": np.array([1e39], np.float64)})
+
+
+def test_a_rank_is_checked_for_every_method():
+    with pytest.raises(LrptError, match="rank must be an integer"):
+        PromptSpec("prompt", rank="x").validate()
+    with pytest.raises(LrptError, match="larger than n_tokens"):
+        PromptSpec("lopt1", n_tokens=2, rank=3).validate()
+    assert PromptSpec("prompt", rank=4).validate().rank == 4
+
+
 # -- every defect, each on its own -------------------------------------------------------------
 
 

@@ -1444,3 +1444,49 @@ def test_granite_prompt_space_is_the_same_on_both_backends(tmp_path):
         prints[name] = be.base_model_info(model).embedding_fingerprint["values"]
     close(scores["mlx"], scores["torch"], atol=1e-4)
     close(np.array(prints["mlx"]), np.array(prints["torch"]), atol=1e-5)
+
+
+def test_rows_past_the_context_are_refused_in_scoring_and_cut_in_training(kit, tiny_dirs):
+    """The Python API bounds rows by the model's context as the CLI does: scoring refuses a row that
+    does not fit (torch indexed past gpt2's position table, MLX scored NaN and answered label 0), and
+    ``train`` without ``context=`` cuts to the one the model's config states."""
+    from lrpt.data import encode_examples
+    from lrpt.errors import DataError
+    from lrpt.tokens import target_tokenize_fn, tokenize_fn
+
+    model, tok = _load(kit.name, str(tiny_dirs["gpt2"]))  # n_positions 256
+    prompt = kit.be.init_prompt(spec_for("lopt1", n=4), model, tok, seed=0)
+    long_text = TASK.format({"text": "good film " * 200})
+    with pytest.raises(DataError, match="more than the model's context of 256"):
+        kit.be.score_labels(model, tok, prompt, [TEXTS[0], long_text], [" good", " bad"])
+    hf = kit.be.hf_tokenizer(tok)
+    data = encode_examples(TASK, tokenize_fn(hf), [{"text": "good film " * 200, "label": 1}], target_tokenize_fn(hf))
+    with pytest.raises(DataError, match="row 0 needs"):
+        kit.be.evaluate(model, tok, prompt, TASK, data)
+    rows = toy_data(8) + [{"text": "good film " * 200, "label": 1}]
+    res = kit.be.train(model, tok, prompt, TASK, rows, None, cfg(steps=2, eval_every=0))
+    assert res.truncated == 1 and np.isfinite(res.final_loss)
+
+
+def test_train_checks_rows_as_the_cli_does(kit, llama):
+    """Text fields must be text (None would train as the word "None"); label names become indices."""
+    from lrpt.errors import DataError
+
+    model, tok = llama
+    prompt = kit.be.init_prompt(spec_for("lopt1", n=2), model, tok, seed=0)
+    with pytest.raises(DataError, match="'text' is NoneType, not text"):
+        kit.be.train(model, tok, prompt, TASK, [*toy_data(4), {"text": None, "label": 0}], None, cfg(steps=1))
+    named = [{"text": r["text"], "label": TASK.label_words[r["label"]].strip()} for r in toy_data(8)]
+    assert kit.be.train(model, tok, prompt, TASK, named, None, cfg(steps=1, eval_every=0)).step == 1
+
+
+def test_a_completion_task_evaluates_the_plain_model(kit, llama):
+    from lrpt.data import encode_examples
+    from lrpt.tokens import target_tokenize_fn, tokenize_fn
+
+    model, tok = llama
+    task = Task("echo", kind="completion", template="{prompt}")
+    hf = kit.be.hf_tokenizer(tok)
+    data = encode_examples(task, tokenize_fn(hf), [{"prompt": "good film", "completion": " bad"}], target_tokenize_fn(hf))
+    metrics, nll = kit.be.evaluate(model, tok, None, task, data)
+    assert nll.shape == (1, 2) and nll[0, 1] >= 1 and np.isfinite(metrics["loss"])

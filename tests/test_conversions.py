@@ -44,6 +44,58 @@ def test_materialize_back_to_prompt():
         to_prompt(Adapter.create(PromptSpec("lopa", n_tokens=2, rank=1, head_hidden=4), 8))
 
 
+def test_peft_configs_that_json_cannot_read_are_one_error(tmp_path, capsys):
+    """A 5,000-digit integer (ValueError) or deep nesting (RecursionError) in a PEFT config gave a
+    traceback from inspect and convert; a FIFO as the config blocked the import for ever."""
+    import os
+
+    import safetensors.numpy
+
+    d = tmp_path / "p"
+    d.mkdir()
+    safetensors.numpy.save_file({"prompt_embeddings": np.zeros((2, 4), np.float32)}, d / "adapter_model.safetensors")
+    for text, words in (('{"peft_type": "PROMPT_TUNING", "x": ' + "9" * 5000 + "}", "not valid JSON"),
+                        ('{"peft_type": ' + "[" * 100000 + "]" * 100000 + "}", "nested too deeply")):
+        (d / "adapter_config.json").write_text(text)
+        for cmd in (["inspect", str(d)], ["convert", str(d), str(tmp_path / "o")]):
+            assert main(cmd) == 2
+            assert words in capsys.readouterr().err
+        with pytest.raises(ConversionError, match=words):
+            from_peft(d)
+    (d / "adapter_config.json").unlink()
+    os.mkfifo(d / "adapter_config.json")
+    with pytest.raises(ConversionError, match="not a regular file"):
+        from_peft(d)
+
+
+def test_peft_export_is_all_or_nothing_and_takes_dtype_aliases(tmp_path, monkeypatch):
+    a = Adapter.create(PromptSpec("lopt1", n_tokens=4, rank=2), 8, seed=0)
+    out = to_peft(a, tmp_path / "bf", dtype="bf16")
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
+    (tmp_path / "empty").mkdir()
+    to_peft(a, tmp_path / "empty")  # an empty directory is filled
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConversionError, match="not a directory"):
+        to_peft(a, tmp_path / "file")
+    import lrpt.fileio
+
+    calls = []
+
+    def crash_second(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError("killed")
+        return real(*args)
+
+    real = lrpt.fileio.os.replace
+    monkeypatch.setattr(lrpt.fileio.os, "replace", crash_second)
+    with pytest.raises(OSError):
+        to_peft(a, tmp_path / "crash")
+    monkeypatch.undo()
+    assert not (tmp_path / "crash").exists()  # nothing half-written: a retry is not refused
+    to_peft(a, tmp_path / "crash")
+
+
 def test_cli_convert_compress_and_dtype(tmp_path, capsys):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((20, 2)) @ rng.standard_normal((2, 64))

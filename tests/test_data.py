@@ -223,3 +223,12 @@ def test_a_jsonl_file_may_start_with_a_byte_order_mark(tmp_path):
     (tmp_path / "train.jsonl").write_bytes('\ufeff{"sentence": "fine", "label": 1}\n'.encode())
     rows = load_examples(get_task("demo"), "train", tmp_path)
     assert rows == [{"sentence": "fine", "label": 1}]
+
+
+def test_builtin_evaluation_rows_are_never_training_rows():
+    """The splits draw from one grammar: without the held-out rule 13% of `topics`' validation rows
+    were training rows, and `make demo`'s held-out accuracy counted them."""
+    for rows in (demo_rows, topic_rows):
+        train = {r["sentence"] for r in rows("train", 4000)}
+        for split in ("validation", "test"):
+            assert not train & {r["sentence"] for r in rows(split)}

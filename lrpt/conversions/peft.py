@@ -15,16 +15,15 @@ and lrpt compute the same thing (tested); lrpt gives that answer for any padding
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter, peft_fields
+from ..adapter import CONFIG_NAME, DTYPE_ALIASES, DTYPES, WEIGHTS_NAME, Adapter, peft_fields
 from ..basemodel import BaseModelInfo
-from ..errors import AdapterFormatError, ConversionError
-from ..fileio import atomic_write, atomic_write_json, encode_safetensors, read_safetensors
+from ..errors import AdapterFormatError, ConversionError, LrptError
+from ..fileio import atomic_dir, atomic_write, atomic_write_json, encode_safetensors, read_json, read_safetensors
 from ..spec import PromptSpec
 
 IMPORTABLE = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
@@ -37,8 +36,8 @@ def is_peft_dir(path: str | Path) -> bool:
     if not cfg.is_file():
         return False
     try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = read_json(cfg, "adapter config")
+    except (OSError, LrptError):  # not readable as one: the lrpt loader says what is wrong with it
         return False
     return isinstance(data, dict) and "peft_type" in data and data.get("format") != "lrpt"
 
@@ -48,12 +47,9 @@ def read_peft(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     path = Path(path)
     if not path.is_dir():
         raise ConversionError(f"{path} is not a directory")
-    try:
-        config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConversionError(f"{path} has no {CONFIG_NAME}: not a PEFT adapter directory") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConversionError(f"{path / CONFIG_NAME} is not valid JSON ({exc})") from None
+    if not (path / CONFIG_NAME).exists():
+        raise ConversionError(f"{path} has no {CONFIG_NAME}: not a PEFT adapter directory")
+    config = read_json(path / CONFIG_NAME, "adapter config", ConversionError)
     if not isinstance(config, dict) or "peft_type" not in config:
         raise ConversionError(f"{path / CONFIG_NAME} has no peft_type: not a PEFT adapter")
     weights = path / WEIGHTS_NAME
@@ -136,11 +132,18 @@ def to_peft(adapter: Adapter, out_dir: str | Path, dtype: str = "float32") -> Pa
     x = adapter.materialize()
     spec = PromptSpec("prompt", n_tokens=adapter.spec.n_tokens)
     config = peft_fields(spec, adapter.dim, adapter.base_model)
+    dtype = DTYPE_ALIASES.get(dtype, dtype)
+    if dtype not in DTYPES:
+        raise ConversionError(f"unsupported dtype {dtype!r}: use float32, float16 or bfloat16")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"{out} exists and is not a directory: choose another output directory")
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"{out} exists and is not empty: choose another output directory")
-    atomic_write(out / WEIGHTS_NAME, encode_safetensors({"prompt_embeddings": x}, {"format": "pt"}, dtype))
-    atomic_write_json(out / CONFIG_NAME, config)
+    weights = encode_safetensors({"prompt_embeddings": x}, {"format": "pt"}, dtype)
+    with atomic_dir(out, replace=True) as tmp:  # both files or neither (replace: an empty directory only)
+        atomic_write(tmp / WEIGHTS_NAME, weights)
+        atomic_write_json(tmp / CONFIG_NAME, config)
     return out
 
 
