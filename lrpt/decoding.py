@@ -6,6 +6,7 @@ a row's text is, and when a static prompt's cache is worth reusing, is decided h
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 
 
@@ -29,7 +30,43 @@ def row_text(tokenizer, ids: Sequence[int], eos: Iterable[int], stop: Sequence[s
     """The text of one generated row: up to its first EOS, special tokens dropped, cut at a stop string."""
     eos = set(eos)
     end = next((i for i, t in enumerate(ids) if t in eos), len(ids))
-    return cut_at_stop(tokenizer.decode(list(ids[:end]), skip_special_tokens=True), stop)
+    return cut_at_stop(decode_new(tokenizer, ids[:end]), stop)
+
+
+def decode_new(tokenizer, ids: Sequence[int]) -> str:
+    """The text of tokens that continue a text (generated ones, or a row's last few), special tokens dropped.
+
+    Decoded alone, a SentencePiece-style tokenizer (Llama 2, Mistral) drops its first token's
+    leading space, so " Q:" came back as "Q:" and a stop string " Q:" was never found. They are
+    decoded behind one ordinary token whose text is then removed; byte-level vocabularies
+    (GPT-2, Llama 3, SmolLM2) give the same text either way."""
+    ids = list(ids)
+    try:
+        anchor = _anchor(tokenizer)
+    except TypeError:  # an unhashable tokenizer: not cached
+        anchor = _anchor.__wrapped__(tokenizer)
+    if anchor is not None and ids:
+        full = tokenizer.decode([anchor[0], *ids], skip_special_tokens=True)
+        if full.startswith(anchor[1]):
+            return full[len(anchor[1]):]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@functools.lru_cache(maxsize=16)  # serving decodes every new token's row: the anchor is looked up once
+def _anchor(tokenizer) -> tuple[int, str] | None:
+    """An ordinary token to decode in front of a continuation, and its text; or None: the token of
+    "a" where the vocabulary has one, else the first token id that decodes to some text."""
+    if not hasattr(tokenizer, "encode"):  # a decoder alone: nothing to anchor with
+        return None
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    first = tokenizer.encode("a", add_special_tokens=False)[-1:]
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else 0
+    for tid in [*first, *range(min(size, 4096))]:
+        if tid not in special:
+            head = tokenizer.decode([tid], skip_special_tokens=True)
+            if head.strip():
+                return int(tid), head
+    return None
 
 
 def stop_window(stop: Sequence[str] | None) -> int:

@@ -4,9 +4,9 @@ refused, the prefix-cache policy, and the shared text rules of lrpt.decoding."""
 import importlib
 
 import pytest
-from tiny import TEXTS, spec_for
+from tiny import TEXTS, spec_for, tokenizer
 
-from lrpt.decoding import cut_at_stop, row_text, wants_prefix_cache
+from lrpt.decoding import cut_at_stop, decode_new, row_text, wants_prefix_cache
 from lrpt.errors import LrptError
 from lrpt.spec import PromptSpec
 
@@ -95,3 +95,29 @@ def test_mlx_sampling_applies_the_temperature_before_the_nucleus():
     assert set(tokens.tolist()) == {0}
     tokens = sample_tokens(logprobs, 1.0, 1.0, key=mx.random.key(0))
     assert set(tokens.tolist()) == {0, 1, 2}
+
+
+def _sentencepiece_like():
+    """A Metaspace tokenizer whose decoder strips the text's first space, as Llama 2's and Mistral's do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁Q": 3, ":": 4, "▁more": 5, "▁text": 6, "▁A": 7}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix=""))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_a_continuation_keeps_its_leading_space_so_stop_strings_match():
+    """Decoded alone, " Q:" came back "Q:": the stop string " Q:" never matched (torch's generate had
+    stopped on it, yet the text kept it; MLX's tail check missed it and decoded on to max_tokens)."""
+    sp = _sentencepiece_like()
+    assert sp.decode([3, 4]) == "Q:" and decode_new(sp, [3, 4]) == " Q:"
+    assert decode_new(sp, [5, 3, 4]) == " more Q:"
+    assert row_text(sp, [3, 4, 5, 6], eos={2}, stop=[" Q:"]) == ""
+    assert row_text(sp, [7, 3, 4, 5], eos={2}, stop=[" Q:"]) == " A"
+    bl = tokenizer()  # byte-level: the same text as a plain decode
+    for text in TEXTS[:4]:
+        ids = bl.encode(" " + text, add_special_tokens=False)
+        assert decode_new(bl, ids) == bl.decode(ids) == " " + text

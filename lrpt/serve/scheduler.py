@@ -31,6 +31,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..decoding import decode_new
 from ..errors import ServeError
 from .textstream import find_stop, streamable
 
@@ -306,7 +307,7 @@ class Scheduler:
 
     def _decode(self, c: Choice) -> str:
         with self.tokenizer_lock:
-            return self.text.decode(c.out_ids, skip_special_tokens=True)
+            return decode_new(self.text, c.out_ids)  # a continuation: keeps a leading space
 
     def _finish(self, c: Choice, reason: str, text: str) -> None:
         c.done = True

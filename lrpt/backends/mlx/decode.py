@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
-from ...decoding import eos_ids, row_text, stop_window, wants_prefix_cache
+from ...decoding import decode_new, eos_ids, row_text, stop_window, wants_prefix_cache
 from ...errors import LrptError
 from ...scoring import eval_mode
 from ...tokens import encode_texts
@@ -122,7 +122,7 @@ def generate(model, tokenizer, prompt, texts: Sequence[str], max_tokens: int = 6
                     if r.finish_reason != "stop":
                         out[r.uid].append(r.token)
                     if stop and r.finish_reason is None:
-                        tail = hf.decode(out[r.uid][-window:], skip_special_tokens=True)
+                        tail = decode_new(hf, out[r.uid][-window:])
                         if any(s in tail for s in stop):
                             stopped.append(r.uid)
                 if stopped:
