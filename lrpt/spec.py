@@ -107,12 +107,13 @@ class PromptSpec:
             if self.rank is None:
                 raise SpecError(f"method {self.method!r} needs a rank: pass rank=R (R >= 1)")
             _check_int("rank", self.rank, low=1)
-            if self.method == "lopt1" and self.rank > self.n_tokens:  # known without the model
-                raise SpecError(f"rank {self.rank} is larger than n_tokens = {self.n_tokens} for lopt1:"
-                                f" choose a rank between 1 and {self.n_tokens}")
-            if dim is not None:
-                limit = min(self.n_tokens, dim) if self.method == "lopt1" else dim
-                what = "min(n_tokens, dim)" if self.method == "lopt1" else "dim"
+            if dim is not None or self.method == "lopt1":  # lopt1's n_tokens bound is known without the model
+                if self.method != "lopt1":
+                    limit, what = dim, "dim"
+                elif dim is None:
+                    limit, what = self.n_tokens, "n_tokens"
+                else:
+                    limit, what = min(self.n_tokens, dim), "min(n_tokens, dim)"
                 if self.rank > limit:
                     raise SpecError(
                         f"rank {self.rank} is larger than {what} = {limit} for {self.method}:"
