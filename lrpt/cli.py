@@ -553,7 +553,7 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
         p.add_argument("--model", default=DEFAULT_MODEL, help=f"HF folder or hub name (default: {DEFAULT_MODEL})")
         p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                       help="model dtype (default: bf16 on CUDA, float32 elsewhere)")
+                       help="model dtype (default: torch bf16 on CUDA, float32 elsewhere; mlx the checkpoint's own)")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:

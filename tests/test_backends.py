@@ -1490,3 +1490,82 @@ def test_a_completion_task_evaluates_the_plain_model(kit, llama):
     data = encode_examples(task, tokenize_fn(hf), [{"prompt": "good film", "completion": " bad"}], target_tokenize_fn(hf))
     metrics, nll = kit.be.evaluate(model, tok, None, task, data)
     assert nll.shape == (1, 2) and nll[0, 1] >= 1 and np.isfinite(metrics["loss"])
+
+
+def test_mlx_loads_half_precision_models_whose_embeddings_are_rounded_before_layer_0(tiny_dirs):
+    """bf16 Gemma 3 (e·√d rounded) and GPT-2 (token + position rows rounded) were refused as
+    "transforms embeddings non-linearly" by a float32 tolerance; torch loads the same folders."""
+    from lrpt.backends.mlx.splice import attach
+
+    mlx = get_backend("mlx")
+    for arch, scale in (("gemma3", 32 ** 0.5), ("gpt2", 1.0)):
+        for dtype in ("bfloat16", "float16"):
+            model, tok = mlx.load_model(str(tiny_dirs[arch]), dtype=dtype)
+            assert attach(model).scale == pytest.approx(scale, rel=1e-2) and (scale != 1.0 or attach(model).scale == 1.0)
+            prompt = mlx.init_prompt(spec_for("lopt1", n=3), model, tok, seed=0)
+            assert np.isfinite(np.array(mlx.score_labels(model, tok, prompt, TEXTS[:2], [" good", " bad"]))).all()
+
+
+def test_mlx_finds_the_backbone_inside_a_multimodal_wrapper():
+    """mlx-lm keeps Gemma 3 4B+ and Mistral 3 text models under ``language_model``."""
+    import mlx.nn as nn
+
+    from lrpt.backends.mlx.splice import backbone
+
+    class Text(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = nn.Linear(2, 2)
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.language_model = Text()
+
+    w = Wrapper()
+    assert backbone(w) is w.language_model.model
+
+
+def test_a_hybrid_model_runs_without_the_shared_prefix_on_mlx(tmp_path):
+    """LFM2's convolution layers keep state the one-pass stand-ins do not hold: the default path
+    (shared prefix) crashed with a bare TypeError. MLX now runs such models on the plain path, refuses
+    left padding in one clear error, and scores as torch's plain path; mlx-lm's own config errors
+    are one LrptError."""
+    import json
+
+    from lrpt import LrptError
+
+    path = save_tiny("lfm2", tmp_path / "lfm2")
+    mlx, torch_be = get_backend("mlx"), get_backend("torch")
+    model, tok = mlx.load_model(str(path))
+    assert not mlx.shares_prefix(model)
+    adapter = mlx.prompt_to_adapter(mlx.init_prompt(spec_for("lopt1", n=3), model, tok, seed=0))
+    prompt = mlx.prompt_from_adapter(adapter, model)
+    got = np.array(mlx.score_labels(model, tok, prompt, TEXTS[:2], [" good", " bad"]))
+    tmodel, ttok = torch_be.load_model(str(path))
+    ref = torch_be.score_labels(tmodel, ttok, torch_be.prompt_from_adapter(adapter, tmodel), TEXTS[:2],
+                                [" good", " bad"], shared_prefix=False)
+    close(got, np.asarray(ref), atol=1e-4)
+    mlx.train(model, tok, prompt, TASK, toy_data(8), None, cfg(steps=1, eval_every=0))
+    with pytest.raises(LrptError, match="left padding needs attention-only layers"):
+        mlx.forward_logits(model, prompt, mlx.make_batch([[5, 6], [7]], 3, "left"))
+    config = json.loads((path / "config.json").read_text())
+    del config["block_dim"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LrptError, match="cannot load model .* with mlx-lm"):
+        mlx.load_model(str(path))
+
+
+def test_mlx_prefix_cache_follows_an_in_place_edit_of_the_prompt(tiny_dirs):
+    """An in-place write keeps the MLX array object: the identity check kept serving the old prompt."""
+    from lrpt.backends.mlx.decode import prefix_cache
+
+    mlx = get_backend("mlx")
+    model, tok = _load("mlx", str(tiny_dirs["llama"]))
+    prompt = mlx.init_prompt(spec_for("prompt", n=3), model, tok, seed=0)
+    first = prefix_cache(model, prompt)
+    assert prefix_cache(model, prompt) is first  # unchanged: reused
+    prompt.prompt_embeddings[:] = prompt.prompt_embeddings * 2.0
+    second = prefix_cache(model, prompt)
+    assert second is not first
+    assert not np.allclose(np.array(second[0].state[0]), np.array(first[0].state[0]))

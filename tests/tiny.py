@@ -78,6 +78,9 @@ def config(arch: str, **overrides):
     if arch == "granite":  # scales embeddings in the model body, outside HF's embedding module (not in ARCHS)
         return tf.GraniteConfig(**common, embedding_multiplier=12.0, logits_scaling=2.0, residual_multiplier=0.5,
                                 attention_multiplier=0.2, tie_word_embeddings=False)
+    if arch == "lfm2":  # a hybrid: convolution layers beside attention (not in ARCHS)
+        return tf.Lfm2Config(**{**common, "num_hidden_layers": 4}, tie_word_embeddings=True,
+                             layer_types=["conv", "full_attention", "conv", "full_attention"], block_auto_adjust_ff_dim=False)
     raise ValueError(arch)
 
 
@@ -116,6 +119,8 @@ def save_tiny(arch: str, path: str | Path, seed: int = 0, **overrides) -> Path:
         cfg["rope_theta"] = rope["rope_theta"]
     if arch == "gemma3":
         cfg["sliding_window_pattern"] = 2
+    if arch == "lfm2":  # keys mlx-lm's lfm2 requires that transformers does not write
+        cfg["block_dim"], cfg["conv_L_cache"] = cfg["hidden_size"], cfg.get("conv_L_cache", 3)
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     return path
 

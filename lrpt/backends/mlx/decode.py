@@ -43,20 +43,23 @@ _PREFIX_CACHES: dict[int, tuple] = {}
 
 
 def prefix_cache(model, prompt: PromptModule) -> list:
-    """The static prompt's KV cache, computed once and reused while the prompt is unchanged."""
-    from mlx.utils import tree_flatten
+    """The static prompt's KV cache, computed once and reused while the prompt's rows are unchanged.
+
+    The rows are compared by value: an in-place write (``prompt.prompt_embeddings[:] = ...``) keeps
+    the same array object, which an identity check took for the old prompt."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    arrays = [a for _, a in tree_flatten(prompt.parameters())]
+    rows = prompt()
     held = _PREFIX_CACHES.get(id(prompt))
-    if held is not None and held[0]() is model and len(held[1]) == len(arrays) and all(
-            a is b for a, b in zip(held[1], arrays)):
+    if held is not None and held[0]() is model and held[1].shape == rows.shape and mx.array_equal(held[1], rows).item():
         return held[2]
+    snapshot = rows * 1  # a copy: for `prompt` the rows are the parameter itself
+    mx.eval(snapshot)
     cache = make_prompt_cache(model)
-    fill_cache(model, cache, prompt()[None], [])
+    fill_cache(model, cache, snapshot[None], [])
     if id(prompt) not in _PREFIX_CACHES:
         weakref.finalize(prompt, _PREFIX_CACHES.pop, id(prompt), None)
-    _PREFIX_CACHES[id(prompt)] = (weakref.ref(model), arrays, cache)  # weak: the cache must not keep a model alive
+    _PREFIX_CACHES[id(prompt)] = (weakref.ref(model), snapshot, cache)  # weak: the cache must not keep a model alive
     return cache
 
 

@@ -37,8 +37,10 @@ _DTYPES = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "
 def load_model(path: str | Path, dtype: str | None = None, device=None, quiet: bool = False, fsdp: bool = False):
     """Load a frozen mlx-lm model and its tokenizer from an HF folder.
 
-    ``device`` and ``quiet`` exist for parity with the torch backend (mlx-lm shows no loading bar);
-    ``fsdp`` is refused (PyTorch's).
+    ``dtype`` defaults to the checkpoint's own (as mlx-lm loads it; torch's default is float32 off CUDA,
+    so a bf16 folder scores a little differently there unless both are given one dtype). ``device``
+    and ``quiet`` exist for parity with the torch backend (mlx-lm shows no loading bar); ``fsdp`` is
+    refused (PyTorch's).
     """
     import mlx_lm
 
@@ -49,8 +51,9 @@ def load_model(path: str | Path, dtype: str | None = None, device=None, quiet: b
 
     try:
         model, tokenizer = mlx_lm.load(str(path))
-    except (OSError, ValueError, FileNotFoundError) as exc:
-        raise LrptError(f"cannot load model {path}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, TypeError, KeyError) as exc:  # TypeError/KeyError: mlx-lm reading a config
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise LrptError(f"cannot load model {path} with mlx-lm: {first}") from None
     if dtype is not None:
         model.set_dtype(_DTYPES[dtype])
     model.freeze()
@@ -189,6 +192,9 @@ def _call_backbone(model, prompt_embeds: mx.array, batch: Batch, gather: mx.arra
     # ``src`` also indexes token slots (past the prompt rows): point those at row 0 before the
     # gather, since MLX does not bounds-check gathers and only prompt slots are read.
     src = mx.where(batch.is_prompt, batch.src, 0)
+    if batch.left_padded and not attention_only(model):
+        raise LrptError(f"{model.model_type}: left padding needs attention-only layers; pad on the right"
+                        " (lrpt's default), which this model runs exactly")
     cache = [_LeftPadCache(batch.left_pad)] * len(model.layers) if batch.left_padded else None
     return run_backbone(model, batch.ids, cache, prompt_embeds, src, batch.is_prompt, gather)
 
@@ -207,11 +213,21 @@ def shares_prefix(model) -> bool:
     ``grad_checkpoint``, which patches the layer class). ``mx.checkpoint``
     differentiates only through the arrays passed to the layer, and the cache (holding the prompt's
     keys and values) is an object it does not look into: the prompt's gradient through them is lost
-    (measured: a different step).
+    (measured: a different step). Nor where a layer keeps state other than keys and values (hybrid
+    models: LFM2's convolutions, Mamba and linear-attention layers): the stand-in caches have nothing
+    for those layers to read.
     """
     cls = type(model.layers[0])
     mlx_lm_patched = getattr(cls.__call__, "__qualname__", "").startswith("grad_checkpoint.")  # mlx-lm's own
-    return not (getattr(cls, "_lrpt_checkpointed", False) or mlx_lm_patched)
+    return not (getattr(cls, "_lrpt_checkpointed", False) or mlx_lm_patched) and attention_only(model)
+
+
+def attention_only(model) -> bool:
+    """Whether every layer's mlx-lm cache is a plain KV cache (full or sliding), which lrpt's one-pass
+    stand-ins (shared prefix, left padding) imitate."""
+    from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+
+    return all(type(c) in (KVCache, RotatingKVCache) for c in make_prompt_cache(model))
 
 
 class _OnePass:
