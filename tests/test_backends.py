@@ -1569,3 +1569,16 @@ def test_mlx_prefix_cache_follows_an_in_place_edit_of_the_prompt(tiny_dirs):
     second = prefix_cache(model, prompt)
     assert second is not first
     assert not np.allclose(np.array(second[0].state[0]), np.array(first[0].state[0]))
+
+
+def test_mlx_prompts_reach_a_model_quantized_after_load(tiny_dirs):
+    """nn.quantize after load replaces the embedding module that splices prompts in (models without
+    ``input_embeddings=``, phi3 here): the prompt was silently dropped."""
+    import mlx.nn as nn
+
+    mlx = get_backend("mlx")
+    model, tok = mlx.load_model(str(tiny_dirs["phi3"]))
+    nn.quantize(model, group_size=32, bits=8)
+    scores = [np.array(mlx.score_labels(model, tok, mlx.init_prompt(spec_for("prompt", n=3), model, tok, seed=s),
+                                        TEXTS[:2], [" good", " bad"], shared_prefix=False)) for s in (0, 1)]
+    assert not np.allclose(scores[0], scores[1])

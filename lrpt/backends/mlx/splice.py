@@ -42,7 +42,7 @@ class _State:
         self.override: mx.array | None = None
 
 
-_STATES: dict[int, _State] = {}  # id(model), id(its embedding), id(its backbone) → the model's state
+_STATES: dict[int, _State] = {}  # id(model), id(its backbone), id(its spliced embedding) → the model's state
 
 
 @contextlib.contextmanager
@@ -86,15 +86,16 @@ def attach(model) -> _State:
     prompt-aware subclasses, once per model; weights and names are untouched."""
     state = _STATES.get(id(model))
     if state is not None:
+        if not state.takes_embeddings:  # the embedding may have been replaced since (nn.quantize after load)
+            _splice_embedding(model, state)
         return state
-    emb, core = embedding_module(model), backbone(model)
+    core = backbone(model)
     takes = "input_embeddings" in inspect.signature(type(core).__call__).parameters
     state = _State(takes_embeddings=takes)
-    for module in (model, emb, core):
-        _STATES[id(module)] = state
-        weakref.finalize(module, _STATES.pop, id(module), None)
+    for module in (model, core):
+        _register(module, state)
     if not takes:
-        emb.__class__ = _spliced(type(emb))  # the fallback: splice the rows in as tokens are embedded
+        _splice_embedding(model, state)  # the fallback: splice the rows in as tokens are embedded
     core.__class__ = _gathering(type(core))
     state.scale = _probe_scale(model)
     # HF applies a config's embedding_multiplier (Granite) to inputs_embeds in the model body, outside
@@ -104,6 +105,19 @@ def attach(model) -> _State:
     if isinstance(outside, (int, float)) and outside and abs(state.scale / outside - 1.0) < 1e-2:
         state.scale = 1.0
     return state
+
+
+def _register(module, state: _State) -> None:
+    _STATES[id(module)] = state
+    weakref.finalize(module, _STATES.pop, id(module), None)
+
+
+def _splice_embedding(model, state: _State) -> None:
+    """Give the model's current embedding module the splicing subclass (once per module)."""
+    emb = embedding_module(model)
+    if not getattr(type(emb), "_lrpt_spliced", False):
+        _register(emb, state)
+        emb.__class__ = _spliced(type(emb))
 
 
 def _state(module) -> _State:
@@ -144,7 +158,7 @@ def _spliced(cls: type) -> type:
             st = _state(self).splice
             return out if st is None else _spliced_rows(out, *st)
 
-        _CLASS_CACHE[key] = type(f"Prompted{cls.__name__}", (cls,), {"__call__": __call__})
+        _CLASS_CACHE[key] = type(f"Prompted{cls.__name__}", (cls,), {"__call__": __call__, "_lrpt_spliced": True})
     return _CLASS_CACHE[key]
 
 
