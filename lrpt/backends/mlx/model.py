@@ -224,10 +224,8 @@ def shares_prefix(model) -> bool:
 
 def attention_only(model) -> bool:
     """Whether every layer's mlx-lm cache is a plain KV cache (full or sliding), which lrpt's one-pass
-    stand-ins (shared prefix, left padding) imitate."""
-    from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
-
-    return all(type(c) in (KVCache, RotatingKVCache) for c in make_prompt_cache(model))
+    stand-ins (shared prefix, left padding) imitate; found once per model, when it is attached."""
+    return attach(model).attention_only
 
 
 class _OnePass:

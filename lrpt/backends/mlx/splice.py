@@ -37,6 +37,7 @@ class _State:
     def __init__(self, scale: float = 1.0, takes_embeddings: bool = False):
         self.scale = scale  # prompt space → what the embedding module outputs: the backbone's factor, or 1
         self.takes_embeddings = takes_embeddings  # the backbone accepts input_embeddings= (no splice needed)
+        self.attention_only = True  # every layer's mlx-lm cache is a KV cache (see model.attention_only)
         self.splice: tuple[mx.array, mx.array, mx.array] | None = None  # rows, src, is_prompt
         self.gather: mx.array | None = None
         self.override: mx.array | None = None
@@ -89,9 +90,12 @@ def attach(model) -> _State:
         if not state.takes_embeddings:  # the embedding may have been replaced since (nn.quantize after load)
             _splice_embedding(model, state)
         return state
+    from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+
     core = backbone(model)
     takes = "input_embeddings" in inspect.signature(type(core).__call__).parameters
     state = _State(takes_embeddings=takes)
+    state.attention_only = all(type(c) in (KVCache, RotatingKVCache) for c in make_prompt_cache(model))
     for module in (model, core):
         _register(module, state)
     if not takes:
