@@ -1526,11 +1526,11 @@ def test_mlx_finds_the_backbone_inside_a_multimodal_wrapper():
     assert backbone(w) is w.language_model.model
 
 
-def test_a_hybrid_model_runs_without_the_shared_prefix_on_mlx(tmp_path):
+def test_a_hybrid_model_runs_without_the_shared_prefix(tmp_path):
     """LFM2's convolution layers keep state the one-pass stand-ins do not hold: the default path
-    (shared prefix) crashed with a bare TypeError. MLX now runs such models on the plain path, refuses
-    left padding in one clear error, and scores as torch's plain path; mlx-lm's own config errors
-    are one LrptError."""
+    (shared prefix) crashed with a bare TypeError (MLX) or AttributeError (torch). Both backends now
+    run such models on the plain path; MLX refuses left padding in one clear error and scores as
+    torch; mlx-lm's own config errors are one LrptError."""
     import json
 
     from lrpt import LrptError
@@ -1543,9 +1543,12 @@ def test_a_hybrid_model_runs_without_the_shared_prefix_on_mlx(tmp_path):
     prompt = mlx.prompt_from_adapter(adapter, model)
     got = np.array(mlx.score_labels(model, tok, prompt, TEXTS[:2], [" good", " bad"]))
     tmodel, ttok = torch_be.load_model(str(path))
-    ref = torch_be.score_labels(tmodel, ttok, torch_be.prompt_from_adapter(adapter, tmodel), TEXTS[:2],
-                                [" good", " bad"], shared_prefix=False)
+    assert not torch_be.shares_prefix(tmodel)
+    tprompt = torch_be.prompt_from_adapter(adapter, tmodel)
+    ref = torch_be.score_labels(tmodel, ttok, tprompt, TEXTS[:2], [" good", " bad"], shared_prefix=False)
     close(got, np.asarray(ref), atol=1e-4)
+    close(np.asarray(torch_be.score_labels(tmodel, ttok, tprompt, TEXTS[:2], [" good", " bad"])), np.asarray(ref))
+    torch_be.train(tmodel, ttok, tprompt, TASK, toy_data(8), None, cfg(steps=1, eval_every=0))
     mlx.train(model, tok, prompt, TASK, toy_data(8), None, cfg(steps=1, eval_every=0))
     with pytest.raises(LrptError, match="left padding needs attention-only layers"):
         mlx.forward_logits(model, prompt, mlx.make_batch([[5, 6], [7]], 3, "left"))

@@ -263,8 +263,17 @@ def shares_prefix(model) -> bool:
     """Whether :func:`forward_after_prefix` runs ``model``: transformers models take a filled KV cache
     and attend to it, with autograd through it, so every model this backend loads does, unless its
     blocks are sharded by FSDP2 (``--fsdp``). FSDP2 reshards a block after each forward, and a block
-    run twice in one step (prompt, then tokens) failed its backward on freed parameter storage."""
-    return not fsdp_sharded(model)
+    run twice in one step (prompt, then tokens) failed its backward on freed parameter storage. Nor
+    hybrid models (a config's ``layer_types`` naming convolution, Mamba or linear-attention layers,
+    e.g. LFM2): their caches hold state that is not keys and values, and the prefix path crashed."""
+    return not fsdp_sharded(model) and attention_only(model)
+
+
+def attention_only(model) -> bool:
+    """Whether every layer the config lists is an attention layer (full, sliding or chunked)."""
+    config = getattr(model.config, "text_config", None) or model.config
+    kinds = getattr(config, "layer_types", None) or ()
+    return all(str(k).endswith("attention") for k in kinds)
 
 
 def transformer_blocks(model) -> torch.nn.ModuleList | None:
