@@ -48,6 +48,15 @@ DTYPE_ALIASES = {
     "bf16": "bfloat16",
 }
 
+
+def dtype_name(name: str, error: type[Exception] = AdapterFormatError) -> str:
+    """The canonical name (float32, float16, bfloat16) of a dtype name or alias; ``error`` otherwise,
+    so a typo is one line naming the choices, whichever layer (save, export, a backend's load) read it."""
+    canonical = DTYPE_ALIASES.get(name, name)
+    if canonical not in DTYPES:
+        raise error(f"unsupported dtype {name!r}: use float32, float16 or bfloat16 (or fp32, fp16, bf16)")
+    return canonical
+
 # The dimension-carrying tensor of each method: its second axis is the model width d.
 _DIM_TENSOR = {"prompt": "prompt_embeddings", "lopt1": "lopt.V", "lopt2": "lopt.V", "lopa": "lopa.Z_S"}
 
@@ -161,9 +170,7 @@ class Adapter:
         ``dtype`` (float32, float16 or bfloat16) shrinks the file on request; loading
         always gives float32 back.
         """
-        dtype = DTYPE_ALIASES.get(dtype, dtype)
-        if dtype not in DTYPES:
-            raise AdapterFormatError(f"unsupported dtype {dtype!r}: use float32, float16 or bfloat16")
+        dtype = dtype_name(dtype)
         self.validate()
         path = Path(path)
         meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "spec": self.spec.to_json()}

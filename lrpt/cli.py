@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, flags
-from .adapter import DTYPE_ALIASES, Adapter
+from .adapter import Adapter
 from .data import load_examples
-from .errors import DataError, LrptError
+from .errors import DataError, LrptError, first_line
 from .fetch import DEFAULT_MODEL
 from .fileio import atomic_write
 from .spec import METHOD_DEFAULTS, TRAIN_DEFAULTS, PromptSpec
@@ -150,7 +150,7 @@ def _backend_and_model(args: argparse.Namespace):
     except LrptError:
         raise
     except Exception as exc:  # transformers/mlx-lm refusing a folder (e.g. a pickle it will not load) is the folder's fault
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = first_line(exc)[:300]
         raise LrptError(f"cannot load the model in {path} ({type(exc).__name__}: {first})") from None
     return backend, model, tokenizer, resolve(args.backend)
 
@@ -514,7 +514,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     elif args.method == "prompt":
         adapter = to_prompt(adapter)
     if args.to == "peft":
-        to_peft(adapter, args.dst, DTYPE_ALIASES.get(args.dtype, args.dtype))
+        to_peft(adapter, args.dst, args.dtype)
     else:
         adapter.save(args.dst, dtype=args.dtype)
     print(f"wrote {args.to} adapter {args.dst} ({adapter.spec.method}, {adapter.param_count:,} parameters)"

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, first_line
 from .fileio import regular_file
 from .tasks import Task, check_text
 
@@ -366,5 +366,5 @@ def _load_hub(name: str, split: str, log: Callable[[str], None] | None = None) -
                 log(f"lrpt: {name} has no validation split: using its test split")
         return [dict(r) for r in datasets.load_dataset(*args, split=split)]
     except Exception as exc:  # network and hub errors come in many types
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise DataError(f"cannot load dataset {name} ({first}): pass --data DIR with {split}.jsonl") from None

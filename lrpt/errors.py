@@ -7,6 +7,15 @@ catch one type. Messages are one line: what is wrong, then what to do about it.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of another library's error, for one of ours: where it only names the field
+    (``Validation error for field 'x':``), the line that says what is wrong comes with it."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
 class LrptError(Exception):
     """Base class of every error lrpt raises deliberately."""
 

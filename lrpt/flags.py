@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .errors import LrptError
+from .errors import LrptError, first_line
 
 
 def knob(default: Any, help: str, flag: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
@@ -86,7 +86,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise LrptError(f"cannot read config {path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise LrptError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise LrptError(f"config {path} is not valid YAML: {first_line(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):

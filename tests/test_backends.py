@@ -282,6 +282,23 @@ def test_bf16_scores_within_stated_tolerance(kit, tiny_dirs):
     assert 0 < np.abs(s32 - s16).max() <= BF16_ATOL
 
 
+def test_a_bad_config_or_dtype_is_one_error_naming_the_fault(kit, tiny_dirs, tmp_path):
+    """Through the Python API (the CLI wraps anything): a wrong-typed config field raised
+    huggingface_hub's validation error (torch) and an unknown dtype a bare KeyError (both)."""
+    import shutil
+
+    from lrpt import LrptError
+
+    with pytest.raises(LrptError, match="unsupported dtype 'int8': use float32"):
+        kit.be.load_model(str(tiny_dirs["llama"]), dtype="int8")
+    path = shutil.copytree(tiny_dirs["llama"], tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "hidden_size": "wide"}))
+    with pytest.raises(LrptError, match="cannot load model") as err:
+        kit.be.load_model(str(path))
+    assert "\n" not in str(err.value)
+
+
 # -- positions, padding and prompt space -----------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..adapter import CONFIG_NAME, DTYPE_ALIASES, DTYPES, WEIGHTS_NAME, Adapter, peft_fields
+from ..adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter, dtype_name, peft_fields
 from ..basemodel import BaseModelInfo
 from ..errors import AdapterFormatError, ConversionError, LrptError
 from ..fileio import atomic_dir, atomic_write, atomic_write_json, encode_safetensors, read_json, read_safetensors
@@ -132,9 +132,7 @@ def to_peft(adapter: Adapter, out_dir: str | Path, dtype: str = "float32") -> Pa
     x = adapter.materialize()
     spec = PromptSpec("prompt", n_tokens=adapter.spec.n_tokens)
     config = peft_fields(spec, adapter.dim, adapter.base_model)
-    dtype = DTYPE_ALIASES.get(dtype, dtype)
-    if dtype not in DTYPES:
-        raise ConversionError(f"unsupported dtype {dtype!r}: use float32, float16 or bfloat16")
+    dtype = dtype_name(dtype, ConversionError)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConversionError(f"{out} exists and is not a directory: choose another output directory")

@@ -30,7 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from sse_starlette import ServerSentEvent
 
-from ..errors import LrptError, ServeError
+from ..errors import LrptError, ServeError, first_line
 from .protocol import ChatRequest, ClassifyRequest, CompletionRequest, Message, error_body, from_validation
 from .registry import Registry
 from .scheduler import Choice, Scheduler
@@ -73,7 +73,7 @@ def create_app(scheduler: Scheduler, registry: Registry, config: ServerConfig, b
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):  # still OpenAI's shape, one line, no traceback
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         return JSONResponse(error_body(f"internal error: {first}", "server_error"), status_code=500)
 
     @app.get("/health")
@@ -114,7 +114,7 @@ def create_app(scheduler: Scheduler, registry: Registry, config: ServerConfig, b
                 with scheduler.tokenizer_lock:
                     text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             except Exception as exc:  # jinja errors: e.g. a template that wants alternating roles
-                first = (str(exc).splitlines() or [type(exc).__name__])[0]
+                first = first_line(exc)
                 raise ServeError(f"the chat template cannot render these messages: {first}",
                                  param="messages") from None
             row = scheduler.encode(text, special=False)

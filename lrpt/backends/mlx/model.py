@@ -21,8 +21,9 @@ import mlx.nn as nn
 import numpy as np
 
 from ... import methods
+from ...adapter import dtype_name
 from ...basemodel import BaseModelInfo, fingerprint_from_rows, fingerprint_rows
-from ...errors import LrptError
+from ...errors import LrptError, first_line
 from ...layout import Batch, Suffix, pack
 from ...reference import init_for_model
 from ...spec import PromptSpec
@@ -30,8 +31,7 @@ from . import ops
 from .prompts import PromptModule
 from .splice import attach, embedding_module, run_backbone, scoped, table_rows
 
-_DTYPES = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16,
-           "float16": mx.float16, "fp16": mx.float16}
+_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
 def load_model(path: str | Path, dtype: str | None = None, device=None, quiet: bool = False, fsdp: bool = False):
@@ -52,10 +52,10 @@ def load_model(path: str | Path, dtype: str | None = None, device=None, quiet: b
     try:
         model, tokenizer = mlx_lm.load(str(path))
     except (OSError, ValueError, TypeError, KeyError) as exc:  # TypeError/KeyError: mlx-lm reading a config
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise LrptError(f"cannot load model {path} with mlx-lm: {first}") from None
     if dtype is not None:
-        model.set_dtype(_DTYPES[dtype])
+        model.set_dtype(_DTYPES[dtype_name(dtype, LrptError)])
     model.freeze()
     model.eval()
     model.name_or_path = str(path)

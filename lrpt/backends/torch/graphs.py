@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ...errors import TrainingError
+from ...errors import TrainingError, first_line
 from .model import autocast
 
 # Eager runs of a new graph's work on a side stream before its recording: the first lets cuBLAS, SDPA,
@@ -218,9 +218,6 @@ def as_recorded():
         torch.cuda.set_sync_debug_mode(mode)
         torch.cuda.is_current_stream_capturing = real
 
-
-def first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def key(arrays: dict[str, torch.Tensor]) -> tuple:

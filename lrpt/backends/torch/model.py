@@ -24,14 +24,22 @@ import torch
 from transformers import DynamicCache  # here, not in the traced step: an import there is a graph break
 
 from ... import methods
+from ...adapter import dtype_name
 from ...basemodel import BaseModelInfo, fingerprint_from_rows, fingerprint_rows
-from ...errors import LrptError
+from ...errors import LrptError, first_line
 from ...layout import Batch, Suffix, pack
 from ...reference import init_for_model
 from ...spec import PromptSpec
 from . import ops
 from .packed import forward_packed, is_packed
 from .prompts import PromptModule
+
+try:  # transformers 5 checks a config's field types through huggingface_hub's strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # older huggingface_hub: a bad field is a TypeError or ValueError
+    StrictDataclassError = ValueError
+# what a bad folder or config raises from transformers (a wrong-typed field: TypeError or the strict error)
+_LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, StrictDataclassError)
 
 
 def default_device() -> torch.device:
@@ -62,19 +70,13 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
-        dtype = {
-            "float32": torch.float32,
-            "fp32": torch.float32,
-            "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16,
-            "float16": torch.float16,
-            "fp16": torch.float16,
-        }[dtype]
+        dtype = getattr(torch, dtype_name(dtype, LrptError))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
-    except (OSError, ValueError) as exc:
-        raise LrptError(f"cannot load model {path}: {str(exc).splitlines()[0]}") from None
+    except _LOAD_ERRORS as exc:
+        first = first_line(exc)
+        raise LrptError(f"cannot load model {path}: {first}") from None
     model.eval().requires_grad_(False)
     if fsdp:
         from .step import shard_model
@@ -110,7 +112,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many types for unreadable or unsupported files
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise ConversionError(f"cannot read {path} as a GGUF model ({first})") from None
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     state = {k: v.detach().float().contiguous().numpy() for k, v in model.state_dict().items()
