@@ -212,6 +212,9 @@ def _check_base(adapter: Adapter, backend, model, force: bool) -> None:
 # The data a run trains on, stored beside train_config.json so --resume reads the same rows.
 # (--data may be another path on another machine, and --eval-limit only changes the evaluation.)
 DATA_ARGS = ("task", "text_field", "label_field", "labels", "template", "train_limit")
+# The model it trains, stored in the same file so that --resume needs no flag; a --model typed on
+# resume may differ (the same model in another folder), and the checkpoint's fingerprint check decides.
+MODEL_ARGS = ("model", "dtype")
 DATA_ARGS_FILE = "data_args.json"
 
 
@@ -220,9 +223,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _check_data_args(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """The run's data flags, for a new run to record (the trainer writes them under its lock); a
-    resumed run must use the ones it recorded."""
+    """The run's data and model flags, for a new run to record (the trainer writes them under its
+    lock); a resumed run must use the data it recorded."""
     mine = {k: getattr(args, k) for k in DATA_ARGS}
+    model = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
+    mine.update(model=model, dtype=args.dtype)
     if not args.resume:
         return mine
     stored = _read_json(out / DATA_ARGS_FILE)
@@ -324,7 +329,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.retried:
         rows.append(("retried", result.retried))
     if result.best_metric is not None:
-        rows.append((f"best validation {task.metric}", f"{result.best_metric:.4f} (step {result.best_step})"))
+        metric = task.metric if task.kind == "classification" else "loss (per target token)"  # completion: NLL
+        rows.append((f"best validation {metric}", f"{result.best_metric:.4f} (step {result.best_step})"))
     if result.baseline is not None:
         rows.append(("majority-label baseline", f"{result.baseline[0]:.4f} (always {result.baseline[1]!r})"))
     rows += [("early stop", "yes" if result.stopped_early else "no"), ("time", f"{seconds:.1f} s"),
@@ -588,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-limit", type=int, help="use N training rows (fixed-seed subset)")
     p.add_argument("--eval-limit", type=int, help="use N validation rows (0: no evaluation)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--force", action="store_true", help="with --init-from: accept a fingerprint mismatch")
+    p.add_argument("--force", action="store_true", help="with --init-from: accept a fingerprint mismatch (a variant of the adapter's model)")
     p.add_argument("--no-truncate", action="store_true", help="refuse inputs longer than the model's context")
     p.add_argument("--out", help="run directory (required)")
     # Every PromptSpec and TrainConfig field is a flag, derived from the dataclasses.

@@ -34,7 +34,7 @@ import numpy as np
 from .adapter import Adapter
 from .average import TailAverage, split_state
 from .data import epoch_batches, lr_factor
-from .errors import TrainingError
+from .errors import BaseModelMismatchError, TrainingError
 from .fileio import atomic_dir, atomic_write, atomic_write_json, encode_safetensors, read_safetensors
 from .flags import knob
 from .retry import LR_FACTOR, MIN_STEPS, split_initial
@@ -80,11 +80,11 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
 class TrainConfig:
     """Hyper-parameters and bookkeeping of a run (the same on both backends)."""
 
-    steps: int | None = knob(None, "optimizer steps (overrides --epochs)")
+    steps: int | None = knob(None, "optimizer steps (overrides --epochs); unset: auto, from --epochs")
     epochs: float | None = knob(None, "passes over the training data; unset: auto, one pass, or more on small data"
                                       " to make --min-steps optimizer steps")
     min_steps: int | None = knob(None, "the fewest optimizer steps of an auto-length run (no --steps or --epochs);"
-                                       f" unset: the method's (lrpt.spec.METHOD_DEFAULTS), else {AUTO_MIN_STEPS}")
+                                       f" unset: auto, the method's (lrpt.spec.METHOD_DEFAULTS), else {AUTO_MIN_STEPS}")
     lr: float | None = knob(None, "peak learning rate of AdamW; unset: auto, the method's default"
                                   " (lrpt.spec.METHOD_DEFAULTS)")
     lr_probe: bool = knob(False, "before training, try the lr × 1/3, × 1 and × 3 for a few steps each and train"
@@ -756,6 +756,14 @@ class RunDir:
         if missing:
             raise unreadable(f"no {', '.join(missing)} in its trainer_state.json")
         adapter = Adapter.load(path / "adapter")
+        here = ops.adapter().base_model
+        if here is not None:  # a run resumed on another model trained on silently, or crashed on a width
+            try:
+                adapter.check_model(here)
+            except BaseModelMismatchError as exc:
+                raise BaseModelMismatchError(f"--resume: {str(exc).split(': use ')[0]}: resume on the run's model"
+                                             " (lrpt train --model), or start a new run from its adapter"
+                                             " (--init-from, with --force for a variant of the model)") from None
         tensors, _, _ = read_safetensors(path / "optimizer.safetensors")
         tensors, initial = split_initial(tensors)
         tensors, sums = split_state(tensors)

@@ -64,6 +64,27 @@ def test_resume_refuses_changed_settings_and_needs_no_flags(tiny_dirs, tmp_path,
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
 
 
+def test_resume_takes_the_runs_model_and_refuses_another(tiny_dirs, tmp_path, capsys):
+    """--resume without --model loaded the default hub model (and crashed on a size mismatch), and a
+    --model of another model resumed silently on it: the run stores its model, and the checkpoint's
+    base-model check refuses another one in one line."""
+    from tiny import save_tiny
+
+    out = tmp_path / "r"
+    assert main(["train", "--backend", "torch", "--model", str(tiny_dirs["llama"]), "--out", str(out), *DATA,
+                 "--steps", "2"]) == 0
+    assert json.loads((out / "data_args.json").read_text())["model"] == str(tiny_dirs["llama"].resolve())
+    assert main(["train", "--backend", "torch", "--out", str(out), "--resume", "--steps", "3"]) == 0
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+    capsys.readouterr()
+    other = save_tiny("llama", tmp_path / "other", seed=7)  # the same shapes, other weights
+    assert main(["train", "--backend", "torch", "--model", str(other), "--out", str(out), "--resume",
+                 "--steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume:" in err and "fingerprint mismatch" in err and err.count("\n") == 1, err
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+
 def test_a_run_from_before_average_resumes_without_it(tiny_dirs, tmp_path, capsys):
     """`--resume` with no flags continues a run whose settings name no --average (made before it
     existed) without averaging, as it ended; asking for averaging then is refused, naming it."""
@@ -200,20 +221,24 @@ def test_auto_is_a_word_only_where_unset_means_auto(tmp_path, capsys):
     assert "'auto' is not a number" in capsys.readouterr().err
 
 
-def test_off_is_no_word_for_an_auto_number(capsys):
-    """`--average off` once meant auto, i.e. the method's tail average on: only `auto` (or 0) now."""
+@pytest.mark.parametrize("flag", ["--average", "--steps", "--min-steps"])
+def test_off_is_no_word_for_an_auto_number(capsys, flag):
+    """`--average off` once meant auto, i.e. the method's tail average on: only `auto` (or 0) now.
+    `--steps auto` / `--min-steps auto` (the length chosen per run and per method) were refused,
+    while `none` and `off` unset them."""
     import argparse
 
     from lrpt import flags
 
     parser = argparse.ArgumentParser()
     flags.add_flags(parser, TrainConfig)
-    assert parser.parse_args(["--average", "auto"]).average is None
-    assert parser.parse_args(["--average", "0"]).average == 0.0
+    dest = flag[2:].replace("-", "_")
+    assert getattr(parser.parse_args([flag, "auto"]), dest) is None
+    assert getattr(parser.parse_args([flag, "0"]), dest) == 0
     for word in ("off", "none"):
         with pytest.raises(SystemExit):
-            parser.parse_args(["--average", word])
-        assert f"{word!r} is not a number" in capsys.readouterr().err
+            parser.parse_args([flag, word])
+        assert f"{word!r} is not a" in capsys.readouterr().err
 
 
 def test_config_nulls_flag_names_and_resume_keys(tiny_dirs, tmp_path, capsys):
