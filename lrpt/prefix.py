@@ -57,6 +57,21 @@ def uses_prefix(be, model, spec, enabled: bool | None = None) -> bool:
     return bool(enabled) and spec.is_static and spec.n_tokens > 0 and be.shares_prefix(model)
 
 
+def why_no_prefix(be, model, spec, config) -> str | None:
+    """Why a prompt of ``spec`` cannot take the shared path on ``model`` in a run of ``config`` (a
+    TrainConfig; None: it can), for a ``--shared-prefix`` that must be refused rather than ignored."""
+    if not spec.is_static:
+        return f"{spec.method}'s prompt depends on each input, so no two rows share it"
+    if spec.n_tokens == 0:
+        return "the prompt has no tokens"
+    for flag in ("fsdp", "grad_checkpoint"):  # their blocks cannot run behind the prompt's cache (shares_prefix)
+        if getattr(config, flag, False):
+            return f"--{flag.replace('_', '-')} runs every block on the plain path"
+    if not be.shares_prefix(model):
+        return f"the {be.NAME} backend runs this model on the plain path (its layers are not all attention)"
+    return None
+
+
 def shared_prompt(be, model, prompt: Any, which: Sequence[int] | None, batch: Batch,
                   enabled: bool | None = None) -> Any | None:
     """The one static prompt module every row of ``batch`` carries, when the shared path applies; else None."""

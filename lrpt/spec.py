@@ -92,6 +92,11 @@ class PromptSpec:
 
     # -- validation -------------------------------------------------------------------------
 
+    def __post_init__(self) -> None:
+        # A spec that exists is a possible one (what the model's width alone decides waits for
+        # validate(dim)): an impossible one failed only later, at init_prompt or save.
+        self.validate()
+
     def validate(self, dim: int | None = None) -> PromptSpec:
         """Reject impossible specs with one clear error; returns ``self`` for chaining.
 

@@ -25,7 +25,7 @@ from .basemodel import loaded_context
 from .data import Encoded, chance_warning, check_rows, encode_examples, fit_to_context, majority_baseline
 from .errors import SpecError, TrainingError
 from .layout import completion_arrays, scoring_arrays, to_arrays
-from .prefix import uses_prefix
+from .prefix import uses_prefix, why_no_prefix
 from .probe import MIN_ROWS, probe_lr
 from .retry import collapse_reason
 from .scoring import classification_metrics, completion_metrics, evaluate, task_loss
@@ -69,6 +69,9 @@ class Training:
         # layer), nor recorded as CUDA graphs: on the full SST-2 epoch (H200, SmolLM2-135M) the graphs
         # trained in 36.5 s on the plain path and 60.9 s with the shared prefix (benchmarks/RESULTS.md).
         choice = self.compile_choice
+        why = why_no_prefix(be, model, spec, config) if config.shared_prefix else None
+        if why:
+            raise TrainingError(f"--shared-prefix cannot apply: {why}: drop the flag (auto takes the plain path)")
         self.shared = config.shared_prefix if config.shared_prefix is not None else (
             (choice.scope == "step") if choice.compiled else None)
         scope = choice.scope if choice.compiled and be.NAME == "torch" else config.compile_scope
@@ -83,7 +86,9 @@ class Training:
     def prefix_note(self) -> str:
         """How a static prompt runs in this run's training step (lrpt.prefix), for the start-up line."""
         spec = self.prompt.spec
-        if not (spec.is_static and spec.n_tokens > 0):
+        if not spec.is_static:
+            return "; the prompt made for each input, in its row (plain path)"
+        if spec.n_tokens == 0:
             return ""
         on = uses_prefix(self.be, self.model, spec, self.shared)
         if not on:

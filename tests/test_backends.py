@@ -620,6 +620,23 @@ def test_existing_run_needs_resume_and_resume_needs_checkpoint(kit, llama, tmp_p
         kit.be.train(model, tok, prompt, TASK, data, None, cfg(steps=2), tmp_path / "r")
 
 
+def test_shared_prefix_forced_where_it_cannot_apply_is_refused(kit, llama):
+    """`--shared-prefix` with LoPA (a prompt per input) or with MLX's gradient checkpointing was
+    silently ignored: a forced option either applies or is refused; the start-up line names LoPA's path."""
+    from lrpt.training import Training
+
+    model, tok = llama
+    enc = _encoded(kit, tok, toy_data(8))
+    lopa = kit.be.init_prompt(spec_for("lopa"), model, tok)
+    with pytest.raises(TrainingError, match="--shared-prefix cannot apply: lopa's prompt depends on each input"):
+        Training(kit.be, model, tok, lopa, TASK, enc, None, cfg(shared_prefix=True))
+    assert "plain path" in Training(kit.be, model, tok, lopa, TASK, enc, None, cfg()).prefix_note()
+    if kit.name == "mlx":
+        lopt1 = kit.be.init_prompt(spec_for("lopt1"), model, tok)
+        with pytest.raises(TrainingError, match="--grad-checkpoint runs every block on the plain path"):
+            Training(kit.be, model, tok, lopt1, TASK, enc, None, cfg(shared_prefix=True, grad_checkpoint=True))
+
+
 def test_lr_probe_chooses_the_lowest_held_out_loss_and_leaves_no_trace(kit, llama, monkeypatch):
     """--lr-probe: every candidate trains from the same start; the lowest held-out loss wins (a
     diverged one never does); the prompt, the optimizer and the step count are as before, so the
@@ -1377,20 +1394,19 @@ def test_options_of_one_backend_are_refused_by_the_other(kit, llama):
 # -- MLX only: features torch has no counterpart for ---------------------------------------------
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_mlx_grad_checkpoint_gives_the_same_step(tiny_dirs, shared):
+def test_mlx_grad_checkpoint_gives_the_same_step(tiny_dirs):
     """Recomputing layers in the backward pass changes nothing. mx.checkpoint does not differentiate
-    through the layers' cache objects, so checkpointed layers take the plain path even when asked
-    for the shared prefix (lrpt.backends.mlx.model.shares_prefix). Only the trained model is
-    checkpointed: another model of the same class, loaded before or after, keeps plain layers."""
+    through the layers' cache objects, so checkpointed layers take the plain path (and a forced
+    --shared-prefix is refused: test_shared_prefix_forced_where_it_cannot_apply_is_refused). Only the
+    trained model is checkpointed: another model of the same class, loaded before or after, keeps plain layers."""
     be = get_backend("mlx")
     before = be.load_model(str(tiny_dirs["llama"]), quiet=True)[0]
     model, tok = be.load_model(str(tiny_dirs["llama"]), quiet=True)
     out = []
-    for gc, sh in ((False, False), (True, shared)):
+    for gc in (False, True):
         prompt = be.init_prompt(spec_for("lopt1"), model, tok, seed=0)
         res = be.train(model, tok, prompt, TASK, toy_data(48), None,
-                       cfg(steps=4, grad_accum=2, grad_checkpoint=gc, shared_prefix=sh))
+                       cfg(steps=4, grad_accum=2, grad_checkpoint=gc, shared_prefix=False if not gc else None))
         out.append(prompt.to_params())
     assert "in every row (plain path)" in res.compile_choice  # checkpointed: never the shared prefix
     for k in out[0]:

@@ -34,7 +34,7 @@ def test_param_shapes():
         (dict(method="nope"), 8, "unknown method"),
         (dict(method="prompt", n_tokens=0), 8, "n_tokens"),
         (dict(method="lopt1", n_tokens=4), 8, "needs a rank"),
-        (dict(method="lopt1", n_tokens=4, rank=5), 8, r"min\(n_tokens, dim\)"),
+        (dict(method="lopt1", n_tokens=4, rank=5), 8, "rank 5 is larger than n_tokens = 4"),  # at construction
         (dict(method="lopt1", n_tokens=20, rank=9), 8, r"min\(n_tokens, dim\) = 8"),
         (dict(method="lopt2", n_tokens=4, rank=9), 8, "larger than dim"),
         (dict(method="lopa", n_tokens=4, rank=0), 8, "rank must be >= 1"),
