@@ -49,7 +49,7 @@ def pack(tokens: Sequence[Sequence[int]], n_prompt: int | Sequence[int], padding
     step traces once per shape, so its batches come in a few fixed shapes: :mod:`lrpt.shapes`);
     the extra slots are padding, masked like any other."""
     if padding_side not in ("left", "right"):
-        raise ValueError("padding_side must be 'left' or 'right'")
+        raise LrptError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     b = len(tokens)
     n = np.full(b, int(n_prompt)) if isinstance(n_prompt, (int, np.integer)) else np.array(n_prompt, np.int64)
     lengths = np.array([len(t) for t in tokens], np.int64)

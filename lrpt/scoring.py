@@ -87,11 +87,25 @@ def task_loss(be, model, prompt, task: Task, arrays: dict[str, Any], num_labels:
 
 
 def prompt_lengths(prompt: Any, b: int, which: Sequence[int] | None) -> list[int]:
-    """Prompt length of each of ``b`` rows (0 for the plain model)."""
+    """Prompt length of each of ``b`` rows (0 for the plain model); ``which`` checked (:func:`check_which`)."""
     if prompt is None:
         return [0] * b
     prompts = prompt_list(prompt)
-    return [prompts[w].spec.n_tokens for w in (which if which is not None else [0] * b)]
+    return [prompts[w].spec.n_tokens for w in check_which(which, b, len(prompts))]
+
+
+def check_which(which: Sequence[int] | None, rows: int, prompts: int) -> list[int]:
+    """The prompt index of each of ``rows`` rows: ``which`` itself, checked, or all 0. A wrong one
+    raised IndexError, or a broadcasting error that differed between the backends."""
+    if which is None:
+        return [0] * rows
+    which = list(which)
+    if len(which) != rows:
+        raise DataError(f"which has {len(which)} entries for {rows} rows: give one prompt index per row")
+    bad = [w for w in which if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or not 0 <= w < prompts]
+    if bad:
+        raise DataError(f"which holds {bad[0]!r}, but there are {prompts} prompts: use indices 0 to {prompts - 1}")
+    return [int(w) for w in which]
 
 
 @contextlib.contextmanager
@@ -133,6 +147,8 @@ def score_rows(be, model, prompt, rows: Sequence[Sequence[int]], label_ids: Sequ
                shared_prefix: bool | None = None) -> np.ndarray:
     """(N, K) float32 label log-probabilities of token rows, in batches, without gradients
     (``shared_prefix``: see :mod:`lrpt.prefix`)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size must be a whole number of rows, at least 1, got {batch_size!r}")
     longest = max(map(len, label_ids), default=1)
     check_context(model, rows, prompt_lengths(prompt, len(rows), which), [0 if longest == 1 else longest] * len(rows))
     asarray = be.asarray_for(model)

@@ -365,6 +365,26 @@ def test_mixed_adapters_in_one_batch(kit, llama):
         kit.be.generate(model, tok, prompts[w], [t], max_tokens=5)[0] for t, w in zip(texts, which)]
 
 
+def test_scoring_refuses_a_wrong_which_or_batch_size_in_one_error(kit, llama):
+    """A `which` naming no prompt, or of the wrong length, raised IndexError, or broadcasting errors
+    that differed between the backends; batch_size 0 a bare ValueError; a padding side a ValueError."""
+    from lrpt import LrptError
+
+    model, tok = llama
+    prompts = [kit.be.init_prompt(spec_for("lopt1", n=3), model, tok, seed=1),
+               kit.be.init_prompt(spec_for("prompt", n=2), model, tok, seed=3)]
+    texts = TEXTS[:3]
+    for which, needle in (([0, 1, 2], "there are 2 prompts"), ([0, 1, -1], "holds -1"),
+                          ([0, 1], "2 entries for 3 rows"), ([0, 1, 0, 1], "4 entries for 3 rows"),
+                          ([0, 1.0, 0], "holds 1.0")):
+        with pytest.raises(LrptError, match=needle):
+            kit.be.score_labels(model, tok, prompts, texts, [" good", " bad"], which=which)
+    with pytest.raises(LrptError, match="batch_size must be"):
+        kit.be.score_labels(model, tok, prompts[0], texts, [" good", " bad"], batch_size=0)
+    with pytest.raises(LrptError, match="padding_side must be"):
+        kit.be.make_batch([[5, 6], [7]], 3, "middle")
+
+
 # -- scoring ---------------------------------------------------------------------------------------
 
 
