@@ -12,12 +12,17 @@ from .errors import DataError
 
 
 def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[list[int]]:
-    """Token ids of each label word (no special tokens); an empty tokenisation is an error."""
+    """Token ids of each label word (no special tokens); an empty tokenisation is an error, and so
+    are two words of the same tokens: they score alike, and which one a tie answers differed
+    between the backends by float rounding."""
     out = []
     for word in label_words:
         ids = tokenizer(word, add_special_tokens=False)["input_ids"]
         if not ids:
             raise DataError(f"label word {word!r} tokenizes to nothing: choose another label word")
+        if list(ids) in out:
+            same = label_words[out.index(list(ids))]
+            raise DataError(f"label words {same!r} and {word!r} are the same tokens: give each label its own word")
         out.append(list(ids))
     return out
 

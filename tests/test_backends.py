@@ -383,6 +383,8 @@ def test_scoring_refuses_a_wrong_which_or_batch_size_in_one_error(kit, llama):
         kit.be.score_labels(model, tok, prompts[0], texts, [" good", " bad"], batch_size=0)
     with pytest.raises(LrptError, match="padding_side must be"):
         kit.be.make_batch([[5, 6], [7]], 3, "middle")
+    with pytest.raises(LrptError, match="label words ' bad' and ' bad' are the same tokens"):
+        kit.be.classify(model, tok, prompts[0], texts, [" good", " bad", " bad"])  # a tie: backends answered 1 or 2
 
 
 # -- scoring ---------------------------------------------------------------------------------------
