@@ -13,7 +13,8 @@ from lrpt.cli import main
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "lrpt.cli", *args], capture_output=True, text=True)
+    """`python -m lrpt` (lrpt/__main__.py), as a user without the console script on PATH runs it."""
+    return subprocess.run([sys.executable, "-m", "lrpt", *args], capture_output=True, text=True)
 
 
 @pytest.fixture
