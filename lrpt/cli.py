@@ -225,9 +225,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _check_data_args(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """The run's data and model flags, for a new run to record (the trainer writes them under its
     lock); a resumed run must use the data it recorded."""
-    mine = {k: getattr(args, k) for k in DATA_ARGS}
-    model = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
-    mine.update(model=model, dtype=args.dtype)
+    mine = {k: getattr(args, k) for k in DATA_ARGS + MODEL_ARGS}
+    if Path(mine["model"]).exists():  # a folder: found again from any working directory
+        mine["model"] = str(Path(mine["model"]).resolve())
     if not args.resume:
         return mine
     stored = _read_json(out / DATA_ARGS_FILE)

@@ -54,12 +54,13 @@ def uses_prefix(be, model, spec, enabled: bool | None = None) -> bool:
     (``enabled`` None: where it pays, :func:`prefix_pays`), and a backend that runs the model so."""
     if enabled is None:
         enabled = prefix_pays(be, model)
-    return bool(enabled) and spec.is_static and spec.n_tokens > 0 and be.shares_prefix(model)
+    return bool(enabled) and why_no_prefix(be, model, spec) is None
 
 
-def why_no_prefix(be, model, spec, config) -> str | None:
-    """Why a prompt of ``spec`` cannot take the shared path on ``model`` in a run of ``config`` (a
-    TrainConfig; None: it can), for a ``--shared-prefix`` that must be refused rather than ignored."""
+def why_no_prefix(be, model, spec, config=None) -> str | None:
+    """Why a prompt of ``spec`` cannot take the shared path on ``model`` (None: it can), in a run of
+    ``config`` where given (a TrainConfig, whose --fsdp / --grad-checkpoint act on the model only once
+    its step is built): what :func:`uses_prefix` asks, and what a refused ``--shared-prefix`` says."""
     if not spec.is_static:
         return f"{spec.method}'s prompt depends on each input, so no two rows share it"
     if spec.n_tokens == 0:

@@ -31,8 +31,6 @@ from . import ops
 from .prompts import PromptModule
 from .splice import attach, embedding_module, run_backbone, scoped, table_rows
 
-_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-
 
 def load_model(path: str | Path, dtype: str | None = None, device=None, quiet: bool = False, fsdp: bool = False):
     """Load a frozen mlx-lm model and its tokenizer from an HF folder.
@@ -55,7 +53,7 @@ def load_model(path: str | Path, dtype: str | None = None, device=None, quiet: b
         first = first_line(exc)
         raise LrptError(f"cannot load model {path} with mlx-lm: {first}") from None
     if dtype is not None:
-        model.set_dtype(_DTYPES[dtype_name(dtype, LrptError)])
+        model.set_dtype(getattr(mx, dtype_name(dtype, LrptError)))  # as torch: the canonical name is the dtype's
     model.freeze()
     model.eval()
     model.name_or_path = str(path)

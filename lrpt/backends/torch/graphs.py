@@ -219,7 +219,6 @@ def as_recorded():
         torch.cuda.is_current_stream_capturing = real
 
 
-
 def key(arrays: dict[str, torch.Tensor]) -> tuple:
     """What makes two batches replay the same graph: their arrays' names, shapes and dtypes."""
     return tuple((name, tuple(v.shape), v.dtype) for name, v in arrays.items())
